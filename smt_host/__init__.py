@@ -1,0 +1,19 @@
+"""smt: the Standard Model Template, a plugin host for ads ranking models.
+
+Plugins import two names from here: :data:`hookimpl`, the marker for hook
+implementations, and :func:`technique`, the class decorator that declares a
+technique. The hook contract is :mod:`smt_host.hookspecs`.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+__version__ = "0.1.0"
+
+#: Marker for hook implementations: ``@hookimpl def smt_interaction(...)``.
+hookimpl = pluggy.HookimplMarker("smt")
+
+from smt_host.technique import SLOTS, TechniqueInfo, technique  # noqa: E402
+
+__all__ = ["SLOTS", "TechniqueInfo", "__version__", "hookimpl", "technique"]

@@ -1,0 +1,3 @@
+from smt_host.cli import main
+
+main()

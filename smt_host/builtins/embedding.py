@@ -1,0 +1,30 @@
+"""Built-in embedding technique: one table per sparse feature."""
+
+from __future__ import annotations
+
+from smt_host import hookimpl, technique
+from smt_host.slots import SlotContext, TableSpec
+
+
+@technique(name="embedding_bag", slot="embedding")
+class EmbeddingBag:
+    """One pooled torchrec table per sparse feature (vocab_size x D)."""
+
+    @hookimpl
+    def smt_embedding_tables(self, ctx: SlotContext, tables: list[TableSpec]) -> list[TableSpec]:
+        made = [
+            TableSpec(
+                name=f"t_{f.name}",
+                feature_names=(f.name,),
+                num_embeddings=f.vocab_size,
+                embedding_dim=f.embedding_dim,
+                pooling=f.pooling,
+            )
+            for f in ctx.model.features.sparse
+        ]
+        return list(tables) + made
+
+
+@hookimpl
+def smt_techniques() -> list:
+    return [EmbeddingBag()]

@@ -1,0 +1,24 @@
+"""Built-in over-arch: an MLP whose widths scale with capacity."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from smt_host import hookimpl, technique
+from smt_host.modules import MLP, scaled
+from smt_host.slots import SlotContext
+
+
+@technique(name="mlp_over", slot="over_arch")
+class MLPOver:
+    """MLP with the spec's arch.over_arch widths times ctx.width_scale."""
+
+    @hookimpl
+    def smt_over_arch(self, ctx: SlotContext) -> nn.Module:
+        return MLP(ctx.in_dim, scaled(ctx.model.arch.over_arch, ctx.width_scale),
+                   dropout=ctx.model.arch.dropout, device=ctx.device)
+
+
+@hookimpl
+def smt_techniques() -> list:
+    return [MLPOver()]

@@ -1,0 +1,50 @@
+"""Built-in task arch: shared bottom (the over-arch) with one tower per task."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from smt_host import hookimpl, technique
+from smt_host.modules import MLP
+from smt_host.slots import SlotContext
+
+
+class SharedBottom(nn.Module):
+    """One small MLP tower per task over the shared representation.
+
+    Args:
+        in_dim: H.
+        num_tasks: T.
+        tower_width: H_t.
+
+    Shapes:
+        forward: (B, H) -> list of T tensors (B, H_t)
+
+    Example:
+        >>> m = SharedBottom(8, 2, 4)
+        >>> [o.shape for o in m(torch.zeros(3, 8))]
+        [torch.Size([3, 4]), torch.Size([3, 4])]
+    """
+
+    def __init__(self, in_dim: int, num_tasks: int, tower_width: int, device=None) -> None:
+        super().__init__()
+        self.towers = nn.ModuleList(MLP(in_dim, [tower_width], device=device) for _ in range(num_tasks))
+        self.out_dims = tuple(tower_width for _ in range(num_tasks))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [tower(x) for tower in self.towers]
+
+
+@technique(name="shared_bottom", slot="task_arch")
+class SharedBottomTechnique:
+    """Shared bottom with a tower per task (arch.task_width wide)."""
+
+    @hookimpl
+    def smt_task_arch(self, ctx: SlotContext) -> nn.Module:
+        return SharedBottom(ctx.in_dim, len(ctx.tasks), ctx.model.arch.task_width, device=ctx.device)
+
+
+@hookimpl
+def smt_techniques() -> list:
+    return [SharedBottomTechnique()]

@@ -1,0 +1,260 @@
+"""The contract between the host and its plugins: every hook smt calls.
+
+Only the host declares hooks; plugins implement them with the public
+:data:`smt_host.hookimpl` marker. Conventions (as pytest and pluggy use them):
+
+* Every hook is called with keyword arguments only. An implementation may
+  accept fewer arguments than the spec lists (the spec can then gain arguments
+  without breaking plugins). Never give an implementation's parameter a
+  default value.
+* A *plugin* is the module an entry point in group ``smt`` names. It
+  implements :func:`smt_techniques` and returns technique objects.
+* A *technique* object is registered by the host as a pluggy plugin of its own
+  and implements the hook of its slot plus any lifecycle hooks. The host calls
+  one technique's hook at a time, in the host's order (see
+  docs/architecture.md), never in registration order.
+
+Shapes use: B batch, F features (sparse features, plus one for the dense
+arch's output when the model has dense features), D embedding dim, T tasks,
+H widths.
+
+Every slot hook receives ``ctx`` (:class:`smt_host.slots.SlotContext`:
+the model spec, widths of the slot's input, tasks, device) and ``params``
+(the technique's parameters instance, already structured and validated, or
+None when the technique declares no parameters class).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from smt_host.slots import LossFn, SlotContext, TableSpec, TrainContext
+
+_hookspec = pluggy.HookspecMarker("smt")
+
+
+# --------------------------------------------------------------- declaration
+
+
+@_hookspec
+def smt_techniques() -> list[Any]:
+    """Declare the techniques a plugin provides.
+
+    Fires once per plugin module, when the plugin manager loads it.
+
+    Returns:
+        a list of technique objects, each decorated with
+        :func:`smt_host.technique`. The host registers each object as a
+        plugin of its own; its name must be unique across all installed
+        distributions.
+    """
+
+
+# ----------------------------------------------------------------- the slots
+
+
+@_hookspec
+def smt_embedding_tables(
+    ctx: "SlotContext", params: Any, tables: "list[TableSpec]"
+) -> "list[TableSpec]":
+    """Embedding slot: transform the model's embedding table configs.
+
+    Fires once per active embedding technique, in host order; each receives
+    the previous technique's output (the chain starts from an empty list, and
+    the built-in ``embedding_bag`` technique makes one table per sparse
+    feature). The host builds a torchrec ``EmbeddingBagCollection`` from the
+    final list; its pooled output is (B, F_sparse, D).
+
+    Args:
+        ctx: the slot context.
+        params: this technique's parameters.
+        tables: table specs so far (:class:`smt_host.slots.TableSpec`).
+
+    Returns:
+        the new list of table specs. Every sparse feature must be served by
+        exactly one table, and all tables must share the model's D.
+    """
+
+
+@_hookspec
+def smt_dense_arch(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
+    """Dense-arch slot (exclusive): dense features (B, Nd) -> (B, D).
+
+    Fires once, for the winning technique only, and only for models with
+    dense features. Its output joins the pooled sparse embeddings as one more
+    feature.
+
+    Args:
+        ctx: ``ctx.in_dim`` is Nd, ``ctx.embedding_dim`` is D.
+        params: this technique's parameters.
+
+    Returns:
+        an ``nn.Module`` mapping (B, Nd) to (B, D), with ``out_dim == D``.
+    """
+
+
+@_hookspec
+def smt_interaction(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
+    """Interaction slot (parallel branches): (B, F, D) -> (B, out_i).
+
+    Fires once per active interaction technique, in host order. All branches
+    read the same feature embeddings; their outputs are concatenated along
+    dim 1 (a DHEN-style ensemble of branches).
+
+    Args:
+        ctx: ``ctx.num_features`` is F, ``ctx.embedding_dim`` is D.
+        params: this technique's parameters.
+
+    Returns:
+        an ``nn.Module`` mapping (B, F, D) to (B, out_i), declaring
+        ``out_dim == out_i`` as an int attribute (checked against the real
+        output when the plan is made).
+    """
+
+
+@_hookspec
+def smt_over_arch(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
+    """Over-arch slot (exclusive): (B, sum out_i) -> (B, H).
+
+    Its width is the capacity knob: ``ctx.width_scale`` multiplies every
+    hidden width, and the host chooses it in capacity-neutral mode.
+
+    Args:
+        ctx: ``ctx.in_dim`` is sum out_i, ``ctx.width_scale`` a float > 0.
+        params: this technique's parameters.
+
+    Returns:
+        an ``nn.Module`` mapping (B, in_dim) to (B, H) with ``out_dim == H``.
+    """
+
+
+@_hookspec
+def smt_task_arch(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
+    """Task-arch slot (exclusive): (B, H) -> one (B, H_t) per task.
+
+    The first applicable technique in host order wins (highest priority);
+    the shared-bottom built-in has priority 0 so that multi-task techniques
+    that apply to the model replace it.
+
+    Args:
+        ctx: ``ctx.in_dim`` is H, ``ctx.tasks`` the model's task names (T).
+        params: this technique's parameters.
+
+    Returns:
+        an ``nn.Module`` mapping (B, H) to a list of T tensors (B, H_t),
+        with ``out_dims`` a tuple of T ints.
+    """
+
+
+@_hookspec
+def smt_head(ctx: "SlotContext", params: Any, task: str) -> "torch.nn.Module":
+    """Heads slot (exclusive): (B, H_t) -> (B,) logit, one head per task.
+
+    Fires once per task for the winning technique.
+
+    Args:
+        ctx: ``ctx.in_dim`` is H_t for this task.
+        params: this technique's parameters.
+        task: the task's name.
+
+    Returns:
+        an ``nn.Module`` mapping (B, H_t) to (B,) logits.
+    """
+
+
+@_hookspec
+def smt_loss(ctx: "SlotContext", params: Any, loss: "Optional[LossFn]") -> "LossFn":
+    """Loss slot (chain): build the training loss.
+
+    Fires once per active loss technique, in host order (built-ins first).
+    The chain starts from None; the built-in ``bce`` returns the sum over
+    tasks of binary cross-entropy with logits. Regularizers wrap the loss
+    they receive and add their term.
+
+    Args:
+        ctx: the slot context.
+        params: this technique's parameters.
+        loss: the loss built so far, or None.
+
+    Returns:
+        a callable ``loss(inputs: LossInputs) -> scalar tensor`` where
+        :class:`smt_host.slots.LossInputs` carries logits (B, T), labels
+        (B, T), the batch and the model.
+    """
+
+
+@_hookspec
+def smt_optimizers(
+    ctx: "SlotContext", params: Any, model: "torch.nn.Module"
+) -> "list[torch.optim.Optimizer]":
+    """Optimizer slot (exclusive): parameters -> optimizers.
+
+    Args:
+        ctx: ``ctx.model.training`` holds learning rates.
+        params: this technique's parameters.
+        model: the built ``TemplateModel``; ``model.embedding`` holds the
+            tables, the rest are dense parameters.
+
+    Returns:
+        a list of optimizers that together cover every trainable parameter
+        exactly once (checked by the host).
+    """
+
+
+# ----------------------------------------------------------- the lifecycle
+
+
+@_hookspec
+def smt_train_start(ctx: "TrainContext", params: Any) -> None:
+    """Training lifecycle: fires once before the first step of a run.
+
+    Called for every active technique of the model, in host order, also when
+    a run resumes from a checkpoint (``ctx.resumed`` is then True).
+
+    Args:
+        ctx: the training context (model, plan, spec, output folder).
+        params: this technique's parameters.
+    """
+
+
+@_hookspec
+def smt_step_end(ctx: "TrainContext", params: Any, step: int, loss: float) -> None:
+    """Training lifecycle: fires after every optimizer step.
+
+    Args:
+        ctx: the training context.
+        params: this technique's parameters.
+        step: global step number, starting at 1.
+        loss: the step's loss value.
+    """
+
+
+@_hookspec
+def smt_eval_end(
+    ctx: "TrainContext", params: Any, split: str, epoch: int, metrics: dict
+) -> None:
+    """Training lifecycle: fires after each evaluation.
+
+    Args:
+        ctx: the training context.
+        params: this technique's parameters.
+        split: ``"valid"`` or ``"test"``.
+        epoch: the epoch just finished (1-based); 0 for the final test.
+        metrics: ``{task: {"ne": .., "logloss": .., "auc": .., "calibration": ..}}``.
+    """
+
+
+@_hookspec
+def smt_train_end(ctx: "TrainContext", params: Any, metrics: dict) -> None:
+    """Training lifecycle: fires once when a run has finished.
+
+    Args:
+        ctx: the training context.
+        params: this technique's parameters.
+        metrics: the final test metrics, as in :func:`smt_eval_end`.
+    """

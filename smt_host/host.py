@@ -1,0 +1,100 @@
+"""The host facade: one plugin manager, one converter, and the calls that
+turn specs into plans, modules, losses and optimizers.
+
+Example:
+    >>> from smt_host.host import Host
+    >>> host = Host.create(load="")          # built-ins only
+    >>> eco = host.default_ecosystem()
+    >>> plan = host.plan(eco.model("feed_ctr"))
+    >>> plan.widths["embedding_dim"]
+    16
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import cattrs
+import torch
+from torch import nn
+
+from smt_host import config
+from smt_host.config import EcosystemSpec, ModelSpec
+from smt_host.plan import Plan, build_from_plan, make_plan, resolution_from_plan
+from smt_host.plugins import PluginError, SmtPluginManager, get_plugin_manager
+from smt_host.slots import LossFn
+from smt_host.template import build_loss, build_optimizers
+
+LIFECYCLE_HOOKS = ("smt_train_start", "smt_step_end", "smt_eval_end", "smt_train_end")
+
+
+class Host:
+    """Plugins + converter. Make one with :meth:`create`."""
+
+    def __init__(self, spm: SmtPluginManager) -> None:
+        self.spm = spm
+        # built after the plugins registered, so their parameter classes are known
+        self.conv: cattrs.Converter = config.make_converter()
+
+    @classmethod
+    def create(cls, **kwargs: Any) -> "Host":
+        """``kwargs`` go to :func:`smt_host.plugins.get_plugin_manager`."""
+        return cls(get_plugin_manager(**kwargs))
+
+    # ------------------------------------------------------------- specs
+
+    def load_ecosystem(self, path: Optional[str] = None) -> EcosystemSpec:
+        eco = config.load_default_ecosystem() if path is None else config.load_ecosystem(path)
+        self.check_required(eco)
+        return eco
+
+    def default_ecosystem(self) -> EcosystemSpec:
+        return self.load_ecosystem(None)
+
+    def check_required(self, eco: EcosystemSpec) -> None:
+        """Raises PluginError unless every ``[plugins] required`` entry is installed."""
+        from packaging.requirements import Requirement
+
+        problems = []
+        for text in eco.plugins.required:
+            req = Requirement(text)
+            have = self.spm.distributions.get(req.name) or next(
+                (v for d, v in self.spm.distributions.items() if d.replace("_", "-").lower() == req.name.lower()), None
+            )
+            if have is None:
+                problems.append(f"{text} is required but not installed (pip install '{text}')")
+            elif req.specifier and have not in req.specifier:
+                problems.append(f"{text} is required but {req.name} {have} is installed")
+        if problems:
+            raise PluginError(f"{eco.source or eco.name}: " + "; ".join(problems) + " @ $.plugins.required")
+
+    # -------------------------------------------------------- plan, build
+
+    def plan(self, spec: ModelSpec, **kwargs: Any) -> Plan:
+        """See :func:`smt_host.plan.make_plan` for ``kwargs``."""
+        return make_plan(spec, self.spm, self.conv, **kwargs)
+
+    def build(self, plan: Plan, spec: ModelSpec, device: Any = "cpu") -> nn.Module:
+        return build_from_plan(plan, spec, self.spm, self.conv, device=device)
+
+    def loss(self, plan: Plan, spec: ModelSpec) -> LossFn:
+        return build_loss(spec, resolution_from_plan(plan, self.spm, self.conv), self.spm)
+
+    def optimizers(self, plan: Plan, spec: ModelSpec, model: nn.Module) -> list[torch.optim.Optimizer]:
+        return build_optimizers(spec, resolution_from_plan(plan, self.spm, self.conv), self.spm, model)
+
+    def lifecycle(self, plan: Plan, hook: str, **kwargs: Any) -> None:
+        """Fires a lifecycle hook on every active technique, in plan order."""
+        if hook not in LIFECYCLE_HOOKS:
+            raise ValueError(f"unknown lifecycle hook {hook!r}")
+        res = resolution_from_plan(plan, self.spm, self.conv)
+        for a in res.active:
+            self.spm.call(a.name, hook, params=a.params, **kwargs)
+
+    def plan_dict(self, plan: Plan) -> dict:
+        return self.conv.unstructure(plan)
+
+    def plan_from_dict(self, data: dict) -> Plan:
+        from smt_host.plan import plan_from_dict
+
+        return plan_from_dict(data, self.conv)

@@ -1,0 +1,284 @@
+"""The plugin manager: entry points, built-ins, filters, order, listing.
+
+:func:`get_plugin_manager` is the factory (no module global). It
+
+1. registers the built-in baseline parts first (distribution ``smt-host``),
+2. loads entry points of group ``smt`` in the host's own loop, sorted by
+   distribution and entry point name, filtered by ``SMT_LOAD_PLUGINS`` and
+   ``SMT_DISABLE_PLUGINS`` (read when the factory is called),
+3. asks each plugin module for its techniques (``smt_techniques``) and
+   registers each technique object as a plugin of its own,
+4. calls ``check_pending()`` so a misspelled hook is an error.
+
+Any failure raises :class:`PluginError` naming the distribution, its version
+and the fault. Nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import os
+from types import ModuleType
+from typing import Any, Iterable, Optional
+
+import attrs
+import pluggy
+
+from smt_host import hookspecs
+from smt_host.technique import EXCLUSIVE_SLOTS, SLOT_HOOKS, SLOTS, TechniqueInfo, info_of
+
+HOST_DIST = "smt-host"
+ENTRY_POINT_GROUP = "smt"
+
+
+class PluginError(RuntimeError):
+    """A plugin that cannot be used; the message names the distribution."""
+
+
+@attrs.frozen
+class Registered:
+    """One technique known to the host.
+
+    Args:
+        info: what the technique declares.
+        obj: the technique object (a pluggy plugin).
+        dist: its distribution name (``smt-host`` for built-ins).
+        version: the distribution's version.
+        plugin: the plugin (entry point) name that provided it.
+    """
+
+    info: TechniqueInfo
+    obj: Any
+    dist: str
+    version: str
+    plugin: str
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def builtin(self) -> bool:
+        return self.dist == HOST_DIST
+
+
+def _host_version() -> str:
+    try:
+        return md.version(HOST_DIST)
+    except md.PackageNotFoundError:  # running from a source tree
+        from smt_host import __version__
+
+        return __version__
+
+
+def _split_env(value: Optional[str]) -> Optional[set[str]]:
+    if value is None:
+        return None
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+class SmtPluginManager:
+    """pluggy's ``PluginManager`` plus the host's technique registry."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager("smt")
+        self.pm.add_hookspecs(hookspecs)
+        self.techniques: dict[str, Registered] = {}
+        #: (dist, version, entry point name) of every loaded external plugin
+        self.distributions: dict[str, str] = {HOST_DIST: _host_version()}
+        self._callers: dict[tuple[str, str], Any] = {}
+        self._plugin_dist: dict[int, tuple[str, str]] = {}
+
+    # ------------------------------------------------------------ loading
+
+    def register_plugin(self, module: Any, *, dist: str, version: str, name: str) -> None:
+        """Registers one plugin module and the techniques it declares."""
+        where = f"plugin {name!r} from {dist} {version}"
+        try:
+            self.pm.register(module, name=f"{dist}:{name}")
+        except ValueError as exc:
+            raise PluginError(f"{where}: {exc}") from None
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"{where}: bad hook: {exc}") from None
+        self._plugin_dist[id(module)] = (dist, version)
+        impls = [i for i in self.pm.hook.smt_techniques.get_hookimpls() if i.plugin is module]
+        if not impls:
+            raise PluginError(f"{where}: implements no smt_techniques() hook, so it provides no technique")
+        try:
+            objs = impls[0].function()
+        except Exception as exc:  # noqa: BLE001 - report any plugin failure
+            raise PluginError(f"{where}: smt_techniques() raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(objs, (list, tuple)):
+            raise PluginError(f"{where}: smt_techniques() must return a list, got {type(objs).__name__}")
+        for obj in objs:
+            self._register_technique(obj, dist=dist, version=version, plugin=name)
+
+    def _register_technique(self, obj: Any, *, dist: str, version: str, plugin: str) -> None:
+        where = f"plugin {plugin!r} from {dist} {version}"
+        try:
+            info = info_of(obj)
+        except TypeError as exc:
+            raise PluginError(f"{where}: {exc}") from None
+        if info.name in self.techniques:
+            other = self.techniques[info.name]
+            raise PluginError(
+                f"{where}: technique name {info.name!r} clashes with the technique of the same name "
+                f"from {other.dist} {other.version}; uninstall one of them"
+            )
+        try:
+            self.pm.register(obj, name=f"technique:{info.name}")
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"{where}: technique {info.name!r} has a bad hook: {exc}") from None
+        hook = SLOT_HOOKS[info.slot]
+        if hook is not None and not any(i.plugin is obj for i in getattr(self.pm.hook, hook).get_hookimpls()):
+            raise PluginError(
+                f"{where}: technique {info.name!r} declares slot {info.slot!r} but implements no {hook}() hook"
+            )
+        self._plugin_dist[id(obj)] = (dist, version)
+        self.techniques[info.name] = Registered(info=info, obj=obj, dist=dist, version=version, plugin=plugin)
+
+    def check_pending(self) -> None:
+        """Raises PluginError for hook implementations that match no hook."""
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            dist, version = self._plugin_dist.get(id(exc.plugin), ("?", "?"))
+            raise PluginError(f"{dist} {version}: {exc}") from None
+
+    # ------------------------------------------------------------ calling
+
+    def call(self, technique: str, hook: str, **kwargs: Any) -> Any:
+        """Calls ``hook`` on one technique only; returns its result or None."""
+        key = (hook, technique)
+        caller = self._callers.get(key)
+        if caller is None:
+            obj = self.techniques[technique].obj
+            others = [p for p in self.pm.get_plugins() if p is not obj]
+            caller = self.pm.subset_hook_caller(hook, remove_plugins=others)
+            self._callers[key] = caller
+        results = caller(**kwargs)
+        return results[0] if results else None
+
+    def implements(self, technique: str, hook: str) -> bool:
+        obj = self.techniques[technique].obj
+        return any(i.plugin is obj for i in getattr(self.pm.hook, hook).get_hookimpls())
+
+    # ------------------------------------------------------------- order
+
+    def ordered(self, names: Iterable[str]) -> list[str]:
+        """The host's order of techniques: by slot, then (for exclusive slots)
+        priority high to low with built-ins last among equals, (for the other
+        slots) built-ins first, then priority high to low; then name. ``after``
+        constraints are then applied by a stable topological sort.
+        Independent of install and registration order.
+        """
+        regs = [self.techniques[n] for n in names]
+
+        def key(r: Registered) -> tuple:
+            slot_index = SLOTS.index(r.info.slot)
+            if r.info.slot in EXCLUSIVE_SLOTS:
+                return (slot_index, -r.info.priority, r.builtin, r.name)
+            return (slot_index, not r.builtin, -r.info.priority, r.name)
+
+        base = sorted(regs, key=key)
+        present = {r.name for r in base}
+        result: list[str] = []
+        placed: set[str] = set()
+        pending = list(base)
+        while pending:
+            for i, r in enumerate(pending):
+                if all(a in placed or a not in present for a in r.info.after):
+                    result.append(r.name)
+                    placed.add(r.name)
+                    del pending[i]
+                    break
+            else:
+                cycle = ", ".join(r.name for r in pending)
+                raise PluginError(f"order constraints ('after') form a cycle among: {cycle}")
+        return result
+
+    def all_ordered(self) -> list[Registered]:
+        return [self.techniques[n] for n in self.ordered(self.techniques)]
+
+    # ----------------------------------------------------------- listing
+
+    def header(self) -> str:
+        """``plugins: smt-dcnv2-0.1.0, ...`` like pytest's run header."""
+        ext = sorted((d, v) for d, v in self.distributions.items() if d != HOST_DIST)
+        listed = ", ".join(f"{d}-{v}" for d, v in ext) or "none"
+        return f"smt-host {self.distributions[HOST_DIST]}, plugins: {listed}"
+
+
+def _builtin_modules() -> list[ModuleType]:
+    from smt_host.builtins import BUILTIN_MODULES
+
+    return [importlib.import_module(m) for m in BUILTIN_MODULES]
+
+
+def _entry_points() -> list[md.EntryPoint]:
+    eps = md.entry_points(group=ENTRY_POINT_GROUP)
+    return sorted(eps, key=lambda ep: ((ep.dist.name if ep.dist else ""), ep.name))
+
+
+def _dist_name(ep: md.EntryPoint) -> tuple[str, str]:
+    if ep.dist is None:
+        return ("<unknown distribution>", "?")
+    return (ep.dist.name, ep.dist.version)
+
+
+def get_plugin_manager(
+    *,
+    load: Optional[str] = ...,  # type: ignore[assignment]
+    disable: Optional[str] = ...,  # type: ignore[assignment]
+    extra: Iterable[tuple[Any, str]] = (),
+) -> SmtPluginManager:
+    """Makes a plugin manager with built-ins and installed plugins.
+
+    Args:
+        load: overrides ``SMT_LOAD_PLUGINS`` (None: unset, load all;
+            "": load none; "a,b": only these distributions or entry points).
+        disable: overrides ``SMT_DISABLE_PLUGINS`` ("a,b": block these).
+        extra: ``(module, name)`` pairs registered after the entry points, as
+            distribution ``<extra>`` (for tests and notebooks).
+    """
+    if load is ...:
+        load = os.environ.get("SMT_LOAD_PLUGINS")
+    if disable is ...:
+        disable = os.environ.get("SMT_DISABLE_PLUGINS")
+    only = _split_env(load)
+    blocked = _split_env(disable) or set()
+
+    spm = SmtPluginManager()
+    host_version = spm.distributions[HOST_DIST]
+    for module in _builtin_modules():
+        spm.register_plugin(module, dist=HOST_DIST, version=host_version, name=module.__name__.rsplit(".", 1)[-1])
+
+    seen_eps: dict[str, str] = {}
+    for ep in _entry_points():
+        dist, version = _dist_name(ep)
+        if only is not None and dist not in only and ep.name not in only:
+            continue
+        if dist in blocked or ep.name in blocked:
+            continue
+        if ep.name in seen_eps and seen_eps[ep.name] != dist:
+            raise PluginError(
+                f"plugin {ep.name!r} from {dist} {version}: entry point name clashes with the one "
+                f"from {seen_eps[ep.name]}; uninstall one of them"
+            )
+        seen_eps[ep.name] = dist
+        try:
+            module = ep.load()
+        except Exception as exc:  # noqa: BLE001 - any import failure is reported
+            raise PluginError(
+                f"plugin {ep.name!r} from {dist} {version} failed to import ({ep.value}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        spm.distributions[dist] = version
+        spm.register_plugin(module, dist=dist, version=version, name=ep.name)
+
+    for module, name in extra:
+        spm.distributions.setdefault("<extra>", "0")
+        spm.register_plugin(module, dist="<extra>", version="0", name=name)
+    spm.check_pending()
+    return spm

@@ -1,0 +1,173 @@
+"""How a plugin declares a technique.
+
+A technique is a plain object (usually a class instance) carrying a
+:class:`TechniqueInfo` under the attribute ``smt_technique`` and implementing
+the slot hooks of :mod:`smt_host.hookspecs` that its slot needs. The
+:func:`technique` class decorator attaches the info::
+
+    from smt_host import hookimpl, technique
+
+    @technique(name="dcnv2", slot="interaction", params=DCNv2Params)
+    class DCNv2:
+        @hookimpl
+        def smt_interaction(self, ctx, params):
+            return CrossNetBranch(ctx.num_features, ctx.embedding_dim, params)
+
+A plugin module returns its technique objects from ``smt_techniques()``.
+The host registers each object as its own pluggy plugin, named after the
+technique, so it can call one technique's hook at a time, in the host's order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import attrs
+
+#: The slots of the template, in data-flow order (DESIGN.md section 4).
+SLOTS: tuple[str, ...] = (
+    "embedding",
+    "dense_arch",
+    "interaction",
+    "over_arch",
+    "task_arch",
+    "heads",
+    "loss",
+    "optimizer",
+    "training",
+)
+
+#: Slots filled by exactly one technique: the applicable one with the highest
+#: priority wins (ties broken by name); the others are reported as shadowed.
+EXCLUSIVE_SLOTS: frozenset[str] = frozenset(
+    {"dense_arch", "over_arch", "task_arch", "heads", "optimizer"}
+)
+
+#: The hook each slot's techniques implement.
+SLOT_HOOKS: dict[str, str] = {
+    "embedding": "smt_embedding_tables",
+    "dense_arch": "smt_dense_arch",
+    "interaction": "smt_interaction",
+    "over_arch": "smt_over_arch",
+    "task_arch": "smt_task_arch",
+    "heads": "smt_head",
+    "loss": "smt_loss",
+    "optimizer": "smt_optimizers",
+    "training": None,  # lifecycle hooks only
+}
+
+Applies = Callable[[Any], "bool | str"]
+
+
+def _always(model: Any) -> bool:
+    return True
+
+
+@attrs.frozen
+class TechniqueInfo:
+    """What a technique declares about itself.
+
+    Args:
+        name: unique technique name, ``[a-z0-9_]+`` (``dcnv2``).
+        slot: one of :data:`SLOTS`.
+        params: an attrs class of parameters, or None for none. Structured by
+            the host's cattrs converter with unknown keys refused.
+        applies: ``applies(model_spec) -> bool | str``. True (or an empty
+            string) means the technique applies; False or a non-empty string
+            (the reason) means it does not.
+        requires: techniques that must be active in the same model.
+        conflicts: techniques that may not be active in the same model.
+        after: techniques this one must follow (within any slot's order).
+        priority: for exclusive slots, the highest priority applicable
+            technique wins; also orders techniques within a slot.
+        default: when False the technique is installed but only used by models
+            that enable it explicitly in their spec.
+        description: one line for ``smt plugins``.
+    """
+
+    name: str = attrs.field()
+    slot: str = attrs.field()
+    params: Optional[type] = None
+    applies: Applies = _always
+    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    conflicts: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    after: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    priority: int = 0
+    default: bool = True
+    description: str = ""
+
+    @name.validator
+    def _check_name(self, attribute: Any, value: str) -> None:
+        import re
+
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", value):
+            raise ValueError(
+                f"technique name {value!r} must match [a-z][a-z0-9_]* "
+                "(lower case, digits, underscores)"
+            )
+
+    @slot.validator
+    def _check_slot(self, attribute: Any, value: str) -> None:
+        if value not in SLOTS:
+            raise ValueError(
+                f"unknown slot {value!r} for technique {self.name!r}; "
+                f"slots are: {', '.join(SLOTS)}"
+            )
+
+    def check_applies(self, model: Any) -> tuple[bool, str]:
+        """Returns (applies, reason-if-not)."""
+        result = self.applies(model)
+        if isinstance(result, str):
+            return (result == "", result)
+        return (bool(result), "" if result else "not applicable")
+
+
+def technique(
+    *,
+    name: str,
+    slot: str,
+    params: Optional[type] = None,
+    applies: Applies = _always,
+    requires: tuple[str, ...] = (),
+    conflicts: tuple[str, ...] = (),
+    after: tuple[str, ...] = (),
+    priority: int = 0,
+    default: bool = True,
+    description: str = "",
+) -> Callable[[type], type]:
+    """Class decorator: declares the decorated class a technique.
+
+    See :class:`TechniqueInfo` for the arguments. The class gets a
+    ``smt_technique`` attribute; instantiate it and return the instance from
+    your plugin's ``smt_techniques()`` hook.
+    """
+    info = TechniqueInfo(
+        name=name,
+        slot=slot,
+        params=params,
+        applies=applies,
+        requires=requires,
+        conflicts=conflicts,
+        after=after,
+        priority=priority,
+        default=default,
+        description=description,
+    )
+
+    def decorate(cls: type) -> type:
+        cls.smt_technique = info
+        if not description and cls.__doc__:
+            object.__setattr__(info, "description", cls.__doc__.strip().splitlines()[0])
+        return cls
+
+    return decorate
+
+
+def info_of(obj: Any) -> TechniqueInfo:
+    """The :class:`TechniqueInfo` of a technique object (raises TypeError)."""
+    info = getattr(obj, "smt_technique", None)
+    if not isinstance(info, TechniqueInfo):
+        raise TypeError(
+            f"{obj!r} is not a technique: decorate its class with @smt_host.technique(...)"
+        )
+    return info

@@ -1,0 +1,232 @@
+"""The template: slots composed into one ``nn.Module``.
+
+::
+
+    dense (B, Nd) -> dense_arch -> (B, D) --------+
+                                                  +-> (B, F, D) -> interaction branches
+    sparse KJT -> embedding (torchrec EBC) -> (B, F_s, D)          (concat: B, sum out_i)
+        -> over_arch (B, H) -> task_arch [T x (B, H_t)] -> heads [T x (B,)] -> logits (B, T)
+
+The host calls each active technique's slot hook (:mod:`smt_host.hookspecs`)
+in the resolution's order and checks what comes back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.modules.embedding_configs import PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from smt_host.config import ModelSpec
+from smt_host.plugins import PluginError, SmtPluginManager
+from smt_host.resolve import Active, Resolution
+from smt_host.slots import LossFn, SlotContext, TableSpec
+
+
+class TemplateModel(nn.Module):
+    """A model of the ecosystem, assembled from slot parts.
+
+    Args:
+        embedding: torchrec ``EmbeddingBagCollection`` over the sparse features.
+        sparse_keys: the sparse feature names, in spec order (F_s of them).
+        dense_arch: (B, Nd) -> (B, D), or None for a model without dense features.
+        branches: interaction branches, each (B, F, D) -> (B, out_i).
+        branch_names: the technique name of each branch.
+        over_arch: (B, sum out_i) -> (B, H).
+        task_arch: (B, H) -> T x (B, H_t).
+        heads: T modules (B, H_t) -> (B,).
+        task_names: the T task names.
+
+    Shapes:
+        forward(dense (B, Nd), sparse KJT) -> logits (B, T)
+    """
+
+    def __init__(
+        self, *, embedding: EmbeddingBagCollection, sparse_keys: Sequence[str],
+        dense_arch: Optional[nn.Module], branches: Sequence[nn.Module], branch_names: Sequence[str],
+        over_arch: nn.Module, task_arch: nn.Module, heads: Sequence[nn.Module], task_names: Sequence[str],
+    ) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.sparse_keys = list(sparse_keys)
+        self.dense_arch = dense_arch
+        self.branches = nn.ModuleDict(dict(zip(branch_names, branches)))
+        self.over_arch = over_arch
+        self.task_arch = task_arch
+        self.heads = nn.ModuleDict(dict(zip(task_names, heads)))
+        self.task_names = list(task_names)
+
+    def features(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """(B, F, D): pooled sparse embeddings, then the dense arch's output."""
+        pooled = self.embedding(sparse).to_dict()
+        parts = [pooled[k] for k in self.sparse_keys]
+        if self.dense_arch is not None:
+            parts.append(self.dense_arch(dense))
+        return torch.stack(parts, dim=1)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        feats = self.features(dense, sparse)
+        inter = torch.cat([branch(feats) for branch in self.branches.values()], dim=1)
+        hidden = self.over_arch(inter)
+        towers = self.task_arch(hidden)
+        return torch.stack([head(t) for head, t in zip(self.heads.values(), towers)], dim=1)
+
+
+def _out_dim(module: Any, technique: Active, hook: str) -> int:
+    width = getattr(module, "out_dim", None)
+    if not isinstance(width, int) or width < 1:
+        raise PluginError(
+            f"technique {technique.name!r} ({technique.dist} {technique.version}): the module from {hook}() "
+            f"must declare out_dim as an int >= 1, got {width!r}"
+        )
+    return width
+
+
+def _module(result: Any, technique: Active, hook: str) -> nn.Module:
+    if not isinstance(result, nn.Module):
+        raise PluginError(
+            f"technique {technique.name!r} ({technique.dist} {technique.version}): {hook}() must return an "
+            f"nn.Module, got {type(result).__name__}"
+        )
+    return result
+
+
+def base_context(spec: ModelSpec, device: Any = "cpu", width_scale: float = 1.0) -> SlotContext:
+    num_dense = len(spec.features.dense)
+    return SlotContext(
+        model=spec, embedding_dim=spec.embedding_dim, num_dense=num_dense,
+        num_features=len(spec.features.sparse) + (1 if num_dense else 0),
+        tasks=spec.task_names, width_scale=width_scale, device=device,
+    )
+
+
+def build_tables(spm: SmtPluginManager, res: Resolution, ctx: SlotContext) -> list[TableSpec]:
+    """Runs the embedding chain; checks every sparse feature has one table of width D."""
+    tables: list[TableSpec] = []
+    for t in res.slot("embedding"):
+        out = spm.call(t.name, "smt_embedding_tables", ctx=ctx, params=t.params, tables=list(tables))
+        if not isinstance(out, list) or not all(isinstance(x, TableSpec) for x in out):
+            raise PluginError(
+                f"technique {t.name!r} ({t.dist} {t.version}): smt_embedding_tables() must return a list of TableSpec"
+            )
+        tables = out
+    served = [f for tb in tables for f in tb.feature_names]
+    want = [f.name for f in ctx.model.features.sparse]
+    if sorted(served) != sorted(want):
+        raise PluginError(
+            f"embedding slot of model {ctx.model.name!r}: tables serve features {sorted(served)}, "
+            f"but the model's sparse features are {sorted(want)} (each needs exactly one table)"
+        )
+    bad = [tb.name for tb in tables if tb.embedding_dim != ctx.embedding_dim]
+    if bad:
+        raise PluginError(f"embedding slot of model {ctx.model.name!r}: tables {bad} are not {ctx.embedding_dim} wide (D)")
+    return tables
+
+
+def make_ebc(tables: Sequence[TableSpec], device: Any = "cpu") -> EmbeddingBagCollection:
+    configs = [
+        EmbeddingBagConfig(
+            name=t.name, embedding_dim=t.embedding_dim, num_embeddings=t.num_embeddings,
+            feature_names=list(t.feature_names),
+            pooling=PoolingType.MEAN if t.pooling == "mean" else PoolingType.SUM,
+        )
+        for t in tables
+    ]
+    return EmbeddingBagCollection(tables=configs, device=torch.device(device))
+
+
+def build_model(
+    spec: ModelSpec, res: Resolution, spm: SmtPluginManager, *, width_scale: float = 1.0,
+    device: Any = "cpu", seed: Optional[int] = None,
+) -> TemplateModel:
+    """Builds the model a resolution describes (seeded for determinism)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    ctx = base_context(spec, device, width_scale)
+    tables = build_tables(spm, res, ctx)
+    ebc = make_ebc(tables, device)
+
+    dense_arch = None
+    if spec.features.dense:
+        (t,) = res.slot("dense_arch")
+        dense_arch = _module(spm.call(t.name, "smt_dense_arch", ctx=ctx.evolve(in_dim=ctx.num_dense), params=t.params), t, "smt_dense_arch")
+        if _out_dim(dense_arch, t, "smt_dense_arch") != ctx.embedding_dim:
+            raise PluginError(f"technique {t.name!r} ({t.dist} {t.version}): dense arch out_dim must equal D={ctx.embedding_dim}")
+
+    branches, names, width = [], [], 0
+    for t in res.slot("interaction"):
+        branch = _module(spm.call(t.name, "smt_interaction", ctx=ctx, params=t.params), t, "smt_interaction")
+        width += _out_dim(branch, t, "smt_interaction")
+        branches.append(branch)
+        names.append(t.name)
+
+    (t,) = res.slot("over_arch")
+    over = _module(spm.call(t.name, "smt_over_arch", ctx=ctx.evolve(in_dim=width), params=t.params), t, "smt_over_arch")
+    hidden = _out_dim(over, t, "smt_over_arch")
+
+    (t,) = res.slot("task_arch")
+    task_arch = _module(spm.call(t.name, "smt_task_arch", ctx=ctx.evolve(in_dim=hidden), params=t.params), t, "smt_task_arch")
+    out_dims = getattr(task_arch, "out_dims", None)
+    if not isinstance(out_dims, tuple) or len(out_dims) != len(spec.tasks):
+        raise PluginError(
+            f"technique {t.name!r} ({t.dist} {t.version}): the task arch must declare out_dims, a tuple of "
+            f"{len(spec.tasks)} ints (one per task), got {out_dims!r}"
+        )
+
+    (t,) = res.slot("heads")
+    heads = [
+        _module(spm.call(t.name, "smt_head", ctx=ctx.evolve(in_dim=d), params=t.params, task=task), t, "smt_head")
+        for d, task in zip(out_dims, spec.task_names)
+    ]
+    return TemplateModel(
+        embedding=ebc, sparse_keys=[f.name for f in spec.features.sparse], dense_arch=dense_arch,
+        branches=branches, branch_names=names, over_arch=over, task_arch=task_arch, heads=heads,
+        task_names=spec.task_names,
+    )
+
+
+def build_loss(spec: ModelSpec, res: Resolution, spm: SmtPluginManager) -> LossFn:
+    """Runs the loss chain (built-ins first)."""
+    ctx = base_context(spec)
+    loss: Optional[LossFn] = None
+    for t in res.slot("loss"):
+        loss = spm.call(t.name, "smt_loss", ctx=ctx, params=t.params, loss=loss)
+        if not callable(loss):
+            raise PluginError(f"technique {t.name!r} ({t.dist} {t.version}): smt_loss() must return a callable")
+    if loss is None:
+        raise PluginError(f"model {spec.name!r} has no loss technique")
+    return loss
+
+
+def build_optimizers(spec: ModelSpec, res: Resolution, spm: SmtPluginManager, model: nn.Module) -> list[torch.optim.Optimizer]:
+    """The optimizer slot's optimizers; checks they cover every parameter once."""
+    (t,) = res.slot("optimizer")
+    opts = spm.call(t.name, "smt_optimizers", ctx=base_context(spec), params=t.params, model=model)
+    if not isinstance(opts, list) or not all(isinstance(o, torch.optim.Optimizer) for o in opts):
+        raise PluginError(f"technique {t.name!r} ({t.dist} {t.version}): smt_optimizers() must return a list of optimizers")
+    covered = [id(p) for o in opts for g in o.param_groups for p in g["params"]]
+    wanted = {id(p) for p in model.parameters() if p.requires_grad}
+    if len(covered) != len(set(covered)) or set(covered) != wanted:
+        raise PluginError(
+            f"technique {t.name!r} ({t.dist} {t.version}): optimizers must cover every trainable parameter "
+            f"exactly once ({len(set(covered))} of {len(wanted)} covered, {len(covered) - len(set(covered))} twice)"
+        )
+    return opts
+
+
+def example_batch(spec: ModelSpec, batch_size: int = 4, device: Any = "cpu"):
+    """A small deterministic batch shaped like the spec (for FLOPs, export, tests)."""
+    from smt_host.data.batch import Batch
+
+    g = torch.Generator().manual_seed(0)
+    keys = [f.name for f in spec.features.sparse]
+    values = torch.cat([torch.randint(0, f.vocab_size, (batch_size,), generator=g) for f in spec.features.sparse])
+    lengths = torch.ones(len(keys) * batch_size, dtype=torch.int32)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
+    dense = torch.rand(batch_size, len(spec.features.dense), generator=g)
+    labels = torch.zeros(batch_size, len(spec.tasks))
+    return Batch(dense, kjt, labels).to(device)
