@@ -165,9 +165,9 @@ class Training:
     """Training settings of one model."""
 
     epochs: int = attrs.field(default=3, validator=at_least(1))
-    batch_size: int = attrs.field(default=512, validator=at_least(1))
+    batch_size: int = attrs.field(default=1024, validator=at_least(1))
     lr: float = attrs.field(default=1e-3, validator=at_least(0.0))
-    embedding_lr: float = attrs.field(default=0.05, validator=at_least(0.0))
+    embedding_lr: float = attrs.field(default=0.01, validator=at_least(0.0))
     weight_decay: float = attrs.field(default=0.0, validator=at_least(0.0))
     seed: int = 0
     patience: int = attrs.field(default=1, validator=at_least(0))
@@ -262,9 +262,9 @@ class SyntheticSettings:
     """Size and seed of the built-in synthetic ads ecosystem."""
 
     seed: int = 0
-    train_examples: int = attrs.field(default=40_000, validator=at_least(100))
-    valid_examples: int = attrs.field(default=10_000, validator=at_least(100))
-    test_examples: int = attrs.field(default=20_000, validator=at_least(100))
+    train_examples: int = attrs.field(default=100_000, validator=at_least(100))
+    valid_examples: int = attrs.field(default=20_000, validator=at_least(100))
+    test_examples: int = attrs.field(default=40_000, validator=at_least(100))
 
 
 @attrs.frozen

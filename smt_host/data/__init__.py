@@ -36,8 +36,10 @@ def _load_builtin_sources() -> None:
     # imported lazily: each module registers its sources on import
     from smt_host.data import synthetic  # noqa: F401
 
+    import importlib
+
     try:
-        from smt_host.data import readers  # noqa: F401
+        importlib.import_module("smt_host.data.readers")
     except ModuleNotFoundError as exc:  # pragma: no cover - readers not there yet
         if exc.name != "smt_host.data.readers":
             raise

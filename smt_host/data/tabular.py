@@ -1,0 +1,401 @@
+"""CSV / TSV (Criteo) and Parquet files, read in record batches with pyarrow.
+
+Each feature of the model reads one column:
+
+* sparse: ``encode = "hash"`` (FNV-1a 64 of the UTF-8 text, mapped into
+  ``1..vocab_size-1``), ``"mod"`` (integer id modulo ``vocab_size``) or
+  ``"int"`` (integer id that must lie in ``[0, vocab_size)``). An empty or
+  missing cell gives the reserved id 0.
+* sequence (``SparseFeature.sequence``): a text column of items joined by
+  ``separator`` (default ``^``) or a Parquet list column; each item is encoded
+  as above and the row becomes a jagged feature (possibly empty).
+* dense: a float; ``transform = "log1p"`` gives log(1 + x) for x >= 0 and 0
+  for x < 0; an empty cell gives 0.
+* labels: one column per task, values -1/0/1 (as text or numbers) -> 0/1.
+
+CSV files are streamed with ``pyarrow.csv.open_csv`` (``.gz`` decompressed on
+the fly); every column is read as text so a bad cell can be reported with its
+line. Parquet files are streamed with ``ParquetFile.iter_batches``; their
+"line" is the 1-based row number. A row whose columns are all empty (a blank
+line) is dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import attrs
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from smt_host.data.chunks import Chunk, DataFormatError, FaultSet, RowFaults, make_split
+from smt_host.data.libfm import open_text
+
+ENCODINGS = ("hash", "mod", "int")
+TRANSFORMS = ("none", "log1p")
+
+
+@attrs.frozen
+class SparseColumn:
+    feature: str
+    column: str
+    vocab_size: int
+    encode: str = "hash"
+    sequence: bool = False
+    separator: str = "^"
+
+
+@attrs.frozen
+class DenseColumn:
+    feature: str
+    column: str
+    transform: str = "none"
+
+
+@attrs.frozen
+class TabularFormat:
+    """Reads CSV/TSV or Parquet files for a model.
+
+    Args:
+        kind: ``"csv"`` or ``"parquet"``.
+        sparse: the model's sparse features, in spec order.
+        dense: the model's dense features, in spec order.
+        labels: the label column of each task, in task order.
+        delimiter: CSV delimiter; None sniffs the first line (tab if it has one, else comma).
+        header: whether the first CSV line names the columns; None: yes unless its first cell is a number.
+        column_names: names of the columns of a file without header.
+        block_bytes: bytes per CSV block; chunk_rows: rows per Parquet batch.
+    """
+
+    kind: str
+    sparse: tuple[SparseColumn, ...]
+    dense: tuple[DenseColumn, ...]
+    labels: tuple[str, ...]
+    delimiter: Optional[str] = ","
+    header: Optional[bool] = True
+    column_names: Optional[tuple[str, ...]] = None
+    block_bytes: int = 1 << 22
+    chunk_rows: int = 65_536
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(s.feature for s in self.sparse)
+
+    def needed_columns(self) -> list[str]:
+        cols = list(self.labels) + [s.column for s in self.sparse] + [d.column for d in self.dense]
+        return list(dict.fromkeys(cols))
+
+    def read(self, path: Path, faults: RowFaults) -> Iterator[Chunk]:
+        if self.kind == "parquet":
+            return self._read_parquet(path, faults)
+        return self._read_csv(path, faults)
+
+    # ------------------------------------------------------------------- csv
+
+    def _layout(self, path: Path) -> tuple[str, bool, list[str]]:
+        """(delimiter, has header, column names) of a CSV file."""
+        with open_text(path) as f:
+            first = f.readline().rstrip("\r\n")
+        delimiter = self.delimiter or ("\t" if "\t" in first else ",")
+        cells = next(csv.reader([first], delimiter=delimiter)) if first else []
+        header = self.header
+        if header is None:
+            header = not (cells and _is_number(cells[0]))
+        if header:
+            names = cells
+        elif self.column_names:
+            names = list(self.column_names)
+        else:
+            raise DataFormatError(path.name, 0, "the file has no header: set the 'column_names' option")
+        missing = [c for c in self.needed_columns() if c not in names]
+        if missing:
+            raise DataFormatError(
+                path.name, 1 if header else 0,
+                f"missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
+                f"the file has {len(names)} columns: {', '.join(names)}",
+            )
+        return delimiter, header, names
+
+    def _read_csv(self, path: Path, faults: RowFaults) -> Iterator[Chunk]:
+        import pyarrow.csv as pacsv
+
+        delimiter, header, names = self._layout(path)
+        invalid: list[tuple[int, str]] = []  # (row number, fault) of rows with a wrong field count
+
+        def on_invalid(row) -> str:
+            invalid.append((row.number or 0, f"expected {row.expected_columns} fields, got {row.actual_columns}"))
+            return "skip"
+
+        needed = self.needed_columns()
+        reader = pacsv.open_csv(
+            str(path),
+            read_options=pacsv.ReadOptions(
+                use_threads=False, block_size=self.block_bytes, column_names=None if header else names,
+            ),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid, ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=needed, column_types={c: pa.string() for c in needed},
+                strings_can_be_null=False, quoted_strings_can_be_null=False,
+            ),
+        )
+        seen = 0  # rows returned so far
+        first_row = 2 if header else 1
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            n = batch.num_rows
+            base = first_row + seen + np.arange(n, dtype=np.int64)
+            seen += n
+            inv = np.sort(np.asarray([r for r, _ in invalid], dtype=np.int64))
+            shift = inv - np.arange(len(inv), dtype=np.int64)
+            lines = base + np.searchsorted(shift, base, side="right")
+            last = int(lines[-1]) if n else int(inv.max(initial=0))
+            due = [(r, m) for r, m in invalid if r <= last]
+            invalid[:] = [(r, m) for r, m in invalid if r > last]
+            chunk = self._convert(batch, lines, faults, due, blank_rows=True)
+            if chunk is not None:
+                yield chunk
+        if invalid:
+            faults.report([r for r, _ in invalid], [m for _, m in invalid])
+
+    # --------------------------------------------------------------- parquet
+
+    def _read_parquet(self, path: Path, faults: RowFaults) -> Iterator[Chunk]:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(str(path))
+        names = pf.schema_arrow.names
+        missing = [c for c in self.needed_columns() if c not in names]
+        if missing:
+            raise DataFormatError(
+                path.name, 0, f"missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
+                f"the file has {len(names)} columns: {', '.join(names)}",
+            )
+        seen = 0
+        for batch in pf.iter_batches(batch_size=self.chunk_rows, columns=self.needed_columns()):
+            lines = np.arange(seen + 1, seen + 1 + batch.num_rows, dtype=np.int64)
+            seen += batch.num_rows
+            chunk = self._convert(batch, lines, faults, [], blank_rows=False)
+            if chunk is not None:
+                yield chunk
+
+    # ------------------------------------------------------------ conversion
+
+    def _convert(
+        self, batch: pa.RecordBatch, lines: np.ndarray, faults: RowFaults,
+        extra: list[tuple[int, str]], blank_rows: bool,
+    ) -> Optional[Chunk]:
+        n = batch.num_rows
+        fs = FaultSet(n)
+        col = {name: batch.column(i) for i, name in enumerate(batch.schema.names)}
+        labels = np.zeros((n, len(self.labels)), dtype=np.float32)
+        for t, name in enumerate(self.labels):
+            labels[:, t] = _labels(col[name], name, fs)
+        singles, jagged = [], {}
+        for s in self.sparse:
+            if s.sequence:
+                jagged[s.feature] = _sequence(col[s.column], s, fs)
+            else:
+                singles.append(_ids(col[s.column], s, fs))
+        dense = np.zeros((n, len(self.dense)), dtype=np.float32)
+        for j, d in enumerate(self.dense):
+            dense[:, j] = _dense(col[d.column], d, fs)
+
+        good = fs.good_mask()
+        if blank_rows and n:
+            empty = np.ones(n, dtype=bool)
+            for a in col.values():
+                empty &= _empty(a)
+            good &= ~empty
+            for r in np.nonzero(empty)[0]:
+                fs.messages.pop(int(r), None)
+        rows = sorted(fs.messages)
+        faults.report(
+            [int(lines[r]) for r in rows] + [r for r, _ in extra],
+            [fs.messages[r] for r in rows] + [m for _, m in extra],
+        )
+        if not good.any():
+            return None
+        ids = np.stack(singles, axis=1)[good] if singles else np.zeros((int(good.sum()), 0), np.int64)
+        jag = {}
+        for name, (values, lengths, parents) in jagged.items():
+            jag[name] = (values[good[parents]], lengths[good])
+        return Chunk(make_split(self.keys, ids, dense[good], labels[good], jag), lines[good])
+
+
+# ------------------------------------------------------------------ encoders
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_text(a: pa.Array) -> bool:
+    return pa.types.is_string(a.type) or pa.types.is_large_string(a.type)
+
+
+def _empty(a: pa.Array) -> np.ndarray:
+    """(n,) bool: null or (text) blank cells."""
+    if _is_text(a):
+        e = pc.equal(pc.utf8_trim_whitespace(a), "")
+        e = pc.or_kleene(e, pc.is_null(a))
+        return np.asarray(pc.fill_null(e, True).to_numpy(zero_copy_only=False), dtype=bool)
+    return np.asarray(pc.is_null(a).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _floats(a: pa.Array, fs: FaultSet, bad: Callable[[str], str]) -> tuple[np.ndarray, np.ndarray]:
+    """(values (n,) float64 with NaN where empty, empty (n,) bool); bad text
+    cells are reported with ``bad(text)``."""
+    empty = _empty(a)
+    if _is_text(a):
+        s = pc.if_else(pa.array(empty), pa.scalar(None, a.type), pc.utf8_trim_whitespace(a))
+        try:
+            v = pc.cast(s, pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            out = np.full(len(a), np.nan)
+            for i, x in enumerate(s.to_pylist()):
+                if x is None:
+                    continue
+                try:
+                    out[i] = float(x)
+                except ValueError:
+                    fs.add(i, bad(x))
+            return out, empty
+    else:
+        v = pc.cast(a, pa.float64())
+    return np.asarray(v.to_numpy(zero_copy_only=False), dtype=np.float64), empty
+
+
+def _labels(a: pa.Array, column: str, fs: FaultSet) -> np.ndarray:
+    v, empty = _floats(a, fs, lambda x: f"label {x!r} in column {column!r} is not a number")
+    for i in np.nonzero(empty)[0]:
+        fs.add(i, f"empty label in column {column!r}")
+    wrong = ~empty & ~np.isin(v, (-1.0, 0.0, 1.0))  # NaN too; "not a number" rows keep that message
+    for i in np.nonzero(wrong)[0]:
+        fs.add(i, f"label {_text(a, i)!r} in column {column!r} is not -1, 0 or 1")
+    return (v > 0).astype(np.float32)
+
+
+def _dense(a: pa.Array, d: DenseColumn, fs: FaultSet) -> np.ndarray:
+    v, _ = _floats(a, fs, lambda x: f"column {d.column!r}: {x!r} is not a number")
+    v = np.where(np.isnan(v), 0.0, v)
+    if d.transform == "log1p":
+        v = np.log1p(np.maximum(v, 0.0))
+    return v.astype(np.float32)
+
+
+def _text(a: pa.Array, i: int) -> str:
+    x = a[i].as_py()
+    return "" if x is None else str(x)
+
+
+def fnv1a64(a: pa.Array) -> np.ndarray:
+    """(n,) uint64 FNV-1a hash of the UTF-8 bytes of each cell (null = "")."""
+    a = pc.fill_null(pc.cast(a, pa.large_binary()), b"")
+    if isinstance(a, pa.ChunkedArray):
+        a = a.combine_chunks()
+    n = len(a)
+    bufs = a.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int64, count=n + 1, offset=a.offset * 8)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    h = np.full(n, 0xCBF29CE484222325, dtype=np.uint64)
+    prime = np.uint64(0x100000001B3)
+    for j in range(int(lengths.max(initial=0))):
+        idx = np.nonzero(lengths > j)[0]
+        h[idx] = (h[idx] ^ data[starts[idx] + j].astype(np.uint64)) * prime
+    return h
+
+
+def _hash_ids(a: pa.Array, vocab_size: int) -> np.ndarray:
+    """(n,) int64 ids in 1..vocab_size-1; empty / null cells give 0."""
+    text = a if _is_text(a) else pc.cast(a, pa.string())
+    text = pc.fill_null(text, "")
+    enc = pc.dictionary_encode(text)
+    words = enc.dictionary
+    if vocab_size > 1:
+        hashed = (fnv1a64(words) % np.uint64(vocab_size - 1)).astype(np.int64) + 1
+    else:
+        hashed = np.zeros(len(words), dtype=np.int64)
+    blank = _empty(words)
+    hashed[blank] = 0
+    return hashed[np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)]
+
+
+def _int_ids(a: pa.Array, s: SparseColumn, fs: FaultSet, rows: Optional[np.ndarray] = None) -> np.ndarray:
+    """(n,) int64 ids of an integer column (``mod``: modulo vocab_size, ``int``:
+    must be in range); empty cells give 0. ``rows`` maps cell i to its row."""
+    rows = np.arange(len(a)) if rows is None else rows
+    empty = _empty(a)
+    out = np.zeros(len(a), dtype=np.int64)
+    src = a
+    if _is_text(a):
+        src = pc.if_else(pa.array(empty), pa.scalar(None, a.type), pc.utf8_trim_whitespace(a))
+    try:
+        v = np.asarray(pc.fill_null(pc.cast(src, pa.int64()), 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+        values = None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        v, values = None, src.to_pylist()
+    if v is not None:
+        if s.encode == "mod":
+            out = np.where(empty, 0, np.mod(v, s.vocab_size))
+        else:
+            bad = ~empty & ((v < 0) | (v >= s.vocab_size))
+            for i in np.nonzero(bad)[0]:
+                fs.add(rows[i], f"column {s.column!r}: id {int(v[i])} is outside [0, {s.vocab_size})")
+            out = np.where(empty | bad, 0, v)
+        return out
+    for i, x in enumerate(values):
+        if empty[i]:
+            continue
+        try:
+            k = int(x)
+        except (TypeError, ValueError):
+            try:
+                f = float(x)
+            except (TypeError, ValueError):
+                f = float("nan")
+            if not f.is_integer():
+                fs.add(rows[i], f"column {s.column!r}: {x!r} is not an integer id")
+                continue
+            k = int(f)
+        if s.encode == "mod":
+            out[i] = k % s.vocab_size
+        elif 0 <= k < s.vocab_size:
+            out[i] = k
+        else:
+            fs.add(rows[i], f"column {s.column!r}: id {k} is outside [0, {s.vocab_size})")
+    return out
+
+
+def _ids(a: pa.Array, s: SparseColumn, fs: FaultSet, rows: Optional[np.ndarray] = None) -> np.ndarray:
+    if s.encode == "hash":
+        return _hash_ids(a, s.vocab_size)
+    return _int_ids(a, s, fs, rows)
+
+
+def _sequence(a: pa.Array, s: SparseColumn, fs: FaultSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values (total,), lengths (n,), parents (total,) row of each value)."""
+    n = len(a)
+    if pa.types.is_list(a.type) or pa.types.is_large_list(a.type):
+        lists = a
+    else:
+        text = pc.fill_null(a if _is_text(a) else pc.cast(a, pa.string()), "")
+        lists = pc.split_pattern(text, s.separator)
+    items = pc.list_flatten(lists)
+    parents = np.asarray(pc.list_parent_indices(lists).to_numpy(zero_copy_only=False), dtype=np.int64)
+    keep = ~_empty(items)
+    items = items.filter(pa.array(keep))
+    parents = parents[keep]
+    values = _ids(items, s, fs, parents)
+    lengths = np.bincount(parents, minlength=n).astype(np.int64)
+    return values, lengths, parents

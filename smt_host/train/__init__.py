@@ -1,0 +1,1 @@
+"""Training: the host trainer, metrics and checkpoints."""

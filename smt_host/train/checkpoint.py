@@ -1,0 +1,57 @@
+"""Checkpoints: atomic writes, ``weights_only`` loads, manifest checks.
+
+A checkpoint is a dict of tensors and plain data (loadable with
+``torch.load(weights_only=True)``): model and optimizer state, the best
+model state so far, the plan and manifest (as plain dicts), the epoch, step,
+early-stopping state, history and RNG state.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """Writes ``obj`` with ``torch.save`` to a temporary file in the same
+    folder, fsyncs it, then renames it over ``path``: a crash leaves either
+    the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: Path) -> dict:
+    """Loads a checkpoint with ``weights_only=True`` (no pickled code runs)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,236 @@
+"""The host trainer: one model, epochs with validation and early stopping,
+final test metrics, atomic checkpoints, resume.
+
+The trainer never knows which techniques exist: it builds what the plan
+says and fires the lifecycle hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import attrs
+import torch
+
+from smt_host.config import EcosystemSpec, ModelSpec
+from smt_host.data import open_source
+from smt_host.data.batch import DataSource
+from smt_host.host import Host
+from smt_host.plan import Manifest, ManifestMismatch, Plan
+from smt_host.slots import LossInputs, TrainContext
+from smt_host.train import checkpoint as ckpt
+from smt_host.train.metrics import binary_metrics
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN/inf loss, bad checkpoint...)."""
+
+
+@attrs.frozen
+class RunResult:
+    """What one training run produced.
+
+    Args:
+        model: the model name.
+        test: ``{task: metrics}`` on the test split, with the best weights.
+        valid: the best validation metrics.
+        history: validation metrics per epoch.
+        epochs: epochs run; steps: optimizer steps.
+        wall_s: seconds; out_dir: the run folder; stopped_early: patience ran out.
+    """
+
+    model: str
+    test: dict
+    valid: dict
+    history: list
+    epochs: int
+    steps: int
+    wall_s: float
+    examples_per_s: float
+    out_dir: str
+    stopped_early: bool
+    plan: Any = None
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, data: DataSource, split: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities (N, T), labels (N, T)) of a split."""
+    model.eval()
+    preds, labels = [], []
+    for batch in data.batches(split, batch_size):
+        preds.append(torch.sigmoid(model(batch.dense, batch.sparse)))
+        labels.append(batch.labels)
+    model.train()
+    return torch.cat(preds), torch.cat(labels)
+
+
+def evaluate(model: torch.nn.Module, data: DataSource, split: str, batch_size: int, tasks: list[str]) -> dict:
+    """``{task: binary_metrics}`` on a split; NE uses the train base rate."""
+    pred, label = predict(model, data, split, batch_size)
+    rates = data.base_rates()
+    return {t: binary_metrics(pred[:, i], label[:, i], float(rates[i])) for i, t in enumerate(tasks)}
+
+
+def _score(metrics: dict, name: str) -> float:
+    """Higher is better: mean AUC, or minus mean logloss/NE over tasks."""
+    vals = [m[name] for m in metrics.values() if not math.isnan(m[name])]
+    if not vals:
+        return float("-inf")
+    mean = sum(vals) / len(vals)
+    return mean if name == "auc" else -mean
+
+
+def _state_copy(module: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+Progress = Callable[..., Any]
+
+
+def train_model(
+    host: Host,
+    spec: ModelSpec,
+    eco: EcosystemSpec,
+    out_dir: Path,
+    *,
+    plan: Optional[Plan] = None,
+    resume: bool = False,
+    progress: Optional[Any] = None,
+    data: Optional[DataSource] = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> RunResult:
+    """Trains one model; writes ``checkpoint.pt`` and ``metrics.json`` in ``out_dir``.
+
+    Args:
+        host: plugins and converter.
+        spec: the model spec; eco: its ecosystem (for data settings).
+        out_dir: the run folder.
+        plan: a plan to follow (default: plan ``spec`` now).
+        resume: continue from ``out_dir/checkpoint.pt`` when it exists.
+        progress: a ``rich.progress.Progress`` to report steps to, or None.
+        data: a data source (default: the spec's).
+        log: where to write one-line messages.
+
+    Raises:
+        TrainingError: the loss became NaN or inf (the last good checkpoint stays).
+        ManifestMismatch: ``resume`` with a checkpoint made under other plugins.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tr = spec.training
+    data = data or open_source(spec, eco)
+    plan = plan or host.plan(spec)
+    model = host.build(plan, spec)
+    loss_fn = host.loss(plan, spec)
+    opts = host.optimizers(plan, spec, model)
+    tasks = list(spec.task_names)
+    ctx = TrainContext(model=model, plan=plan, spec=spec, out_dir=out_dir, data=data)
+
+    state = {"epoch": 0, "step": 0, "best": float("-inf"), "bad_epochs": 0, "history": [], "done": False}
+    best_state = _state_copy(model)
+    path = out_dir / ckpt.CHECKPOINT
+    if resume and path.exists():
+        saved = ckpt.load(path)
+        old = host.conv.structure(saved["manifest"], Manifest)
+        diff = old.diff(plan.manifest)
+        if diff:
+            raise ManifestMismatch(f"{path}: checkpoint was made under another plugin set: " + "; ".join(diff))
+        model.load_state_dict(saved["model"])
+        for opt, s in zip(opts, saved["optimizers"]):
+            opt.load_state_dict(s)
+        best_state = saved["best_model"]
+        state = saved["state"]
+        torch.set_rng_state(saved["rng"])
+        ctx.resumed = True
+        log(f"{spec.name}: resumed from {path} at epoch {state['epoch']}, step {state['step']}")
+    else:
+        torch.manual_seed(plan.seed)
+
+    def save() -> None:
+        ckpt.save_atomic(
+            {
+                "model": model.state_dict(),
+                "optimizers": [o.state_dict() for o in opts],
+                "best_model": best_state,
+                "state": state,
+                "rng": torch.get_rng_state(),
+                "plan": host.plan_dict(plan),
+                "manifest": host.conv.unstructure(plan.manifest),
+                "spec_name": spec.name,
+            },
+            path,
+        )
+
+    host.lifecycle(plan, "smt_train_start", ctx=ctx)
+    started = time.perf_counter()
+    seen = 0
+    task_id = None
+    stopped_early = False
+    model.train()
+    while not state["done"] and state["epoch"] < tr.epochs:
+        epoch = state["epoch"] + 1
+        n_batches = None
+        if hasattr(data, "num_examples"):
+            n_batches = math.ceil(data.num_examples("train") / tr.batch_size)
+            if tr.max_steps_per_epoch:
+                n_batches = min(n_batches, tr.max_steps_per_epoch)
+        if progress is not None:
+            task_id = progress.add_task(f"{spec.name} epoch {epoch}/{tr.epochs}", total=n_batches)
+        for batch in data.batches("train", tr.batch_size, shuffle=True, seed=tr.seed, epoch=epoch, max_batches=tr.max_steps_per_epoch):
+            logits = model(batch.dense, batch.sparse)
+            loss = loss_fn(LossInputs(logits=logits, labels=batch.labels, batch=batch, model=model))
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                kept = f"the last good checkpoint (epoch {state['epoch']}) is kept at {path}" if path.exists() else "no checkpoint was written yet"
+                raise TrainingError(
+                    f"{spec.name}: loss is {value} at epoch {epoch}, step {state['step'] + 1}; "
+                    f"training stopped, {kept}. Lower training.lr @ $.models.{spec.name}.training.lr"
+                )
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            for o in opts:
+                o.step()
+            state["step"] += 1
+            seen += len(batch)
+            host.lifecycle(plan, "smt_step_end", ctx=ctx, step=state["step"], loss=value)
+            if progress is not None:
+                progress.update(task_id, advance=1, description=f"{spec.name} epoch {epoch}/{tr.epochs} loss {value:.4f}")
+        valid = evaluate(model, data, "valid", tr.eval_batch_size, tasks)
+        host.lifecycle(plan, "smt_eval_end", ctx=ctx, split="valid", epoch=epoch, metrics=valid)
+        score = _score(valid, tr.early_stop_metric)
+        state["epoch"] = epoch
+        state["history"].append({"epoch": epoch, "valid": valid})
+        if score > state["best"]:
+            state["best"], state["bad_epochs"] = score, 0
+            best_state = _state_copy(model)
+        else:
+            state["bad_epochs"] += 1
+            if state["bad_epochs"] > tr.patience:
+                state["done"] = stopped_early = True
+        if progress is not None:
+            progress.remove_task(task_id)
+        log(f"{spec.name} epoch {epoch}: " + ", ".join(f"{t} valid auc {m['auc']:.4f} ne {m['ne']:.4f}" for t, m in valid.items()))
+        save()
+    wall = time.perf_counter() - started
+
+    model.load_state_dict(best_state)
+    test = evaluate(model, data, "test", tr.eval_batch_size, tasks)
+    host.lifecycle(plan, "smt_eval_end", ctx=ctx, split="test", epoch=0, metrics=test)
+    host.lifecycle(plan, "smt_train_end", ctx=ctx, metrics=test)
+    best_valid = max(state["history"], key=lambda h: _score(h["valid"], tr.early_stop_metric))["valid"] if state["history"] else {}
+    result = RunResult(
+        model=spec.name, test=test, valid=best_valid, history=state["history"], epochs=state["epoch"],
+        steps=state["step"], wall_s=wall, examples_per_s=seen / wall if wall > 0 else 0.0,
+        out_dir=str(out_dir), stopped_early=stopped_early, plan=plan,
+    )
+    state["done"] = True
+    save()
+    metrics = attrs.asdict(result, filter=lambda a, v: a.name != "plan")
+    metrics["plan"] = host.plan_dict(plan)
+    ckpt.write_text_atomic(json.dumps(metrics, indent=2, default=str), out_dir / "metrics.json")
+    return result
