@@ -82,6 +82,63 @@ def smt_embedding_tables(
 
 
 @_hookspec
+def smt_feature_transform(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
+    """Embedding slot, optional: transform the sparse input before lookup.
+
+    Fires once per active embedding technique that implements it, in host
+    order, when the model is built. Use it with :func:`smt_embedding_tables`
+    when a technique changes how ids map to tables (e.g. compositional
+    embeddings split one feature into several id streams).
+
+    Args:
+        ctx: the slot context.
+        params: this technique's parameters.
+
+    Returns:
+        an ``nn.Module`` mapping a ``KeyedJaggedTensor`` to a
+        ``KeyedJaggedTensor`` whose keys are the feature names of the tables.
+    """
+
+
+@_hookspec
+def smt_pooled_transform(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
+    """Embedding slot, optional: combine pooled embeddings after lookup.
+
+    Fires once per active embedding technique that implements it, in host
+    order (after all feature transforms), when the model is built.
+
+    Args:
+        ctx: the slot context.
+        params: this technique's parameters.
+
+    Returns:
+        an ``nn.Module`` mapping ``dict[str, Tensor (B, D)]`` (by table feature
+        name) to ``dict[str, Tensor (B, D)]``; after the last one the keys
+        must be the model's sparse feature names.
+    """
+
+
+@_hookspec
+def smt_output_transform(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
+    """Any slot, optional: a module applied to the logits, (B, T) -> (B, T).
+
+    Fires once per active technique that implements it, in host order, when
+    the model is built; the modules run in that order at the end of
+    ``forward`` and are part of the saved and exported model. A technique
+    may fit its module's parameters or buffers later (e.g. calibration
+    fitted on validation in :func:`smt_train_end`); it is reached as
+    ``model.output_transforms[<technique name>]``.
+
+    Args:
+        ctx: ``ctx.tasks`` are the T task names.
+        params: this technique's parameters.
+
+    Returns:
+        an ``nn.Module`` mapping logits (B, T) to logits (B, T).
+    """
+
+
+@_hookspec
 def smt_dense_arch(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
     """Dense-arch slot (exclusive): dense features (B, Nd) -> (B, D).
 

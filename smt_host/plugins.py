@@ -135,6 +135,15 @@ class SmtPluginManager:
             raise PluginError(
                 f"{where}: technique {info.name!r} declares slot {info.slot!r} but implements no {hook}() hook"
             )
+        foreign = [
+            h for s, h in SLOT_HOOKS.items()
+            if h is not None and s != info.slot and any(i.plugin is obj for i in getattr(self.pm.hook, h).get_hookimpls())
+        ]
+        if foreign:
+            raise PluginError(
+                f"{where}: technique {info.name!r} declares slot {info.slot!r} but implements "
+                f"{', '.join(foreign)}, the hook of another slot (it would never be called)"
+            )
         self._plugin_dist[id(obj)] = (dist, version)
         self.techniques[info.name] = Registered(info=info, obj=obj, dist=dist, version=version, plugin=plugin)
 

@@ -40,6 +40,9 @@ class TemplateModel(nn.Module):
         task_arch: (B, H) -> T x (B, H_t).
         heads: T modules (B, H_t) -> (B,).
         task_names: the T task names.
+        feature_transforms: KJT -> KJT modules run before the lookup.
+        pooled_transforms: dict[str, (B, D)] -> dict modules run after it.
+        output_transforms: (B, T) -> (B, T) modules on the logits, by technique.
 
     Shapes:
         forward(dense (B, Nd), sparse KJT) -> logits (B, T)
@@ -49,9 +52,14 @@ class TemplateModel(nn.Module):
         self, *, embedding: EmbeddingBagCollection, sparse_keys: Sequence[str],
         dense_arch: Optional[nn.Module], branches: Sequence[nn.Module], branch_names: Sequence[str],
         over_arch: nn.Module, task_arch: nn.Module, heads: Sequence[nn.Module], task_names: Sequence[str],
+        feature_transforms: Sequence[nn.Module] = (), pooled_transforms: Sequence[nn.Module] = (),
+        output_transforms: Optional[dict[str, nn.Module]] = None,
     ) -> None:
         super().__init__()
+        self.feature_transforms = nn.ModuleList(feature_transforms)
         self.embedding = embedding
+        self.pooled_transforms = nn.ModuleList(pooled_transforms)
+        self.output_transforms = nn.ModuleDict(output_transforms or {})
         self.sparse_keys = list(sparse_keys)
         self.dense_arch = dense_arch
         self.branches = nn.ModuleDict(dict(zip(branch_names, branches)))
@@ -62,7 +70,11 @@ class TemplateModel(nn.Module):
 
     def features(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """(B, F, D): pooled sparse embeddings, then the dense arch's output."""
+        for transform in self.feature_transforms:
+            sparse = transform(sparse)
         pooled = self.embedding(sparse).to_dict()
+        for transform in self.pooled_transforms:
+            pooled = transform(pooled)
         parts = [pooled[k] for k in self.sparse_keys]
         if self.dense_arch is not None:
             parts.append(self.dense_arch(dense))
@@ -73,7 +85,10 @@ class TemplateModel(nn.Module):
         inter = torch.cat([branch(feats) for branch in self.branches.values()], dim=1)
         hidden = self.over_arch(inter)
         towers = self.task_arch(hidden)
-        return torch.stack([head(t) for head, t in zip(self.heads.values(), towers)], dim=1)
+        logits = torch.stack([head(t) for head, t in zip(self.heads.values(), towers)], dim=1)
+        for transform in self.output_transforms.values():
+            logits = transform(logits)
+        return logits
 
 
 def _out_dim(module: Any, technique: Active, hook: str) -> int:
@@ -116,10 +131,13 @@ def build_tables(spm: SmtPluginManager, res: Resolution, ctx: SlotContext) -> li
         tables = out
     served = [f for tb in tables for f in tb.feature_names]
     want = [f.name for f in ctx.model.features.sparse]
-    if sorted(served) != sorted(want):
+    if len(served) != len(set(served)) or (sorted(served) != sorted(want) and not any(
+        spm.implements(t.name, "smt_pooled_transform") for t in res.slot("embedding")
+    )):
         raise PluginError(
             f"embedding slot of model {ctx.model.name!r}: tables serve features {sorted(served)}, "
-            f"but the model's sparse features are {sorted(want)} (each needs exactly one table)"
+            f"but the model's sparse features are {sorted(want)} (each needs exactly one table, "
+            f"unless a technique maps them with smt_feature_transform/smt_pooled_transform)"
         )
     bad = [tb.name for tb in tables if tb.embedding_dim != ctx.embedding_dim]
     if bad:
@@ -149,6 +167,19 @@ def build_model(
     ctx = base_context(spec, device, width_scale)
     tables = build_tables(spm, res, ctx)
     ebc = make_ebc(tables, device)
+    emb = res.slot("embedding")
+    feature_transforms = [
+        _module(spm.call(t.name, "smt_feature_transform", ctx=ctx, params=t.params), t, "smt_feature_transform")
+        for t in emb if spm.implements(t.name, "smt_feature_transform")
+    ]
+    pooled_transforms = [
+        _module(spm.call(t.name, "smt_pooled_transform", ctx=ctx, params=t.params), t, "smt_pooled_transform")
+        for t in emb if spm.implements(t.name, "smt_pooled_transform")
+    ]
+    output_transforms = {
+        t.name: _module(spm.call(t.name, "smt_output_transform", ctx=ctx, params=t.params), t, "smt_output_transform")
+        for t in res.active if spm.implements(t.name, "smt_output_transform")
+    }
 
     dense_arch = None
     if spec.features.dense:
@@ -185,7 +216,8 @@ def build_model(
     return TemplateModel(
         embedding=ebc, sparse_keys=[f.name for f in spec.features.sparse], dense_arch=dense_arch,
         branches=branches, branch_names=names, over_arch=over, task_arch=task_arch, heads=heads,
-        task_names=spec.task_names,
+        task_names=spec.task_names, feature_transforms=feature_transforms,
+        pooled_transforms=pooled_transforms, output_transforms=output_transforms,
     )
 
 
