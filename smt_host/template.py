@@ -213,12 +213,51 @@ def build_model(
         _module(spm.call(t.name, "smt_head", ctx=ctx.evolve(in_dim=d), params=t.params, task=task), t, "smt_head")
         for d, task in zip(out_dims, spec.task_names)
     ]
-    return TemplateModel(
+    model = TemplateModel(
         embedding=ebc, sparse_keys=[f.name for f in spec.features.sparse], dense_arch=dense_arch,
         branches=branches, branch_names=names, over_arch=over, task_arch=task_arch, heads=heads,
         task_names=spec.task_names, feature_transforms=feature_transforms,
         pooled_transforms=pooled_transforms, output_transforms=output_transforms,
     )
+    _verify_widths(model, spec, res, device)
+    return model
+
+
+def _verify_widths(model: TemplateModel, spec: ModelSpec, res: Resolution, device: Any) -> None:
+    """Runs a 2-example batch through the parts and checks each declared
+    width, so a plugin that lies about its output stops planning with its name."""
+    by_slot = {a.slot: a for a in res.active}
+    batch = example_batch(spec, 2, device)
+    with torch.no_grad():
+        feats = model.features(batch.dense, batch.sparse)
+        want = (2, len(spec.features.sparse) + (1 if spec.features.dense else 0), spec.embedding_dim)
+        if tuple(feats.shape) != want:
+            t = by_slot.get("dense_arch") if spec.features.dense else by_slot["embedding"]
+            raise PluginError(f"model {spec.name!r}: feature embeddings are {tuple(feats.shape)}, want (B, F, D) = {want}; "
+                              f"check the embedding techniques and {t.name!r} ({t.dist} {t.version})")
+        outs = []
+        for a in res.slot("interaction"):
+            out = model.branches[a.name](feats)
+            declared = model.branches[a.name].out_dim
+            if tuple(out.shape) != (2, declared):
+                raise PluginError(f"technique {a.name!r} ({a.dist} {a.version}): its interaction branch declares "
+                                  f"out_dim {declared} but returns {tuple(out.shape)} for input {tuple(feats.shape)}")
+            outs.append(out)
+        hidden = model.over_arch(torch.cat(outs, dim=1))
+        a = by_slot["over_arch"]
+        if tuple(hidden.shape) != (2, model.over_arch.out_dim):
+            raise PluginError(f"technique {a.name!r} ({a.dist} {a.version}): over arch declares out_dim "
+                              f"{model.over_arch.out_dim} but returns {tuple(hidden.shape)}")
+        towers = model.task_arch(hidden)
+        a = by_slot["task_arch"]
+        got = [tuple(t.shape) for t in towers]
+        if got != [(2, d) for d in model.task_arch.out_dims]:
+            raise PluginError(f"technique {a.name!r} ({a.dist} {a.version}): task arch declares out_dims "
+                              f"{model.task_arch.out_dims} but returns {got}")
+        logits = model(batch.dense, batch.sparse)
+        if tuple(logits.shape) != (2, len(spec.tasks)):
+            raise PluginError(f"model {spec.name!r}: logits are {tuple(logits.shape)}, want (B, T) = (2, {len(spec.tasks)}); "
+                              f"check the heads and output transforms")
 
 
 def build_loss(spec: ModelSpec, res: Resolution, spm: SmtPluginManager) -> LossFn:

@@ -1,0 +1,192 @@
+"""The conformance kit: a pytest plugin for technique authors.
+
+Enable it in a plugin's tests and check an installed technique::
+
+    pytest_plugins = ["smt_host.testing"]
+
+    def test_conformance(smt_check):
+        smt_check("dcnv2")
+
+For every model of a tiny synthetic ecosystem (:func:`tiny_ecosystem`) that
+the technique applies to, :func:`check_technique` builds the model with the
+technique and checks that
+
+1. the technique is in the model's plan, in its declared slot;
+2. every declared width equals the real one (branch ``out_dim``, dense arch
+   D, task arch ``out_dims``, logits (B, T));
+3. gradients reach every parameter of the model;
+4. a state dict round-trips into a model built with another seed;
+5. the same seed builds the same model (identical outputs);
+6. FLOPs are counted in the plan (the technique's own part where the plan
+   measures one);
+7. ``torch.export`` of the built model runs and agrees with eager;
+8. its parameters round-trip through the host's converter.
+
+A failed check raises ``AssertionError`` naming the model and the check.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attrs
+import pytest
+import torch
+
+from smt_host.config import EcosystemSpec, ModelSpec, ecosystem_from_dict
+from smt_host.host import Host
+from smt_host.slots import LossInputs
+from smt_host.template import example_batch
+
+_SPARSE = [
+    ("user_id", 20000), ("user_segment", 16), ("age_bucket", 8), ("ad_id", 4000),
+    ("ad_category", 32), ("hour", 24), ("device", 5),
+]
+
+
+def tiny_ecosystem(embedding_dim: int = 8) -> EcosystemSpec:
+    """Three small models: single-task with dense features, two-task with
+    dense features, single-task without dense features."""
+    sparse = [{"name": n, "vocab_size": v, "embedding_dim": embedding_dim} for n, v in _SPARSE]
+    small = {"dense_arch": [16], "over_arch": [32, 16], "task_width": 8}
+    training = {"epochs": 1, "batch_size": 256}
+    return ecosystem_from_dict({
+        "name": "tiny",
+        "synthetic": {"train_examples": 2000, "valid_examples": 500, "test_examples": 500},
+        "models": {
+            "tiny_ctr": {"surface": "feed", "tasks": [{"name": "click"}], "arch": small, "training": training,
+                         "features": {"sparse": sparse, "dense": [{"name": "user_activity"}, {"name": "ad_hist_ctr"}]}},
+            "tiny_multi": {"surface": "feed", "tasks": [{"name": "click"}, {"name": "conversion"}], "arch": small,
+                           "training": training,
+                           "features": {"sparse": sparse, "dense": [{"name": "user_activity"}, {"name": "price"}]}},
+            "tiny_nodense": {"surface": "video", "tasks": [{"name": "click"}], "arch": small, "training": training,
+                             "features": {"sparse": sparse[:5], "dense": []}},
+        },
+    }, source="<tiny ecosystem>")
+
+
+def _outputs(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        out = model(batch.dense, batch.sparse)
+    model.train()
+    return out
+
+
+def _enable(spec: ModelSpec, name: str) -> ModelSpec:
+    if name in spec.techniques:
+        return spec
+    return attrs.evolve(spec, techniques={**spec.techniques, name: True})
+
+
+def check_model(host: Host, spec: ModelSpec, name: str) -> None:
+    """All checks of technique ``name`` on one model (raises AssertionError)."""
+    where = f"technique {name!r} in model {spec.name!r}"
+    reg = host.spm.techniques[name]
+    plan = host.plan(spec)
+    entries = [e for e in plan.entries if e.technique == name]
+    assert entries, f"{where}: not in the plan; skipped: {[(s.name, s.reason) for s in plan.skipped]}"
+    assert entries[0].slot == reg.info.slot, f"{where}: planned in slot {entries[0].slot!r}, declared {reg.info.slot!r}"
+
+    batch = example_batch(spec, batch_size=16)
+    model = host.build(plan, spec)
+    # 2. widths
+    feats = model.features(batch.dense, batch.sparse)
+    assert feats.shape == (16, plan.widths["num_features"], plan.widths["embedding_dim"]), f"{where}: features {tuple(feats.shape)}"
+    for bname, branch in model.branches.items():
+        out = branch(feats)
+        assert out.shape == (16, branch.out_dim), f"{where}: branch {bname!r} declares out_dim {branch.out_dim}, returns {tuple(out.shape)}"
+    if model.dense_arch is not None:
+        out = model.dense_arch(batch.dense)
+        assert out.shape == (16, plan.widths["embedding_dim"]), f"{where}: dense arch returns {tuple(out.shape)}"
+    inter = torch.cat([b(feats) for b in model.branches.values()], dim=1)
+    hidden = model.over_arch(inter)
+    assert hidden.shape == (16, model.over_arch.out_dim), f"{where}: over arch declares {model.over_arch.out_dim}, returns {tuple(hidden.shape)}"
+    towers = model.task_arch(hidden)
+    assert [tuple(t.shape) for t in towers] == [(16, d) for d in model.task_arch.out_dims], (
+        f"{where}: task arch declares out_dims {model.task_arch.out_dims}, returns {[tuple(t.shape) for t in towers]}"
+    )
+    logits = model(batch.dense, batch.sparse)
+    assert logits.shape == (16, len(spec.tasks)), f"{where}: logits {tuple(logits.shape)}, want (16, {len(spec.tasks)})"
+
+    # 3. gradients reach every parameter
+    labels = torch.bernoulli(torch.full((16, len(spec.tasks)), 0.3), generator=torch.Generator().manual_seed(1))
+    loss = host.loss(plan, spec)(LossInputs(logits=logits, labels=labels, batch=batch, model=model))
+    assert loss.dim() == 0 and torch.isfinite(loss), f"{where}: loss is {loss}"
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    assert not missing, f"{where}: no (finite) gradient reaches {missing}"
+    host.optimizers(plan, spec, model)  # covers every parameter exactly once (checked by the host)
+
+    # 4. state dict round trip; 5. same seed, same model
+    ref = _outputs(model, batch)
+    again = host.build(plan, spec)
+    twin = _outputs(again, batch)
+    other = host.build(attrs.evolve(plan, seed=plan.seed + 1), spec)
+    other.load_state_dict(model.state_dict())
+    torch.testing.assert_close(_outputs(other, batch), ref, msg=lambda m: f"{where}: state dict round trip differs: {m}")
+    fresh = host.build(plan, spec)
+    torch.testing.assert_close(_outputs(fresh, batch), twin, msg=lambda m: f"{where}: same seed, different outputs: {m}")
+
+    # 6. FLOPs counted
+    assert plan.cost.flops > 0, f"{where}: plan counts no FLOPs"
+    parts = {"interaction": lambda: model.branches[name], "dense_arch": lambda: model.dense_arch,
+             "over_arch": lambda: model.over_arch, "task_arch": lambda: model.task_arch, "heads": lambda: model.heads}
+    if reg.info.slot in parts and any(True for _ in parts[reg.info.slot]().parameters()):
+        # a part with weights does arithmetic: the plan must count it
+        assert entries[0].flops > 0, f"{where}: the plan counts no FLOPs for the technique's own part"
+
+    # 7. torch.export runs and agrees
+    exported = torch.export.export(model.eval(), (batch.dense, batch.sparse), strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(batch.dense, batch.sparse), model(batch.dense, batch.sparse),
+                                   msg=lambda m: f"{where}: exported program differs from eager: {m}")
+
+    # 8. params round trip through the converter
+    if reg.info.params is not None:
+        params = host.conv.structure(entries[0].params or {}, reg.info.params)
+        assert host.conv.structure(host.conv.unstructure(params), reg.info.params) == params, f"{where}: params do not round-trip"
+
+
+def check_technique(name: str, *, host: Optional[Host] = None, ecosystem: Optional[EcosystemSpec] = None) -> list[str]:
+    """Runs every check on every model of ``ecosystem`` (default: the tiny one)
+    that technique ``name`` applies to. Returns the models checked."""
+    host = host or Host.create()
+    eco = ecosystem or tiny_ecosystem()
+    if name not in host.spm.techniques:
+        raise AssertionError(f"technique {name!r} is not installed; installed: {', '.join(sorted(host.spm.techniques))}")
+    info = host.spm.techniques[name].info
+    checked, reasons = [], {}
+    torch.manual_seed(0)
+    for spec in eco.models.values():
+        ok, why = info.check_applies(spec)
+        if info.slot == "dense_arch" and not spec.features.dense:
+            ok, why = False, "no dense features"
+        if not ok:
+            reasons[spec.name] = why
+            continue
+        check_model(host, _enable(spec, name), name)
+        checked.append(spec.name)
+    assert checked, f"technique {name!r} applies to none of the models checked: {reasons}"
+    return checked
+
+
+@pytest.fixture
+def smt_host_instance() -> Host:
+    """A host with every installed plugin."""
+    return Host.create()
+
+
+@pytest.fixture
+def smt_tiny_ecosystem() -> EcosystemSpec:
+    return tiny_ecosystem()
+
+
+@pytest.fixture
+def smt_check(smt_host_instance: Host):
+    """``smt_check(name)`` runs the conformance checks for an installed technique."""
+
+    def run(name: str, ecosystem: Optional[EcosystemSpec] = None) -> list[str]:
+        return check_technique(name, host=smt_host_instance, ecosystem=ecosystem)
+
+    return run
