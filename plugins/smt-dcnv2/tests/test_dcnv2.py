@@ -1,0 +1,249 @@
+"""Tests of the dcnv2 technique: the math, the parameters, the host's view."""
+
+from __future__ import annotations
+
+import doctest
+import re
+import tomllib
+from pathlib import Path
+
+import attrs
+import pytest
+import torch
+
+import smt_dcnv2
+from smt_dcnv2 import DCNv2Branch, DCNv2Params
+from smt_host.config import ConfigError, default_ecosystem_path, ecosystem_from_dict
+from smt_host.host import Host
+from smt_host.template import example_batch
+from smt_host.testing import tiny_ecosystem
+
+pytest_plugins = ["smt_host.testing"]
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def host() -> Host:
+    return Host.create()
+
+
+@pytest.fixture(scope="module")
+def eco(host):
+    return host.default_ecosystem()
+
+
+def with_params(spec, value):
+    return attrs.evolve(spec, techniques={**spec.techniques, "dcnv2": value})
+
+
+# ------------------------------------------------------------------ the math
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(smt_dcnv2, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 4
+    assert result.failed == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, cross",
+    [
+        ({}, "CrossNet"),
+        ({"low_rank": 8}, "LowRankCrossNet"),
+        ({"low_rank": 8, "num_experts": 3}, "LowRankMixtureCrossNet"),
+    ],
+)
+def test_shapes_and_form(kwargs, cross):
+    torch.manual_seed(0)
+    branch = DCNv2Branch(5, 4, num_layers=2, **kwargs)
+    assert type(branch.cross).__name__ == cross
+    assert branch.out_dim == 20
+    out = branch(torch.randn(7, 5, 4))
+    assert out.shape == (7, 20)
+    assert torch.isfinite(out).all()
+
+
+def test_one_full_rank_layer_by_hand():
+    """x1 = x0 * (W x0 + b) + x0, computed on paper."""
+    branch = DCNv2Branch(2, 2, num_layers=1)
+    w = torch.tensor([[1.0, 0, 0, 0], [0, 2, 0, 0], [1, 1, 0, 0], [0, 0, 0, -1]])
+    b = torch.tensor([1.0, 0, -1, 0.5])
+    with torch.no_grad():
+        branch.cross.kernels[0].copy_(w)
+        branch.cross.bias[0].copy_(b.unsqueeze(1))
+    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])  # (B=1, F=2, D=2), flat [1, 2, 3, 4]
+    # W x = [1, 4, 3, -4]; + b = [2, 4, 2, -3.5]; x0 * that = [2, 8, 6, -14]; + x = [3, 10, 9, -10]
+    torch.testing.assert_close(branch(x), torch.tensor([[3.0, 10.0, 9.0, -10.0]]))
+
+
+def test_one_low_rank_layer_by_hand():
+    """x1 = x0 * (U (V x0) + b) + x0 with U (N, 1), V (1, N)."""
+    branch = DCNv2Branch(2, 2, num_layers=1, low_rank=1)
+    with torch.no_grad():
+        branch.cross.V_kernels[0].copy_(torch.tensor([[1.0, 1.0, 1.0, 1.0]]))
+        branch.cross.W_kernels[0].copy_(torch.tensor([[1.0], [0.0], [-1.0], [0.1]]))
+        branch.cross.bias[0].zero_()
+    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    # V x = 10; U (V x) = [10, 0, -10, 1]; x0 * that = [10, 0, -30, 4]; + x = [11, 2, -27, 8]
+    torch.testing.assert_close(branch(x), torch.tensor([[11.0, 2.0, -27.0, 8.0]]))
+
+
+def test_stacked_full_rank_layers_follow_the_recursion():
+    torch.manual_seed(0)
+    branch = DCNv2Branch(3, 2, num_layers=3)
+    x = torch.randn(4, 3, 2)
+    x0 = x.flatten(1)
+    xl = x0
+    for w, b in zip(branch.cross.kernels, branch.cross.bias):
+        xl = x0 * (xl @ w.T + b.squeeze(1)) + xl
+    torch.testing.assert_close(branch(x), xl)
+
+
+def test_mixture_of_low_rank_experts_follows_the_paper():
+    """DCN-Mix (eq. 4): x_{l+1} = sum_i softmax(g(x_l))_i x0 * (U_i relu(C_i relu(V_i x_l)) + b) + x_l."""
+    torch.manual_seed(0)
+    k, r = 3, 2
+    branch = DCNv2Branch(3, 2, num_layers=2, low_rank=r, num_experts=k)
+    m = branch.cross
+    with torch.no_grad():  # non-zero biases so they are checked too
+        for b in m.bias:
+            b.normal_()
+    x = torch.randn(5, 3, 2)
+    x0 = x.flatten(1)
+    xl = x0
+    for layer in range(2):
+        gate = torch.softmax(torch.cat([g(xl) for g in m.gates], dim=1), dim=1)  # (B, K)
+        mixed = torch.zeros_like(xl)
+        for i in range(k):
+            h = torch.relu(xl @ m.V_kernels[layer][i].T)
+            h = torch.relu(h @ m.C_kernels[layer][i].T)
+            expert = x0 * (h @ m.U_kernels[layer][i].T + m.bias[layer].squeeze(1))
+            mixed = mixed + gate[:, i : i + 1] * expert
+        xl = mixed + xl
+    torch.testing.assert_close(branch(x), xl)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_layers": 0}, "num_layers must be >= 1, got 0"),
+        ({"low_rank": 0}, "low_rank must be None or >= 1, got 0"),
+        ({"num_experts": 2}, "num_experts=2 needs low_rank (the mixture's experts are low rank), got None"),
+    ],
+)
+def test_branch_refuses_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DCNv2Branch(3, 2, **kwargs)
+
+
+# --------------------------------------------------------------- parameters
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ({"num_layers": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.dcnv2.num_layers"),
+        ({"low_rank": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.dcnv2.low_rank"),
+        ({"num_experts": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.dcnv2.num_experts"),
+        (
+            {"num_experts": 4},
+            "a mixture of 4 experts needs low_rank (the experts are low rank), got low_rank=None"
+            " @ $.models.feed_ctr.techniques.dcnv2.num_experts",
+        ),
+        ({"lowrank": 8}, "extra fields found (lowrank) @ $.models.feed_ctr.techniques.dcnv2"),
+        (
+            {"num_layers": "three"},
+            "invalid value for type, expected int @ $.models.feed_ctr.techniques.dcnv2.num_layers",
+        ),
+    ],
+)
+def test_bad_params_name_the_path(host, eco, value, message):
+    with pytest.raises(ConfigError) as info:
+        host.plan(with_params(eco.model("feed_ctr"), value))
+    assert str(info.value) == message
+
+
+def test_params_reach_the_branch(host, eco):
+    spec = with_params(eco.model("feed_ctr"), {"num_layers": 2, "low_rank": 16, "num_experts": 2})
+    plan = host.plan(spec)
+    (entry,) = [e for e in plan.entries if e.technique == "dcnv2"]
+    assert entry.params == {"num_layers": 2, "low_rank": 16, "num_experts": 2}
+    model = host.build(plan, spec)
+    cross = model.branches["dcnv2"].cross
+    assert type(cross).__name__ == "LowRankMixtureCrossNet"
+    assert (cross._num_layers, cross._low_rank, cross._num_experts) == (2, 16, 2)
+
+
+def _readme_toml_blocks() -> list[str]:
+    return re.findall(r"```toml\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_readme_examples_plan(host):
+    """Every TOML example of the README, appended to the default ecosystem, plans."""
+    blocks = _readme_toml_blocks()
+    assert len(blocks) >= 2
+    base = default_ecosystem_path().read_text(encoding="utf-8")
+    seen = []
+    for block in blocks:
+        eco = ecosystem_from_dict(tomllib.loads(base + "\n" + block), conv=host.conv)
+        spec = eco.model("feed_ctr")
+        plan = host.plan(spec)
+        seen.append("dcnv2" in plan.techniques())
+    assert True in seen and False in seen, "the README shows an override and an opt-out"
+
+
+# ----------------------------------------------------------------- the host
+
+
+def test_plan_counts_the_cross_flops(host, eco):
+    spec = eco.model("feed_ctr")
+    plan = host.plan(spec)
+    (entry,) = [e for e in plan.entries if e.technique == "dcnv2"]
+    n = plan.widths["num_features"] * plan.widths["embedding_dim"]
+    assert (entry.slot, entry.dist, entry.version, entry.out_dim) == ("interaction", "smt-dcnv2", "0.1.0", n)
+    # three full-rank layers: an (N, N) matrix-vector product each, 2 N^2 FLOPs
+    assert entry.flops == 3 * 2 * n * n
+    branch = host.build(plan, spec).branches["dcnv2"]
+    assert sum(p.numel() for p in branch.parameters()) == 3 * (n * n + n)
+    base = host.plan(spec, builtins_only=True)
+    assert plan.widths["interaction"] == base.widths["interaction"] + n
+
+
+def test_opt_out_and_disable(host, eco):
+    spec = with_params(eco.model("feed_ctr"), False)
+    plan = host.plan(spec)
+    assert "dcnv2" not in plan.techniques()
+    assert [s.reason for s in plan.skipped if s.name == "dcnv2"] == ["opted out"]
+    blocked = Host.create(disable="smt-dcnv2")
+    assert "dcnv2" not in blocked.spm.techniques
+    assert "dcnv2" not in blocked.plan(eco.model("feed_ctr")).techniques()
+
+
+@pytest.mark.parametrize("model", ["feed_ctr", "feed_ctr_cvr", "video_install"])
+@pytest.mark.parametrize("value", [True, {"low_rank": 16}, {"low_rank": 8, "num_experts": 3, "num_layers": 2}])
+def test_gradients_reach_every_branch_parameter(host, eco, model, value):
+    spec = with_params(eco.model(model), value)
+    plan = host.plan(spec)
+    net = host.build(plan, spec)
+    batch = example_batch(spec, batch_size=8)
+    logits = net(batch.dense, batch.sparse)
+    assert logits.shape == (8, len(spec.tasks))
+    logits.sum().backward()
+    params = dict(net.branches["dcnv2"].named_parameters())
+    assert params
+    missing = [n for n, p in params.items() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    # every kernel, bias and gate is used: some gradient entry is non-zero
+    assert [n for n, p in params.items() if not p.grad.abs().sum() > 0] == []
+
+
+@pytest.mark.parametrize("value", [True, {"low_rank": 4}, {"low_rank": 4, "num_experts": 2, "num_layers": 2}])
+def test_conformance(smt_check, value):
+    eco = tiny_ecosystem()
+    eco = attrs.evolve(eco, models={n: with_params(m, value) for n, m in eco.models.items()})
+    assert smt_check("dcnv2", ecosystem=eco) == ["tiny_ctr", "tiny_multi", "tiny_nodense"]
+
+
+def test_conformance_defaults(smt_check):
+    assert smt_check("dcnv2") == ["tiny_ctr", "tiny_multi", "tiny_nodense"]

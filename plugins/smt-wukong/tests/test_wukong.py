@@ -1,0 +1,247 @@
+"""Tests of the smt-wukong plugin: installed, math, shapes, parameters, conformance."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import attrs
+import pytest
+import torch
+
+from smt_host.config import ConfigError, ecosystem_from_dict, default_ecosystem_path
+from smt_host.host import Host
+from smt_host.slots import LossInputs
+from smt_host.template import example_batch
+from smt_wukong import (
+    FactorizationMachineBlock,
+    LinearCompressionBlock,
+    WukongInteraction,
+    WukongLayer,
+    WukongParams,
+)
+
+pytest_plugins = ["smt_host.testing"]
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def host() -> Host:
+    return Host.create()
+
+
+@pytest.fixture(scope="module")
+def eco(host):
+    return host.default_ecosystem()
+
+
+# ------------------------------------------------------------------ installed
+
+
+def test_host_lists_the_plugin():
+    out = subprocess.run(
+        [sys.executable, "-m", "smt_host", "plugins", "--json"], capture_output=True, text=True, check=True,
+    )
+    data = json.loads(out.stdout)
+    dists = {d["distribution"]: d for d in data["distributions"]}
+    assert "smt-wukong" in dists, f"smt-wukong not listed: {sorted(dists)}"
+    assert dists["smt-wukong"]["version"] == "0.1.0"
+    techniques = {t["name"]: t for t in dists["smt-wukong"]["techniques"]}
+    assert list(techniques) == ["wukong"]
+    assert techniques["wukong"]["slot"] == "interaction"
+    assert techniques["wukong"]["applies_to"], "wukong applies to no model of the default ecosystem"
+
+
+# ----------------------------------------------------------------------- math
+
+
+def test_fm_interaction_matrix_is_x_xt_for_a_hand_built_x():
+    x = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]])  # (B=1, n=3, D=2)
+    fmb = FactorizationMachineBlock(3, 2, num_outputs=1, rank=None)
+    expected = torch.tensor([[[1.0, 0.0, 1.0], [0.0, 4.0, 2.0], [1.0, 2.0, 2.0]]])
+    torch.testing.assert_close(fmb.interaction_matrix(x), expected)
+
+
+def test_low_rank_fm_is_x_xt_y():
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 3)
+    fmb = FactorizationMachineBlock(5, 3, num_outputs=2, rank=2)
+    with torch.no_grad():
+        fmb.projection.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0], [2.0, -1.0]]))
+    expected = x @ x.transpose(1, 2) @ fmb.projection
+    got = fmb.interaction_matrix(x)
+    assert got.shape == (4, 5, 2)
+    torch.testing.assert_close(got, expected)
+
+
+def test_fmb_forward_is_mlp_of_normalized_flat_interactions():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 2)
+    fmb = FactorizationMachineBlock(4, 2, num_outputs=3, rank=None, mlp_widths=[5])
+    flat = (x @ x.transpose(1, 2)).reshape(3, 16)
+    expected = fmb.mlp(torch.nn.functional.layer_norm(flat, (16,), fmb.norm.weight, fmb.norm.bias)).reshape(3, 3, 2)
+    torch.testing.assert_close(fmb(x), expected)
+
+
+def test_lcb_is_a_matmul_with_its_weight():
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 3)
+    lcb = LinearCompressionBlock(5, 2)
+    assert lcb.weight.shape == (2, 5)
+    expected = torch.stack([lcb.weight @ x[b] for b in range(4)])
+    torch.testing.assert_close(lcb(x), expected)
+
+
+def test_layer_is_layernorm_of_concat_plus_residual():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 4)
+    same = WukongLayer(5, 4, num_fm_embeddings=2, num_lcb_embeddings=3)
+    assert isinstance(same.residual, torch.nn.Identity)
+    expected = torch.nn.functional.layer_norm(torch.cat([same.fmb(x), same.lcb(x)], 1) + x, (4,))
+    torch.testing.assert_close(same(x), expected)  # LayerNorm starts as weight 1, bias 0
+
+    grow = WukongLayer(5, 4, num_fm_embeddings=4, num_lcb_embeddings=3)
+    assert isinstance(grow.residual, LinearCompressionBlock) and grow.residual.weight.shape == (7, 5)
+    expected = torch.nn.functional.layer_norm(
+        torch.cat([grow.fmb(x), grow.lcb(x)], 1) + grow.residual.weight @ x, (4,)
+    )
+    torch.testing.assert_close(grow(x), expected)
+
+
+# --------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize(
+    "params, num_features, dim, out_dim",
+    [
+        (WukongParams(), 11, 16, 16 * 16),
+        (WukongParams(num_layers=1, num_fm_embeddings=3, num_lcb_embeddings=2, fm_rank=4), 7, 8, 5 * 8),
+        (WukongParams(num_layers=3, num_fm_embeddings=1, num_lcb_embeddings=1, mlp_widths=()), 2, 4, 2 * 4),
+        (WukongParams(num_layers=2, fm_rank=2, mlp_widths=(16, 8)), 1, 3, 16 * 3),
+    ],
+)
+def test_branch_shapes(params, num_features, dim, out_dim):
+    torch.manual_seed(0)
+    branch = WukongInteraction(num_features, dim, params)
+    assert branch.out_dim == out_dim
+    out = branch(torch.randn(6, num_features, dim))
+    assert out.shape == (6, out_dim)
+    assert torch.isfinite(out).all()
+    assert len(branch.layers) == params.num_layers
+
+
+def test_branch_is_deterministic_per_seed_and_differs_across_seeds():
+    x = torch.randn(3, 6, 4)
+
+    def build(seed):
+        torch.manual_seed(seed)
+        return WukongInteraction(6, 4, WukongParams(num_layers=2, num_fm_embeddings=2, num_lcb_embeddings=2))
+
+    torch.testing.assert_close(build(0)(x), build(0)(x))
+    assert not torch.allclose(build(0)(x), build(1)(x))
+
+
+def test_bad_module_arguments_name_the_values():
+    with pytest.raises(ValueError, match=r"must be ints >= 1: num_outputs=0"):
+        LinearCompressionBlock(3, 0)
+    with pytest.raises(ValueError, match=r"must be ints >= 1: rank=0"):
+        FactorizationMachineBlock(3, 2, num_outputs=1, rank=0)
+
+
+# ----------------------------------------------------------------- parameters
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"num_layers": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.wukong.num_layers"),
+        ({"num_fm_embeddings": -2}, "must be >= 1, got -2 @ $.models.feed_ctr.techniques.wukong.num_fm_embeddings"),
+        ({"num_lcb_embeddings": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.wukong.num_lcb_embeddings"),
+        ({"fm_rank": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.wukong.fm_rank"),
+        ({"mlp_widths": [64, 0]}, "every width must be >= 1, got 0 at [1] @ $.models.feed_ctr.techniques.wukong.mlp_widths"),
+        ({"rank": 4}, "extra fields found (rank) @ $.models.feed_ctr.techniques.wukong"),
+    ],
+)
+def test_bad_parameters_are_refused_with_their_path(host, eco, override, message):
+    spec = attrs.evolve(eco.model("feed_ctr"), techniques={"wukong": override})
+    with pytest.raises(ConfigError) as info:
+        host.plan(spec)
+    assert str(info.value) == message
+
+
+def test_parameters_are_structured_from_a_table(host):
+    params = host.conv.structure({"num_layers": 3, "fm_rank": 4, "mlp_widths": [32, 16]}, WukongParams)
+    assert params == WukongParams(num_layers=3, fm_rank=4, mlp_widths=(32, 16))
+    assert host.conv.structure(host.conv.unstructure(params), WukongParams) == params
+
+
+def _readme_toml(marker: str) -> str:
+    """The README's ```toml block that contains ``marker``."""
+    blocks = re.findall(r"```toml\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    found = [b for b in blocks if marker in b]
+    assert len(found) == 1, f"README should have one ```toml block with {marker!r}, has {len(found)}"
+    return found[0]
+
+
+def test_readme_override_example_plans(host):
+    text = default_ecosystem_path().read_text(encoding="utf-8") + "\n" + _readme_toml("[models.feed_ctr.techniques.wukong]")
+    eco = ecosystem_from_dict(tomllib.loads(text), conv=host.conv)
+    plan = host.plan(eco.model("feed_ctr"))
+    (entry,) = [e for e in plan.entries if e.technique == "wukong"]
+    assert entry.params["num_layers"] == 3 and entry.params["fm_rank"] == 4
+    assert entry.out_dim == (entry.params["num_fm_embeddings"] + entry.params["num_lcb_embeddings"]) * 16
+
+
+def test_readme_opt_out_example_removes_the_branch(host):
+    text = default_ecosystem_path().read_text(encoding="utf-8") + "\n" + _readme_toml("wukong = false")
+    eco = ecosystem_from_dict(tomllib.loads(text), conv=host.conv)
+    plan = host.plan(eco.model("video_ctr"))
+    assert "wukong" not in plan.techniques()
+    assert [s.reason for s in plan.skipped if s.name == "wukong"] == ["opted out"]
+    assert "wukong" in host.plan(eco.model("feed_ctr")).techniques()
+
+
+# ---------------------------------------------------------------- conformance
+
+
+def test_conformance(smt_check):
+    assert smt_check("wukong") == ["tiny_ctr", "tiny_multi", "tiny_nodense"]
+
+
+@pytest.mark.parametrize("model", ["feed_ctr", "feed_ctr_cvr"])
+def test_default_ecosystem_model_trains_through_the_branch(host, eco, model):
+    spec = eco.model(model)
+    plan = host.plan(spec)
+    (entry,) = [e for e in plan.entries if e.technique == "wukong"]
+    assert entry.slot == "interaction" and entry.dist == "smt-wukong" and entry.version == "0.1.0"
+    assert entry.out_dim == (8 + 8) * spec.embedding_dim
+    assert entry.flops > 0 and plan.cost.parts["branches.wukong"] == entry.flops
+
+    model_ = host.build(plan, spec)
+    branch = model_.branches["wukong"]
+    assert isinstance(branch, WukongInteraction) and branch.out_dim == entry.out_dim
+    batch = example_batch(spec, batch_size=8)
+    logits = model_(batch.dense, batch.sparse)
+    assert logits.shape == (8, len(spec.tasks))
+    labels = torch.bernoulli(torch.full((8, len(spec.tasks)), 0.5), generator=torch.Generator().manual_seed(0))
+    host.loss(plan, spec)(LossInputs(logits=logits, labels=labels, batch=batch, model=model_)).backward()
+    named = dict(branch.named_parameters())
+    assert named, "the branch has no parameters"
+    no_grad = [n for n, p in named.items() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad, f"no gradient reaches {no_grad}"
+    zero = [n for n, p in named.items() if not p.grad.abs().sum() > 0]
+    assert not zero, f"zero gradient at {zero}"
+
+
+def test_default_ecosystem_model_exports(host, eco):
+    spec = eco.model("feed_ctr")
+    model = host.build(host.plan(spec), spec).eval()
+    batch = example_batch(spec, batch_size=4)
+    exported = torch.export.export(model, (batch.dense, batch.sparse), strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(batch.dense, batch.sparse), model(batch.dense, batch.sparse))
