@@ -7,7 +7,13 @@ technique. The hook contract is :mod:`smt_host.hookspecs`.
 
 from __future__ import annotations
 
+import logging
+
 import pluggy
+
+# torchrec calls torch.fx's is_fx_tracing() on every forward, and torch logs a
+# note about that API once per process; it says nothing about smt models.
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 
