@@ -1,0 +1,73 @@
+"""Every first-party plugin installed together (tox -e all): every default
+model plans, trains a few steps and exports, with all the techniques that
+apply to it."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import tomllib
+from pathlib import Path
+
+import attrs
+import pytest
+import torch
+
+from smt_host.host import Host
+from smt_host.template import example_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGINS = sorted(p for p in (ROOT / "plugins").glob("*") if (p / "pyproject.toml").exists())
+DISTS = [tomllib.loads((p / "pyproject.toml").read_text())["project"]["name"] for p in PLUGINS]
+
+
+def _installed(dist: str) -> bool:
+    try:
+        md.distribution(dist)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+missing = [d for d in DISTS if not _installed(d)]
+pytestmark = [
+    pytest.mark.allplugins,
+    pytest.mark.skipif(not DISTS or bool(missing), reason=f"needs every plugin under plugins/ installed (tox -e all); missing: {missing or 'no plugins yet'}"),
+]
+
+
+@pytest.fixture(scope="module")
+def host():
+    return Host.create()
+
+
+def test_every_plugin_is_loaded(host):
+    assert set(DISTS) <= set(host.spm.distributions)
+
+
+@pytest.mark.parametrize("model", ["feed_ctr", "feed_ctr_cvr", "shop_cvr", "video_ctr", "video_install"])
+def test_model_plans_trains_and_exports(host, model, tmp_path):
+    from smt_host.train.trainer import train_model
+
+    eco = host.default_ecosystem()
+    eco = attrs.evolve(eco, synthetic=attrs.evolve(eco.synthetic, train_examples=3000, valid_examples=1000, test_examples=1000))
+    spec = eco.model(model)
+    plan = host.plan(spec)
+    external = {e.dist for e in plan.entries} - {"smt-host"}
+    assert external, f"no plugin technique in {model}'s plan"
+    spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1, max_steps_per_epoch=5))
+    result = train_model(host, spec, eco, tmp_path / model, plan=plan)
+    assert result.steps == 5
+    assert all(torch.isfinite(torch.tensor(m["logloss"])) for m in result.test.values())
+    trained = host.build(plan, spec)
+    batch = example_batch(spec, 8)
+    exported = torch.export.export(trained.eval(), (batch.dense, batch.sparse), strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(batch.dense, batch.sparse), trained(batch.dense, batch.sparse))
+
+
+def test_all_interaction_branches_in_one_model(host):
+    spec = host.default_ecosystem().model("feed_ctr")
+    branches = [e.technique for e in host.plan(spec).slot("interaction")]
+    for name in ("dcnv2", "finalmlp", "wukong", "dhen"):
+        if name in host.spm.techniques:
+            assert name in branches
