@@ -8,7 +8,7 @@ import sys
 def test_smt_plugins_lists_dcnv2():
     out = subprocess.run(
         [sys.executable, "-m", "smt_host", "plugins", "--json"],
-        capture_output=True, text=True, check=True, env=None,
+        capture_output=True, text=True, check=True,
     )
     listing = json.loads(out.stdout)
     dists = {d["distribution"]: d for d in listing["distributions"]}
