@@ -43,7 +43,10 @@ def external_plugins() -> list[str]:
 
 
 def pytest_args(dirs: list[Path], extra: list[str]) -> list[str]:
-    tests = [str(d / "tests") for d in dirs if (d / "tests").is_dir()]
+    lacking = [d.name for d in dirs if not (d / "tests").is_dir()]
+    if lacking:
+        raise SystemExit(f"error: plugins without a tests/ folder: {', '.join(lacking)}")
+    tests = [str(d / "tests") for d in dirs]
     return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *tests, *extra]
 
 
