@@ -202,7 +202,9 @@ def plan_cmd(models: tuple[str, ...], ecosystem: Optional[str], as_json: bool) -
 @click.option("--seed", type=int, help="Override training.seed of every model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def train_cmd(targets, ecosystem, out, resume, epochs, seed, as_json, no_progress) -> None:
+@click.option("--locked", "lockfile", type=click.Path(exists=True, dir_okay=False),
+              help="Train exactly the technique set of this lock file (from `smt ecosystem lock`).")
+def train_cmd(targets, ecosystem, out, resume, epochs, seed, as_json, no_progress, lockfile) -> None:
     """Train models: with no TARGETS, every model of the default ecosystem.
 
     TARGETS are model names of the ecosystem, or one ecosystem TOML file or
@@ -218,6 +220,15 @@ def train_cmd(targets, ecosystem, out, resume, epochs, seed, as_json, no_progres
 
     host = _host(quiet=False)
     eco, specs = _targets(host, targets, ecosystem)
+    lock = None
+    if lockfile:
+        from smt_host.ecosystem import LockError, check_lock
+
+        lock = json.loads(Path(lockfile).read_text())
+        try:
+            check_lock(lock, host)
+        except LockError as exc:
+            _fail(f"{lockfile}: {exc}", 2)
     results = []
     started = time.perf_counter()
     console = _console(stderr=True)
@@ -236,7 +247,16 @@ def train_cmd(targets, ecosystem, out, resume, epochs, seed, as_json, no_progres
                 spec = attrs.evolve(spec, training=attrs.evolve(spec.training, **changes))
             run_dir = Path(out) / eco.name / spec.name
             try:
-                r = train_model(host, spec, eco, run_dir, resume=resume, progress=progress, log=progress.console.print)
+                plan = None
+                if lock is not None:
+                    from smt_host.ecosystem import LockError, locked_spec
+
+                    try:
+                        spec, only = locked_spec(spec, lock)
+                    except LockError as exc:
+                        _fail(f"{lockfile}: {exc}", 2)
+                    plan = host.plan(spec, only=only)
+                r = train_model(host, spec, eco, run_dir, plan=plan, resume=resume, progress=progress, log=progress.console.print)
             except (ConfigError, PluginError, CapacityError, ManifestMismatch) as exc:
                 _fail(str(exc), 2)
             except TrainingError as exc:
@@ -263,6 +283,97 @@ def train_cmd(targets, ecosystem, out, resume, epochs, seed, as_json, no_progres
                       f"{row['calibration']:.3f}", str(row["epochs"]), f"{row['wall_s']:.1f}")
     _console().print(table)
     click.echo(f"runs written to {Path(out) / eco.name}")
+
+
+# ---------------------------------------------------------------- ecosystem
+
+
+@cli.group("ecosystem")
+def ecosystem_group() -> None:
+    """The technique x model adoption loop at neutral capacity, and the lock."""
+
+
+@ecosystem_group.command("run")
+@click.argument("ecosystem", required=False, type=click.Path(exists=True))
+@click.option("--out", "-o", type=click.Path(), default="runs/ecosystem", show_default=True, help="Folder for cells and reports.")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds per cell.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True, help="Cells trained in parallel processes.")
+@click.option("--models", help="Comma-separated model names (default: all).")
+@click.option("--train-examples", type=click.IntRange(min=100), help="Override the synthetic train size (valid and test scale with it).")
+def ecosystem_run_cmd(ecosystem, out, seeds, jobs, models, train_examples) -> None:
+    """Train every model as baseline, with each applicable technique alone and
+    with all of them, at neutral capacity over SEEDS seeds; write
+    adoption.json, adoption.md and adoption.png (NE-change heatmap) to OUT.
+
+    Finished cells are kept in OUT/cells and not retrained when the command
+    is run again (resume after an interruption).
+    """
+    import attrs
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from smt_host.ecosystem import analyse, matrix_cells, run_matrix, write_reports
+
+    host = _host()
+    eco = _ecosystem(host, ecosystem)
+    if train_examples:
+        s = eco.synthetic
+        eco = attrs.evolve(eco, synthetic=attrs.evolve(
+            s, train_examples=train_examples, valid_examples=max(100, train_examples // 5),
+            test_examples=max(100, train_examples * 2 // 5)))
+    chosen = models.split(",") if models else None
+    try:
+        cells = matrix_cells(host, eco, seeds, chosen)
+    except (ConfigError, PluginError, CapacityError) as exc:
+        _fail(str(exc), 2)
+    started = time.perf_counter()
+    console = _console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task("adoption matrix", total=len(cells))
+        skipped = []
+
+        def done(cell, was_skipped):
+            if was_skipped:
+                skipped.append(cell)
+            progress.update(task, advance=1, description=f"adoption matrix: {cell.key}")
+
+        try:
+            run_matrix(host, eco, Path(out), seeds=seeds, jobs=jobs, models=chosen, on_done=done,
+                       eco_path=ecosystem)
+        except (ConfigError, PluginError, CapacityError, RuntimeError) as exc:
+            _fail(str(exc), 1)
+    wall = time.perf_counter() - started
+    matrix = analyse(Path(out), cells)
+    matrix["wall_s"] = wall
+    matrix["cells"] = len(cells)
+    matrix["cells_resumed"] = len(skipped)
+    paths = write_reports(Path(out), matrix)
+    click.echo(Path(paths[1]).read_text())
+    trained = len(cells) - len(skipped)
+    click.echo(f"{len(matrix['pairs'])} technique x model pairs, {len(cells)} cells ({trained} trained, "
+               f"{len(skipped)} already done) in {wall:.0f} s; reports: {', '.join(str(p) for p in paths)}")
+
+
+@ecosystem_group.command("lock")
+@click.option("--out", "-o", type=click.Path(exists=True, file_okay=False), default="runs/ecosystem", show_default=True,
+              help="The folder `smt ecosystem run` wrote.")
+@click.option("--lock", "lock_path", type=click.Path(dir_okay=False), default="smt.lock.json", show_default=True,
+              help="Lock file to write.")
+def ecosystem_lock_cmd(out, lock_path) -> None:
+    """Write, per model, the adopted technique set with distribution versions
+    and parameters. `smt train --locked LOCK` then trains exactly that set."""
+    from smt_host.ecosystem import make_lock
+    from smt_host.train.checkpoint import write_text_atomic
+
+    path = Path(out) / "adoption.json"
+    if not path.exists():
+        _fail(f"{path} not found: run `smt ecosystem run --out {out}` first", 2)
+    lock = make_lock(json.loads(path.read_text()))
+    write_text_atomic(json.dumps(lock, indent=2) + "\n", Path(lock_path))
+    for model, entries in lock["models"].items():
+        names = ", ".join(f"{e['technique']} ({e['dist']} {e['version']})" for e in entries) or "baseline only"
+        click.echo(f"{model}: {names}")
+    click.echo(f"wrote {lock_path}")
 
 
 def main() -> None:

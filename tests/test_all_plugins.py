@@ -71,3 +71,15 @@ def test_all_interaction_branches_in_one_model(host):
     for name in ("dcnv2", "finalmlp", "wukong", "dhen"):
         if name in host.spm.techniques:
             assert name in branches
+
+
+@pytest.mark.parametrize("model", ["feed_ctr", "feed_ctr_cvr", "shop_cvr", "video_ctr", "video_install"])
+def test_neutral_capacity_lands_within_two_percent(host, model):
+    from smt_host.ecosystem import ALL, BASELINE, applicable_techniques, arm_kwargs, neutral_spec
+
+    spec = neutral_spec(host.default_ecosystem().model(model), seed=0)
+    base = host.plan(spec, **arm_kwargs(BASELINE)).cost.flops
+    for arm in applicable_techniques(host, spec) + [ALL]:
+        plan = host.plan(spec, **arm_kwargs(arm))
+        assert plan.capacity.mode == "baseline"
+        assert abs(plan.cost.flops - base) <= 0.02 * base, (arm, plan.cost.flops, base, plan.capacity)
