@@ -307,6 +307,22 @@ def smt_eval_end(
 
 
 @_hookspec
+def smt_before_test(ctx: "TrainContext", params: Any) -> None:
+    """Training lifecycle: fires once after training, with the best weights
+    restored, before the final test evaluation.
+
+    The place for post-training fits on the validation split (e.g. a
+    calibration map in a module from :func:`smt_output_transform`). When any
+    active technique implements it, the trainer also reports the test
+    metrics from before these fits (``test_before_fit``).
+
+    Args:
+        ctx: the training context (``ctx.model`` holds the best weights).
+        params: this technique's parameters.
+    """
+
+
+@_hookspec
 def smt_train_end(ctx: "TrainContext", params: Any, metrics: dict) -> None:
     """Training lifecycle: fires once when a run has finished.
 

@@ -25,7 +25,7 @@ from smt_host.plugins import PluginError, SmtPluginManager, get_plugin_manager
 from smt_host.slots import LossFn
 from smt_host.template import build_loss, build_optimizers
 
-LIFECYCLE_HOOKS = ("smt_train_start", "smt_step_end", "smt_eval_end", "smt_train_end")
+LIFECYCLE_HOOKS = ("smt_train_start", "smt_step_end", "smt_eval_end", "smt_before_test", "smt_train_end")
 
 
 class Host:
@@ -90,6 +90,10 @@ class Host:
         res = resolution_from_plan(plan, self.spm, self.conv)
         for a in res.active:
             self.spm.call(a.name, hook, params=a.params, **kwargs)
+
+    def implements(self, plan: Plan, hook: str) -> bool:
+        """True when an active technique of the plan implements ``hook``."""
+        return any(self.spm.implements(e.technique, hook) for e in plan.entries)
 
     def plan_dict(self, plan: Plan) -> dict:
         return self.conv.unstructure(plan)

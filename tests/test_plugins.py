@@ -173,6 +173,7 @@ def _record(name):
 Mean.smt_train_start = hookimpl(lambda self, ctx: EVENTS.append(("start", None, None)))
 Mean.smt_step_end = hookimpl(lambda self, ctx, step: EVENTS.append(("step", None, step)))
 Mean.smt_eval_end = hookimpl(lambda self, ctx, split, epoch: EVENTS.append(("eval", split, epoch)))
+Mean.smt_before_test = hookimpl(lambda self, ctx: EVENTS.append(("before_test", None, None)))
 Mean.smt_train_end = hookimpl(lambda self, ctx: EVENTS.append(("end", None, None)))
 '''
     fake_dist("smt-watch", "0.1", {"watch": "watch_plugin"}, {"watch_plugin": src})
@@ -183,12 +184,13 @@ Mean.smt_train_end = hookimpl(lambda self, ctx: EVENTS.append(("end", None, None
     host = Host.create()
     spec = small_eco.model("tiny_ctr")
     spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=2, max_steps_per_epoch=3, patience=5))
-    train_model(host, spec, small_eco, tmp_path / "run")
+    result = train_model(host, spec, small_eco, tmp_path / "run")
     import watch_plugin
 
+    assert result.test_before_fit == result.test  # the hook fitted nothing here
     assert watch_plugin.EVENTS == [
         ("start", None, None),
         ("step", None, 1), ("step", None, 2), ("step", None, 3), ("eval", "valid", 1),
         ("step", None, 4), ("step", None, 5), ("step", None, 6), ("eval", "valid", 2),
-        ("eval", "test", 0), ("end", None, None),
+        ("before_test", None, None), ("eval", "test", 0), ("end", None, None),
     ]

@@ -41,6 +41,7 @@ class RunResult:
         history: validation metrics per epoch.
         epochs: epochs run; steps: optimizer steps.
         wall_s: seconds; out_dir: the run folder; stopped_early: patience ran out.
+        test_before_fit: test metrics before post-training fits (``smt_before_test``), if any.
     """
 
     model: str
@@ -54,6 +55,7 @@ class RunResult:
     out_dir: str
     stopped_early: bool
     plan: Any = None
+    test_before_fit: Optional[dict] = None
 
 
 @torch.no_grad()
@@ -219,6 +221,11 @@ def train_model(
     wall = time.perf_counter() - started
 
     model.load_state_dict(best_state)
+    test_before_fit = None
+    if host.implements(plan, "smt_before_test"):
+        test_before_fit = evaluate(model, data, "test", tr.eval_batch_size, tasks)
+        host.lifecycle(plan, "smt_before_test", ctx=ctx)
+        best_state = _state_copy(model)  # post-training fits are part of the saved model
     test = evaluate(model, data, "test", tr.eval_batch_size, tasks)
     host.lifecycle(plan, "smt_eval_end", ctx=ctx, split="test", epoch=0, metrics=test)
     host.lifecycle(plan, "smt_train_end", ctx=ctx, metrics=test)
@@ -226,7 +233,7 @@ def train_model(
     result = RunResult(
         model=spec.name, test=test, valid=best_valid, history=state["history"], epochs=state["epoch"],
         steps=state["step"], wall_s=wall, examples_per_s=seen / wall if wall > 0 else 0.0,
-        out_dir=str(out_dir), stopped_early=stopped_early, plan=plan,
+        out_dir=str(out_dir), stopped_early=stopped_early, plan=plan, test_before_fit=test_before_fit,
     )
     state["done"] = True
     save()
