@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import attrs
 import torch
 from torch import nn
 
 from smt_host import hookimpl, technique
+from smt_host.config import one_of
 from smt_host.slots import SlotContext
 
 
-@technique(name="adam_adagrad", slot="optimizer")
+@attrs.frozen
+class OptimizerParams:
+    """Args:
+        embedding_optimizer: ``"adagrad"`` (default, lr = training.embedding_lr)
+            or ``"adam"`` (lr = training.embedding_lr too), for the tables.
+    """
+
+    embedding_optimizer: str = attrs.field(default="adagrad", validator=one_of("adagrad", "adam"))
+
+
+@technique(name="adam_adagrad", slot="optimizer", params=OptimizerParams)
 class AdamAdagrad:
     """Adam (training.lr) on dense parameters, Adagrad (training.embedding_lr)
     on embedding tables."""
 
     @hookimpl
-    def smt_optimizers(self, ctx: SlotContext, model: nn.Module) -> list[torch.optim.Optimizer]:
+    def smt_optimizers(self, ctx: SlotContext, params: OptimizerParams, model: nn.Module) -> list[torch.optim.Optimizer]:
         tr = ctx.model.training
         table_params = [p for p in model.embedding.parameters() if p.requires_grad]
         table_ids = {id(p) for p in table_params}
@@ -23,7 +35,9 @@ class AdamAdagrad:
         opts: list[torch.optim.Optimizer] = []
         if dense:
             opts.append(torch.optim.Adam(dense, lr=tr.lr, weight_decay=tr.weight_decay))
-        if table_params:
+        if table_params and params.embedding_optimizer == "adam":
+            opts.append(torch.optim.Adam(table_params, lr=tr.embedding_lr))
+        elif table_params:
             opts.append(torch.optim.Adagrad(table_params, lr=tr.embedding_lr))
         return opts
 
