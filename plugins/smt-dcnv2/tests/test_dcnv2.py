@@ -16,7 +16,6 @@ from smt_dcnv2 import DCNv2Branch, DCNv2Params
 from smt_host.config import ConfigError, default_ecosystem_path, ecosystem_from_dict
 from smt_host.host import Host
 from smt_host.template import example_batch
-from smt_host.testing import tiny_ecosystem
 
 pytest_plugins = ["smt_host.testing"]
 
@@ -206,7 +205,7 @@ def test_plan_counts_the_cross_flops(host, eco):
     assert entry.flops == 3 * 2 * n * n
     branch = host.build(plan, spec).branches["dcnv2"]
     assert sum(p.numel() for p in branch.parameters()) == 3 * (n * n + n)
-    base = host.plan(spec, builtins_only=True)
+    base = host.plan(spec, without=frozenset({"dcnv2"}))
     assert plan.widths["interaction"] == base.widths["interaction"] + n
 
 
@@ -239,8 +238,8 @@ def test_gradients_reach_every_branch_parameter(host, eco, model, value):
 
 
 @pytest.mark.parametrize("value", [True, {"low_rank": 4}, {"low_rank": 4, "num_experts": 2, "num_layers": 2}])
-def test_conformance(smt_check, value):
-    eco = tiny_ecosystem()
+def test_conformance(smt_check, smt_tiny_ecosystem, value):
+    eco = smt_tiny_ecosystem
     eco = attrs.evolve(eco, models={n: with_params(m, value) for n, m in eco.models.items()})
     assert smt_check("dcnv2", ecosystem=eco) == ["tiny_ctr", "tiny_multi", "tiny_nodense"]
 
