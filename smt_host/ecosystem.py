@@ -99,8 +99,16 @@ def run_cell(host: Any, eco: EcosystemSpec, cell: Cell, out: Path) -> dict:
     """Trains one cell and writes its result JSON; returns the result."""
     from smt_host.train.trainer import train_model
 
+    from smt_host.capacity import CapacityError
+
     spec = neutral_spec(eco.model(cell.model), cell.seed)
-    plan = host.plan(spec, **arm_kwargs(cell.arm))
+    try:
+        plan = host.plan(spec, **arm_kwargs(cell.arm))
+    except CapacityError as exc:
+        # the arm cannot run at neutral capacity: recorded, and rejected
+        data = {"cell": attrs.asdict(cell), "over_budget": str(exc)}
+        write_text_atomic(json.dumps(data, indent=2), cell_path(out, cell))
+        return data
     started = time.perf_counter()
     run_dir = Path(out) / "runs" / cell.model / cell.arm / f"seed{cell.seed}"
     result = train_model(host, spec, eco, run_dir, plan=plan)
@@ -231,10 +239,20 @@ def analyse(out: Path, cells: list[Cell]) -> dict:
         for arm in arms:
             d_ne, d_auc, d_cal, flops = [], [], [], None
             base_flops = None
+            over = [results[k]["over_budget"] for k in (f"{model}/{arm}/seed{s}" for s in seeds)
+                    if k in results and "over_budget" in results[k]]
+            if over:
+                pairs.append({
+                    "model": model, "technique": arm, "seeds": 0, "ne_delta": float("nan"), "ne_delta_std": float("nan"),
+                    "auc_delta": float("nan"), "auc_delta_std": float("nan"), "calibration_error_delta": float("nan"),
+                    "calibration_error_delta_std": float("nan"), "flops": None, "flops_delta": None,
+                    "decision": "reject", "reason": f"over the capacity budget: {over[0]}", "techniques": [],
+                })
+                continue
             for s in seeds:
                 b = results.get(f"{model}/{BASELINE}/seed{s}")
                 a = results.get(f"{model}/{arm}/seed{s}")
-                if not a or not b:
+                if not a or not b or "over_budget" in b:
                     continue
                 bn, an = _task_mean(b["test"], "ne"), _task_mean(a["test"], "ne")
                 d_ne.append((an - bn) / bn)
@@ -284,6 +302,9 @@ def write_reports(out: Path, matrix: dict) -> list[Path]:
     ]
     for p in matrix["pairs"]:
         fd = "" if p["flops_delta"] is None else f"{p['flops_delta']:+.1%}"
+        if p["seeds"] == 0:
+            lines.append(f"| {p['model']} | {p['technique']} | 0 | n/a | n/a | n/a | over budget | **reject** ({p['reason']}) |")
+            continue
         lines.append(
             f"| {p['model']} | {p['technique']} | {p['seeds']} | {p['ne_delta']:+.2%} ± {p['ne_delta_std']:.2%} | "
             f"{p['auc_delta']:+.4f} ± {p['auc_delta_std']:.4f} | {p['calibration_error_delta']:+.3f} | {fd} | "

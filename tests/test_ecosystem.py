@@ -77,3 +77,17 @@ def test_lock_round_trip_and_mismatch(fake_dist, no_env, small_eco):
     with pytest.raises(LockError) as err:
         check_lock(lock, Host.create(load=""))
     assert str(err.value) == "tiny_ctr: technique 'meanpool' (smt-meanpool 0.1) is locked but not installed"
+
+
+def test_an_arm_over_the_budget_is_rejected_not_fatal(fake_dist, no_env, eco_one_model, tmp_path):
+    big = GOOD_PLUGIN.format(name="huge").replace("width: int = attrs.field(default=4", "width: int = attrs.field(default=4096")
+    big = big.replace("self.lin = nn.Linear(dim, width)", "self.lin = nn.Sequential(nn.Linear(dim, width), nn.Linear(width, width))")
+    fake_dist("smt-huge", "0.1", {"huge": "huge_plugin"}, {"huge_plugin": big})
+    host = Host.create()
+    cells = run_matrix(host, eco_one_model, tmp_path, seeds=2)
+    matrix = analyse(tmp_path, cells)
+    (pair,) = matrix["pairs"]
+    assert pair["decision"] == "reject"
+    assert pair["reason"].startswith("over the capacity budget: model 'tiny_ctr' cannot meet its capacity budget")
+    assert "huge (smt-huge 0.1) needs" in pair["reason"]
+    assert "| tiny_ctr | huge | 0 | n/a |" in write_reports(tmp_path, matrix)[1].read_text()
