@@ -169,12 +169,17 @@ def print_plan(plan, console=None) -> None:
 @click.argument("models", nargs=-1)
 @click.option("--ecosystem", "-e", type=click.Path(), help="Ecosystem TOML or folder (default: the built-in one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plans as JSON.")
-def plan_cmd(models: tuple[str, ...], ecosystem: Optional[str], as_json: bool) -> None:
+@click.option("--shard", help="Print torchrec's sharding plan for a topology instead, e.g. world_size=128,device=cuda[,hbm_gb=80] (no table is allocated).")
+def plan_cmd(models: tuple[str, ...], ecosystem: Optional[str], as_json: bool, shard: Optional[str] = None) -> None:
     """Show which technique fills what in MODELS (default: every model):
     distribution, version, parameters, widths, parameter count and FLOPs per
     example. A MODEL may also be a spec file."""
     host = _host(quiet=as_json)
     eco, specs = _targets(host, models, ecosystem)
+    if shard:
+        from smt_host.distributed import shard_command
+
+        return shard_command(host, specs, shard, as_json)
     plans = []
     for spec in specs:
         try:
@@ -379,6 +384,13 @@ def ecosystem_lock_cmd(out, lock_path) -> None:
 from smt_host.scaffold import new_plugin_cmd  # noqa: E402
 
 cli.add_command(new_plugin_cmd)
+
+from smt_host.serve_cli import export_cmd, install_train_options, predict_cmd  # noqa: E402
+
+cli.add_command(export_cmd)
+cli.add_command(predict_cmd)
+install_train_options(cli)
+
 
 def main() -> None:
     cli()

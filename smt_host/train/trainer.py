@@ -59,20 +59,30 @@ class RunResult:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, data: DataSource, split: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities (N, T), labels (N, T)) of a split."""
+def predict(
+    model: torch.nn.Module, data: DataSource, split: str, batch_size: int,
+    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities (N, T), labels (N, T)) of a split; ``gather`` (distributed
+    runs) concatenates every rank's rows."""
     model.eval()
     preds, labels = [], []
     for batch in data.batches(split, batch_size):
         preds.append(torch.sigmoid(model(batch.dense, batch.sparse)))
         labels.append(batch.labels)
     model.train()
-    return torch.cat(preds), torch.cat(labels)
+    pred, label = torch.cat(preds), torch.cat(labels)
+    if gather is not None:
+        pred, label = gather(pred), gather(label)
+    return pred, label
 
 
-def evaluate(model: torch.nn.Module, data: DataSource, split: str, batch_size: int, tasks: list[str]) -> dict:
+def evaluate(
+    model: torch.nn.Module, data: DataSource, split: str, batch_size: int, tasks: list[str],
+    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> dict:
     """``{task: binary_metrics}`` on a split; NE uses the train base rate."""
-    pred, label = predict(model, data, split, batch_size)
+    pred, label = predict(model, data, split, batch_size, gather)
     rates = data.base_rates()
     return {t: binary_metrics(pred[:, i], label[:, i], float(rates[i])) for i, t in enumerate(tasks)}
 
@@ -104,6 +114,7 @@ def train_model(
     progress: Optional[Any] = None,
     data: Optional[DataSource] = None,
     log: Callable[[str], None] = lambda s: None,
+    parallel: Optional[Any] = None,
 ) -> RunResult:
     """Trains one model; writes ``checkpoint.pt`` and ``metrics.json`` in ``out_dir``.
 
@@ -116,6 +127,9 @@ def train_model(
         progress: a ``rich.progress.Progress`` to report steps to, or None.
         data: a data source (default: the spec's).
         log: where to write one-line messages.
+        parallel: a :class:`smt_host.distributed.Parallel` (one rank of a
+            distributed run); by default one is made when running under
+            ``torchrun``, else training is one process.
 
     Raises:
         TrainingError: the loss became NaN or inf (the last good checkpoint stays).
@@ -127,13 +141,24 @@ def train_model(
     data = data or open_source(spec, eco)
     plan = plan or host.plan(spec)
     model = host.build(plan, spec)
+    inner, gather = model, None
+    if parallel is None:
+        from smt_host import distributed
+
+        parallel = distributed.Parallel.from_env() if distributed.launched() else None
+    if parallel is not None:
+        if resume and (out_dir / ckpt.CHECKPOINT).exists():
+            raise TrainingError(f"{spec.name}: --resume of a distributed run is not supported")
+        model = parallel.wrap(model, host.optimizers(plan, spec, model))  # DistributedModelParallel
+        inner, gather, data = parallel.inner(model), parallel.gather, parallel.shard_data(data)
+    state_copy = _state_copy if parallel is None else parallel.state_copy
     loss_fn = host.loss(plan, spec)
-    opts = host.optimizers(plan, spec, model)
+    opts = host.optimizers(plan, spec, inner)
     tasks = list(spec.task_names)
-    ctx = TrainContext(model=model, plan=plan, spec=spec, out_dir=out_dir, data=data)
+    ctx = TrainContext(model=inner, plan=plan, spec=spec, out_dir=out_dir, data=data)
 
     state = {"epoch": 0, "step": 0, "best": float("-inf"), "bad_epochs": 0, "history": [], "done": False}
-    best_state = _state_copy(model)
+    best_state = state_copy(model)
     path = out_dir / ckpt.CHECKPOINT
     if resume and path.exists():
         saved = ckpt.load(path)
@@ -153,17 +178,19 @@ def train_model(
         torch.manual_seed(plan.seed)
 
     def save() -> None:
+        meta = {
+            "state": state,
+            "rng": torch.get_rng_state(),
+            "plan": host.plan_dict(plan),
+            "manifest": host.conv.unstructure(plan.manifest),
+            "spec_name": spec.name,
+            "spec": host.conv.unstructure(spec),
+        }
+        if parallel is not None:  # weights as DCP shards, see smt_host.distributed
+            parallel.save(model, meta, path)
+            return
         ckpt.save_atomic(
-            {
-                "model": model.state_dict(),
-                "optimizers": [o.state_dict() for o in opts],
-                "best_model": best_state,
-                "state": state,
-                "rng": torch.get_rng_state(),
-                "plan": host.plan_dict(plan),
-                "manifest": host.conv.unstructure(plan.manifest),
-                "spec_name": spec.name,
-            },
+            {"model": model.state_dict(), "optimizers": [o.state_dict() for o in opts], "best_model": best_state, **meta},
             path,
         )
 
@@ -184,7 +211,7 @@ def train_model(
             task_id = progress.add_task(f"{spec.name} epoch {epoch}/{tr.epochs}", total=n_batches)
         for batch in data.batches("train", tr.batch_size, shuffle=True, seed=tr.seed, epoch=epoch, max_batches=tr.max_steps_per_epoch):
             logits = model(batch.dense, batch.sparse)
-            loss = loss_fn(LossInputs(logits=logits, labels=batch.labels, batch=batch, model=model))
+            loss = loss_fn(LossInputs(logits=logits, labels=batch.labels, batch=batch, model=inner))
             value = float(loss.detach())
             if not math.isfinite(value):
                 kept = f"the last good checkpoint (epoch {state['epoch']}) is kept at {path}" if path.exists() else "no checkpoint was written yet"
@@ -202,14 +229,14 @@ def train_model(
             host.lifecycle(plan, "smt_step_end", ctx=ctx, step=state["step"], loss=value)
             if progress is not None:
                 progress.update(task_id, advance=1, description=f"{spec.name} epoch {epoch}/{tr.epochs} loss {value:.4f}")
-        valid = evaluate(model, data, "valid", tr.eval_batch_size, tasks)
+        valid = evaluate(model, data, "valid", tr.eval_batch_size, tasks, gather)
         host.lifecycle(plan, "smt_eval_end", ctx=ctx, split="valid", epoch=epoch, metrics=valid)
         score = _score(valid, tr.early_stop_metric)
         state["epoch"] = epoch
         state["history"].append({"epoch": epoch, "valid": valid})
         if score > state["best"]:
             state["best"], state["bad_epochs"] = score, 0
-            best_state = _state_copy(model)
+            best_state = state_copy(model)
         else:
             state["bad_epochs"] += 1
             if state["bad_epochs"] > tr.patience:
@@ -220,13 +247,16 @@ def train_model(
         save()
     wall = time.perf_counter() - started
 
-    model.load_state_dict(best_state)
+    if parallel is None:
+        model.load_state_dict(best_state)
+    else:
+        parallel.load_state_copy(model, best_state)
     test_before_fit = None
     if host.implements(plan, "smt_before_test"):
-        test_before_fit = evaluate(model, data, "test", tr.eval_batch_size, tasks)
+        test_before_fit = evaluate(model, data, "test", tr.eval_batch_size, tasks, gather)
         host.lifecycle(plan, "smt_before_test", ctx=ctx)
-        best_state = _state_copy(model)  # post-training fits are part of the saved model
-    test = evaluate(model, data, "test", tr.eval_batch_size, tasks)
+        best_state = state_copy(model)  # post-training fits are part of the saved model
+    test = evaluate(model, data, "test", tr.eval_batch_size, tasks, gather)
     host.lifecycle(plan, "smt_eval_end", ctx=ctx, split="test", epoch=0, metrics=test)
     host.lifecycle(plan, "smt_train_end", ctx=ctx, metrics=test)
     best_valid = max(state["history"], key=lambda h: _score(h["valid"], tr.early_stop_metric))["valid"] if state["history"] else {}
@@ -239,5 +269,6 @@ def train_model(
     save()
     metrics = attrs.asdict(result, filter=lambda a, v: a.name != "plan")
     metrics["plan"] = host.plan_dict(plan)
-    ckpt.write_text_atomic(json.dumps(metrics, indent=2, default=str), out_dir / "metrics.json")
+    if parallel is None or parallel.is_main:
+        ckpt.write_text_atomic(json.dumps(metrics, indent=2, default=str), out_dir / "metrics.json")
     return result
