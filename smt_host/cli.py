@@ -101,6 +101,7 @@ def plugins_cmd(ecosystem: Optional[str], as_json: bool) -> None:
     eco = _ecosystem(host, ecosystem)
     used: dict[str, list[str]] = {n: [] for n in host.spm.techniques}
     notes: dict[str, dict[str, str]] = {n: {} for n in host.spm.techniques}
+    shadowed: dict[str, list[str]] = {}
     for spec in eco.models.values():
         try:
             res = resolve(spec, host.spm, host.conv)
@@ -110,13 +111,18 @@ def plugins_cmd(ecosystem: Optional[str], as_json: bool) -> None:
             used[a.name].append(spec.name)
         for s in res.skipped:
             notes[s.name][spec.name] = s.reason
+            if s.reason.startswith("shadowed by "):
+                shadowed.setdefault(s.name, []).append(spec.name)
     dists: dict[str, dict[str, Any]] = {}
     for reg in host.spm.all_ordered():
         d = dists.setdefault(reg.dist, {"distribution": reg.dist, "version": reg.version, "techniques": []})
         d["techniques"].append({
             "name": reg.name, "slot": reg.info.slot, "plugin": reg.plugin,
             "description": reg.info.description, "priority": reg.info.priority,
-            "default": reg.info.default, "applies_to": used[reg.name], "skipped": notes[reg.name],
+            "default": reg.info.default,
+            # applies: active, or applicable but shadowed in an exclusive slot
+            "applies_to": sorted(used[reg.name] + shadowed.get(reg.name, []), key=list(eco.models).index),
+            "active_in": used[reg.name], "skipped": notes[reg.name],
         })
     rows = sorted(dists.values(), key=lambda d: (d["distribution"] != "smt-host", d["distribution"]))
     if as_json:
@@ -129,7 +135,8 @@ def plugins_cmd(ecosystem: Optional[str], as_json: bool) -> None:
         table.add_column(col)
     for d in rows:
         for t in d["techniques"]:
-            models = ", ".join(t["applies_to"]) or "(none)"
+            models = ", ".join(
+                m if m in t["active_in"] else f"{m} ({t['skipped'][m]})" for m in t["applies_to"]) or "(none)"
             table.add_row(d["distribution"], d["version"], t["name"], t["slot"], models)
     _console().print(table)
 

@@ -302,6 +302,8 @@ def _format_leaf(exc: BaseException, type_: Any) -> str:
         return exc.message
     if isinstance(exc, KeyError):
         return "required field missing"
+    if isinstance(exc, TypeError) and str(exc).startswith("expected a list, got the string"):
+        return str(exc)
     if isinstance(exc, (ValueError, TypeError)) and type_ is not None:
         name = getattr(type_, "__name__", None) or str(type_)
         return f"invalid value for type, expected {name}"
@@ -348,12 +350,45 @@ def _structure_any_mapping(value: Any, _type: Any) -> dict:
     return dict(value)
 
 
+def _is_sequence_type(t: Any) -> bool:
+    import typing
+
+    return typing.get_origin(t) in (tuple, list)
+
+
 def make_converter() -> cattrs.Converter:
     """A fresh converter that refuses unknown keys and validates in detail."""
     conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    # a string is iterable: without this, "dot" for a list field becomes ("d", "o", "t")
+    conv.register_structure_hook_factory(_is_sequence_type, _no_string_sequences)
+
     conv.register_structure_hook(Budget, _structure_budget)
     conv.register_structure_hook_func(lambda t: t == Mapping[str, Any], _structure_any_mapping)
     return conv
+
+
+def _no_string_sequences(t: Any, conv: cattrs.Converter) -> Any:
+    """cattrs' own list / homogeneous tuple hook, refusing a bare string."""
+    import typing
+
+    from cattrs.cols import homogenous_tuple_structure_factory, list_structure_factory
+
+    args = typing.get_args(t)
+    if typing.get_origin(t) is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        inner = None
+    elif typing.get_origin(t) is tuple:
+        inner = homogenous_tuple_structure_factory(t, conv)
+    else:
+        inner = list_structure_factory(t, conv)
+
+    def hook(value: Any, _t: Any) -> Any:
+        if isinstance(value, (str, bytes)):
+            raise TypeError(f"expected a list, got the string {value!r}")
+        if inner is None:
+            return tuple(conv.structure(v, a) for v, a in zip(value, args))
+        return inner(value, _t)
+
+    return hook
 
 
 def structure(conv: cattrs.Converter, data: Any, cls: type, path: str, source: Optional[str] = None) -> Any:

@@ -36,6 +36,11 @@ class PluginError(RuntimeError):
     """A plugin that cannot be used; the message names the distribution."""
 
 
+#: lifecycle hooks: what a technique raises there (e.g. KeyboardInterrupt to
+#: stop a run) reaches the trainer unchanged
+_PASS_THROUGH_HOOKS = frozenset({"smt_train_start", "smt_step_end", "smt_eval_end", "smt_before_test", "smt_train_end"})
+
+
 @attrs.frozen
 class Registered:
     """One technique known to the host.
@@ -166,7 +171,20 @@ class SmtPluginManager:
             others = [p for p in self.pm.get_plugins() if p is not obj]
             caller = self.pm.subset_hook_caller(hook, remove_plugins=others)
             self._callers[key] = caller
-        results = caller(**kwargs)
+        try:
+            results = caller(**kwargs)
+        except (KeyboardInterrupt, PluginError):
+            raise
+        except Exception as exc:
+            from smt_host.capacity import CapacityError
+            from smt_host.config import ConfigError
+
+            if isinstance(exc, (ConfigError, CapacityError)) or hook in _PASS_THROUGH_HOOKS:
+                raise
+            reg = self.techniques[technique]
+            raise PluginError(
+                f"technique {technique!r} ({reg.dist} {reg.version}) failed in {hook}(): {type(exc).__name__}: {exc}"
+            ) from exc
         return results[0] if results else None
 
     def implements(self, technique: str, hook: str) -> bool:

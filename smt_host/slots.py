@@ -98,8 +98,9 @@ class TrainContext:
         out_dir: the run's output folder (a ``pathlib.Path``).
         data: the model's data source.
         resumed: True when the run continues from a checkpoint.
-        state: a dict a technique may use; it is saved in checkpoints under
-            the technique's name when it holds only tensors and plain data.
+        state: a dict techniques write reports into, by technique name; the
+            trainer returns it as ``RunResult.reports`` and writes it to
+            metrics.json under ``reports``.
     """
 
     model: Any

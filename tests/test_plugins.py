@@ -194,3 +194,22 @@ Mean.smt_train_end = hookimpl(lambda self, ctx: EVENTS.append(("end", None, None
         ("step", None, 4), ("step", None, 5), ("step", None, 6), ("eval", "valid", 2),
         ("before_test", None, None), ("eval", "test", 0), ("end", None, None),
     ]
+
+
+def test_an_exception_inside_a_slot_hook_names_the_technique(fake_dist, no_env):
+    src = GOOD_PLUGIN.format(name="raiser").replace(
+        "return MeanBranch(ctx.embedding_dim, params.width)", "raise ValueError('width too odd')")
+    fake_dist("smt-raiser", "0.2", {"raiser": "raiser_plugin"}, {"raiser_plugin": src})
+    host = Host.create()
+    with pytest.raises(PluginError) as err:
+        host.plan(host.default_ecosystem().model("feed_ctr"))
+    assert str(err.value) == "technique 'raiser' (smt-raiser 0.2) failed in smt_interaction(): ValueError: width too odd"
+
+
+def test_a_string_for_a_list_is_refused():
+    from smt_host.config import ConfigError, ecosystem_from_dict
+
+    with pytest.raises(ConfigError) as err:
+        ecosystem_from_dict({"models": {"m": {"surface": "feed", "tasks": "click",
+                                              "features": {"sparse": [{"name": "a", "vocab_size": 3}]}}}})
+    assert str(err.value) == "expected a list, got the string 'click' @ $.models.m.tasks"

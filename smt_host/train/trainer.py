@@ -42,6 +42,7 @@ class RunResult:
         epochs: epochs run; steps: optimizer steps.
         wall_s: seconds; out_dir: the run folder; stopped_early: patience ran out.
         test_before_fit: test metrics before post-training fits (``smt_before_test``), if any.
+        reports: what techniques left in ``ctx.state`` (e.g. calibration before/after).
     """
 
     model: str
@@ -56,6 +57,7 @@ class RunResult:
     stopped_early: bool
     plan: Any = None
     test_before_fit: Optional[dict] = None
+    reports: dict = attrs.Factory(dict)
 
 
 @torch.no_grad()
@@ -264,6 +266,7 @@ def train_model(
         model=spec.name, test=test, valid=best_valid, history=state["history"], epochs=state["epoch"],
         steps=state["step"], wall_s=wall, examples_per_s=seen / wall if wall > 0 else 0.0,
         out_dir=str(out_dir), stopped_early=stopped_early, plan=plan, test_before_fit=test_before_fit,
+        reports=dict(ctx.state),
     )
     state["done"] = True
     save()

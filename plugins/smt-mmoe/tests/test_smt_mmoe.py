@@ -161,7 +161,17 @@ def test_short_training_learns_clicks(host, eco, tmp_path):
 
     small = attrs.evolve(eco, synthetic=attrs.evolve(eco.synthetic, train_examples=20000, valid_examples=5000, test_examples=5000))
     spec = small.model("feed_ctr_cvr")
-    spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1))
+    # 1 epoch of 20k examples: batches of 128 give enough steps (1024 give 20, too few for any arch)
+    spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1, batch_size=128))
     result = train_model(host, spec, small, tmp_path)
     assert result.plan.slot("task_arch")[0].technique == "mmoe"
     assert result.test["click"]["auc"] > 0.6, result.test
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import smt_mmoe
+
+    result = doctest.testmod(smt_mmoe)
+    assert result.attempted > 0 and result.failed == 0
