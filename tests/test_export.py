@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_distributed import smt, tiny_toml
+from test_distributed import smt, tiny_toml
 
 
 @pytest.fixture(scope="module")

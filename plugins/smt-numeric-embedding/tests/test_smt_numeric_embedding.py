@@ -47,7 +47,7 @@ def test_smt_plugins_lists_the_distribution():
     assert (t["name"], t["slot"], t["priority"]) == ("numeric_embedding", "dense_arch", 10)
     assert t["applies_to"] == MODELS  # every default model has dense features
     builtin = {x["name"]: x for d in dists.values() for x in d["techniques"]}["mlp_dense"]
-    assert builtin["applies_to"] == []
+    assert builtin["active_in"] == []
     assert builtin["skipped"]["feed_ctr"] == "shadowed by numeric_embedding"
 
 

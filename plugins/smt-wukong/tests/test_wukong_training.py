@@ -15,7 +15,9 @@ def test_feed_ctr_learns_with_wukong(tmp_path):
     eco = host.default_ecosystem()
     eco = attrs.evolve(eco, synthetic=attrs.evolve(eco.synthetic, train_examples=20000, valid_examples=5000, test_examples=5000))
     spec = eco.model("feed_ctr")
-    spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1))
+    # one epoch at batch 128 (157 steps): enough for a working branch to learn,
+    # a broken one stays near AUC 0.5
+    spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1, batch_size=128))
     result = train_model(host, spec, eco, tmp_path / "feed_ctr")
     assert "wukong" in result.plan.techniques()
     assert result.epochs == 1
