@@ -181,7 +181,7 @@ class Arch:
     """Widths of the built-in MLP parts (the over-arch scales with capacity)."""
 
     dense_arch: tuple[int, ...] = attrs.field(default=(64,), converter=tuple, validator=positive_widths)
-    over_arch: tuple[int, ...] = attrs.field(default=(256, 128), converter=tuple, validator=positive_widths)
+    over_arch: tuple[int, ...] = attrs.field(default=(512, 256, 128), converter=tuple, validator=positive_widths)
     task_width: int = attrs.field(default=64, validator=at_least(1))
     dropout: float = attrs.field(default=0.0, validator=in_range(0.0, 0.9))
 
