@@ -190,3 +190,46 @@ def smt_check(smt_host_instance: Host):
         return check_technique(name, host=smt_host_instance, ecosystem=ecosystem)
 
     return run
+
+
+def listed_techniques(dist: str, *, load_only: bool = False) -> dict[str, dict]:
+    """The techniques ``smt plugins --json`` lists for distribution ``dist``,
+    run as a real subprocess (a plugin's first test: the host sees it installed).
+
+    Returns ``{technique: entry}``; each entry also carries the distribution's
+    ``version``. With ``load_only`` the subprocess loads only ``dist``
+    (``SMT_LOAD_PLUGINS``), so no other plugin shadows it.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("SMT_LOAD_PLUGINS", "SMT_DISABLE_PLUGINS")}
+    if load_only:
+        env["SMT_LOAD_PLUGINS"] = dist
+    out = subprocess.run([sys.executable, "-m", "smt_host", "plugins", "--json"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"smt plugins --json failed: {out.stderr}"
+    dists = {d["distribution"]: d for d in json.loads(out.stdout)["distributions"]}
+    assert dist in dists, f"{dist} is not listed by smt plugins; listed: {sorted(dists)}"
+    return {t["name"]: {**t, "version": dists[dist]["version"]} for t in dists[dist]["techniques"]}
+
+
+def train_briefly(technique: str, out_dir: Any, *, model: str = "feed_ctr", train_examples: int = 20000,
+                  batch_size: int = 128, host: Optional[Host] = None) -> Any:
+    """Trains one default-ecosystem model with ``technique`` for one epoch on
+    a reduced synthetic set (20k examples at batch 128: 157 steps, enough
+    for a working model to learn; a broken one stays near AUC 0.5).
+    Returns the trainer's ``RunResult``."""
+    from smt_host.train.trainer import train_model
+
+    host = host or Host.create()
+    eco = host.default_ecosystem()
+    eco = attrs.evolve(eco, synthetic=attrs.evolve(
+        eco.synthetic, train_examples=train_examples, valid_examples=train_examples // 4, test_examples=train_examples // 4))
+    spec = eco.model(model)
+    spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1, batch_size=batch_size))
+    result = train_model(host, spec, eco, out_dir, plan=host.plan(spec))
+    assert technique in result.plan.techniques(), f"{technique!r} is not in {model}'s plan: {result.plan.techniques()}"
+    return result

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from smt_host.config import ConfigError, default_ecosystem_path, ecosystem_from_dict
 from smt_host.host import Host
+from smt_host.testing import listed_techniques
 from smt_host.slots import LossInputs
 from smt_host.template import example_batch
 from smt_dhen import (
@@ -50,14 +51,8 @@ def eco(host):
 
 
 def test_host_lists_the_plugin():
-    out = subprocess.run(
-        [sys.executable, "-m", "smt_host", "plugins", "--json"], capture_output=True, text=True, check=True,
-    )
-    data = json.loads(out.stdout)
-    dists = {d["distribution"]: d for d in data["distributions"]}
-    assert "smt-dhen" in dists, f"smt-dhen not listed: {sorted(dists)}"
-    assert dists["smt-dhen"]["version"] == "0.1.0"
-    techniques = {t["name"]: t for t in dists["smt-dhen"]["techniques"]}
+    techniques = listed_techniques("smt-dhen")
+    assert [t["version"] for t in techniques.values()] == ["0.1.0"]
     assert list(techniques) == ["dhen"]
     assert techniques["dhen"]["slot"] == "interaction"
     assert techniques["dhen"]["applies_to"], "dhen applies to no model of the default ecosystem"
