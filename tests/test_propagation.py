@@ -37,8 +37,14 @@ def _branch_models(plans, technique):
     return sorted(m for m, p in plans.items() if any(e["technique"] == technique for e in p["entries"]))
 
 
-@pytest.mark.parametrize("dist,technique", [("smt-dcnv2", "dcnv2")])
-def test_install_propagates_and_uninstall_removes(dist, technique):
+ALL_MODELS = ["feed_ctr", "feed_ctr_cvr", "shop_cvr", "video_ctr", "video_install"]
+
+
+@pytest.mark.parametrize("dist,technique,slot,models", [
+    ("smt-dcnv2", "dcnv2", "interaction", ALL_MODELS),
+    ("smt-mmoe", "mmoe", "task_arch", ["feed_ctr_cvr"]),  # the only multi-task model, and no other
+])
+def test_install_propagates_and_uninstall_removes(dist, technique, slot, models):
     path = ROOT / "plugins" / dist
     if not path.exists():
         pytest.skip(f"{path} is not in this checkout")
@@ -47,11 +53,14 @@ def test_install_propagates_and_uninstall_removes(dist, technique):
     _pip("install", "--quiet", str(path))
     try:
         after = _plans()
-        assert _branch_models(after, technique) == sorted(after)  # every default model
-        for model, plan in after.items():
+        assert _branch_models(after, technique) == models  # every applicable model, no spec edited
+        for model in models:
+            plan = after[model]
             entry = next(e for e in plan["entries"] if e["technique"] == technique)
-            assert entry["dist"] == dist and entry["slot"] == "interaction"
-            assert plan["cost"]["flops"] > before[model]["cost"]["flops"]
+            assert entry["dist"] == dist and entry["slot"] == slot
+            assert plan["cost"]["flops"] != before[model]["cost"]["flops"]
+        for model in set(after) - set(models):  # the others are untouched
+            assert after[model]["entries"] == before[model]["entries"]
     finally:
         _pip("uninstall", "--yes", "--quiet", dist)
     assert _branch_models(_plans(), technique) == []
