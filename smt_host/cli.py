@@ -354,6 +354,17 @@ def ecosystem_run_cmd(ecosystem, out, seeds, jobs, models, train_examples) -> No
                        eco_path=ecosystem)
         except (ConfigError, PluginError, CapacityError, RuntimeError) as exc:
             _fail(str(exc), 1)
+        # the adopted set of each model, trained together at neutral capacity
+        from smt_host.ecosystem import adopted_cells, run_cells
+
+        extra = adopted_cells(analyse(Path(out), cells), seeds)
+        if extra:
+            progress.update(task, total=len(cells) + len(extra))
+            try:
+                run_cells(host, eco, Path(out), extra, jobs=jobs, on_done=done, eco_path=ecosystem)
+            except (ConfigError, PluginError, CapacityError, RuntimeError) as exc:
+                _fail(str(exc), 1)
+            cells = cells + extra
     wall = time.perf_counter() - started
     matrix = analyse(Path(out), cells)
     matrix["wall_s"] = wall

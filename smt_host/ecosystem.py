@@ -32,6 +32,8 @@ from smt_host.train.checkpoint import write_text_atomic
 
 BASELINE = "baseline"
 ALL = "all"
+#: prefix of the arm that trains a model's adopted set together: "adopted=a+b"
+ADOPTED = "adopted="
 
 
 @attrs.frozen
@@ -53,6 +55,8 @@ def arm_kwargs(arm: str) -> dict:
         return {"builtins_only": True}
     if arm == ALL:
         return {}
+    if arm.startswith(ADOPTED):
+        return {"only": frozenset(arm[len(ADOPTED):].split("+"))}
     return {"only": frozenset({arm})}
 
 
@@ -155,12 +159,29 @@ def run_matrix(
     models: Optional[Iterable[str]] = None, on_done: Callable[[Cell, bool], None] = lambda c, skipped: None,
     eco_path: Optional[str] = None,
 ) -> list[Cell]:
-    """Trains every unfinished cell (``jobs`` processes); returns all cells.
-
-    A cell whose result file exists is skipped (resume).
-    """
-    out = Path(out)
+    """Trains every unfinished cell of the matrix (``jobs`` processes);
+    returns all cells. A cell whose result file exists is skipped (resume)."""
     cells = matrix_cells(host, eco, seeds, models)
+    return run_cells(host, eco, out, cells, jobs=jobs, on_done=on_done, eco_path=eco_path)
+
+
+def adopted_cells(matrix: dict, seeds: int) -> list[Cell]:
+    """One arm per model that adopted at least one technique: the adopted set
+    trained together, so its NE change can be measured against the baseline."""
+    cells = []
+    for model, entries in adopted_sets(matrix).items():
+        names = sorted({e["technique"] for e in entries})
+        if names:
+            cells += [Cell(model, ADOPTED + "+".join(names), s) for s in range(seeds)]
+    return cells
+
+
+def run_cells(
+    host: Any, eco: EcosystemSpec, out: Path, cells: list[Cell], *, jobs: int = 1,
+    on_done: Callable[[Cell, bool], None] = lambda c, skipped: None, eco_path: Optional[str] = None,
+) -> list[Cell]:
+    """Trains the unfinished ``cells``; returns them."""
+    out = Path(out)
     todo = []
     for cell in cells:
         if cell_path(out, cell).exists():
@@ -285,7 +306,7 @@ def adopted_sets(matrix: dict) -> dict[str, list[dict]]:
     """Per model, the adopted single techniques (not the "all" arm)."""
     out: dict[str, list[dict]] = {m: [] for m in matrix["models"]}
     for p in matrix["pairs"]:
-        if p["technique"] != ALL and p["decision"] == "adopt":
+        if p["technique"] != ALL and not p["technique"].startswith(ADOPTED) and p["decision"] == "adopt":
             out[p["model"]].extend(p["techniques"])
     return out
 

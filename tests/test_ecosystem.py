@@ -91,3 +91,19 @@ def test_an_arm_over_the_budget_is_rejected_not_fatal(fake_dist, no_env, eco_one
     assert pair["reason"].startswith("over the capacity budget: model 'tiny_ctr' cannot meet its capacity budget")
     assert "huge (smt-huge 0.1) needs" in pair["reason"]
     assert "| tiny_ctr | huge | 0 | n/a |" in write_reports(tmp_path, matrix)[1].read_text()
+
+
+def test_adopted_set_becomes_one_arm():
+    from smt_host.ecosystem import Cell, adopted_cells, adopted_sets, arm_kwargs
+
+    e = lambda n: {"technique": n, "dist": f"smt-{n}", "version": "0.1", "params": None}  # noqa: E731
+    matrix = {"models": ["a", "b"], "pairs": [
+        {"model": "a", "technique": "x", "decision": "adopt", "techniques": [e("x")]},
+        {"model": "a", "technique": "y", "decision": "adopt", "techniques": [e("y")]},
+        {"model": "a", "technique": "all", "decision": "adopt", "techniques": [e("x"), e("y"), e("z")]},
+        {"model": "b", "technique": "x", "decision": "reject", "techniques": [e("x")]},
+    ]}
+    assert adopted_cells(matrix, 2) == [Cell("a", "adopted=x+y", 0), Cell("a", "adopted=x+y", 1)]
+    assert arm_kwargs("adopted=x+y") == {"only": frozenset({"x", "y"})}
+    matrix["pairs"].append({"model": "a", "technique": "adopted=x+y", "decision": "adopt", "techniques": [e("x"), e("y")]})
+    assert [t["technique"] for t in adopted_sets(matrix)["a"]] == ["x", "y"]
