@@ -344,21 +344,27 @@ def _heatmap(matrix: dict, path: Path) -> None:
     import numpy as np
 
     models = matrix["models"]
-    techniques = sorted({p["technique"] for p in matrix["pairs"]}, key=lambda t: (t == ALL, t))
+
+    def column(technique: str) -> str:
+        return "adopted set" if technique.startswith(ADOPTED) else technique
+
+    names = {column(p["technique"]) for p in matrix["pairs"]}
+    techniques = sorted(names - {ALL, "adopted set"}) + [c for c in (ALL, "adopted set") if c in names]
     grid = np.full((len(models), max(1, len(techniques))), np.nan)
     marks = {}
     for p in matrix["pairs"]:
-        i, j = models.index(p["model"]), techniques.index(p["technique"])
+        i, j = models.index(p["model"]), techniques.index(column(p["technique"]))
         grid[i, j] = p["ne_delta"] * 100
         marks[(i, j)] = p["decision"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(techniques), 1.2 + 0.6 * len(models)))
+    fig, ax = plt.subplots(figsize=(2.5 + 1.1 * len(techniques), 2.0 + 0.7 * len(models)))
     finite = grid[np.isfinite(grid)]
     lim = max(0.5, float(np.abs(finite).max())) if finite.size else 1.0
     im = ax.imshow(grid, cmap="RdYlGn_r", vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xticks(range(len(techniques)), techniques, rotation=30, ha="right")
     ax.set_yticks(range(len(models)), models)
     for (i, j), dec in marks.items():
-        ax.text(j, i, f"{grid[i, j]:+.2f}%\n{'ADOPT' if dec == 'adopt' else 'reject'}", ha="center", va="center", fontsize=7)
+        value = "over\nbudget" if np.isnan(grid[i, j]) else f"{grid[i, j]:+.2f}%\n{'ADOPT' if dec == 'adopt' else 'reject'}"
+        ax.text(j, i, value, ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="NE change vs baseline (%)")
     ax.set_title("technique x model: NE change at neutral capacity")
     fig.tight_layout()
