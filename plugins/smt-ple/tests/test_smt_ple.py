@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from smt_host import hookimpl, technique
+from smt_host.testing import listed_techniques
 from smt_host.config import ConfigError, default_ecosystem_path, load_ecosystem
 from smt_host.host import Host
 from smt_host.slots import LossInputs
@@ -57,13 +58,8 @@ def _fake_task_arch_plugin(priority: int) -> types.ModuleType:
 
 
 def test_smt_plugins_lists_the_distribution():
-    env = {**os.environ, "SMT_LOAD_PLUGINS": DIST}
-    env.pop("SMT_DISABLE_PLUGINS", None)
-    out = subprocess.run([sys.executable, "-m", "smt_host", "plugins", "--json"], env=env,
-                         capture_output=True, text=True, check=True).stdout
-    dists = {d["distribution"]: d for d in json.loads(out)["distributions"]}
-    assert dists[DIST]["version"] == "0.1.0"
-    (t,) = dists[DIST]["techniques"]
+    (t,) = listed_techniques(DIST, load_only=True).values()  # alone: nothing shadows it
+    assert t["version"] == "0.1.0"
     assert (t["name"], t["slot"], t["priority"]) == ("ple", "task_arch", 20)
     assert t["applies_to"] == ["feed_ctr_cvr"]
     assert t["skipped"]["video_install"] == "not applicable: needs 2+ tasks"

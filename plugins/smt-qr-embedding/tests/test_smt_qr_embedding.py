@@ -13,6 +13,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from smt_host.testing import listed_techniques
 from smt_host.config import ConfigError
 from smt_host.host import Host
 from smt_host.slots import LossInputs
@@ -37,13 +38,8 @@ def eco(host):
 
 
 def test_smt_plugins_lists_the_distribution():
-    env = {**os.environ, "SMT_LOAD_PLUGINS": DIST}
-    env.pop("SMT_DISABLE_PLUGINS", None)
-    out = subprocess.run([sys.executable, "-m", "smt_host", "plugins", "--json"], env=env,
-                         capture_output=True, text=True, check=True).stdout
-    dists = {d["distribution"]: d for d in json.loads(out)["distributions"]}
-    assert dists[DIST]["version"] == "0.1.0"
-    (t,) = dists[DIST]["techniques"]
+    (t,) = listed_techniques(DIST, load_only=True).values()  # alone: nothing shadows it
+    assert t["version"] == "0.1.0"
     assert (t["name"], t["slot"]) == ("qr_embedding", "embedding")
     assert t["applies_to"] == MODELS  # every default model has user_id (20000) and ad_id (4000) > 1000
 
