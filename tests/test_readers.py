@@ -27,9 +27,6 @@ FRAPPE_FIELDS = [
     ("isweekend", 5053, 5054), ("homework", 5055, 5057), ("cost", 5058, 5059), ("weather", 5060, 5068),
     ("country", 5069, 5148), ("city", 5149, 5381),
 ]
-CRITEO_LINE2 = ""  # removed: the data is read from SMT_DATA_DIR
-
-
 def need_data(*parts: str) -> Path:
     path = data_dir().joinpath(*parts).resolve()
     if not path.exists():
@@ -194,9 +191,37 @@ def example_source(name: str, **extra) -> FileSource:
     return open_source(model, eco)
 
 
+def header_of(path: Path) -> list[str]:
+    """The CSV header of a data file under SMT_DATA_DIR (the repository holds no copy of it)."""
+    with gzip.open(path, "rt") as f:
+        return f.readline().strip().split(",")
+
+
+def line_of(path: Path, number: int) -> list[str]:
+    """Cells of line ``number`` (1-based) of a data file under SMT_DATA_DIR."""
+    with gzip.open(path, "rt") as f:
+        for i, line in enumerate(f, start=1):
+            if i == number:
+                return line.rstrip("\n").split(",")
+    raise AssertionError(f"{path} has fewer than {number} lines")
+
+
 def criteo_source(**extra) -> FileSource:
-    need_data("criteo_sample", "criteo_sample.txt.gz")
-    return example_source("criteo_sample", **extra)
+    """The Criteo sample, its model built from the file's own header."""
+    path = need_data("criteo_sample", "criteo_sample.txt.gz")
+    cols = header_of(path)
+    sparse = [{"name": c, "vocab_size": 10_000, "embedding_dim": 16} for c in cols if c.startswith("C")]
+    dense = [c for c in cols if c.startswith("I")]
+    options = {"file": "criteo_sample/criteo_sample.txt.gz", "split": [0.8, 0.1, 0.1], **extra}
+    return open_model("criteo", options, sparse, dense, ({"name": "click", "label": "label"},))
+
+
+def avazu_source(**extra) -> FileSource:
+    """The Avazu sample: label ``click``, every other column but ``id`` a hashed category."""
+    path = need_data("avazu_sample", "avazu_sample.txt.gz")
+    sparse = [{"name": c, "vocab_size": 10_000, "embedding_dim": 16} for c in header_of(path) if c not in ("id", "click")]
+    options = {"file": "avazu_sample/avazu_sample.txt.gz", "split": [0.8, 0.1, 0.1], "encode": "hash", **extra}
+    return open_model("csv", options, sparse)
 
 
 def test_criteo_sample_rows_and_transforms() -> None:
@@ -205,7 +230,7 @@ def test_criteo_sample_rows_and_transforms() -> None:
     assert len(train) == 200 and int(train.labels.sum()) == 49
     assert len(src.load("valid")) == 0
     assert train.dense.shape == (200, 13) and train.ids.shape == (200, 26)
-    cells = CRITEO_LINE2.split(",")
+    cells = line_of(data_dir() / "criteo_sample" / "criteo_sample.txt.gz", 2)
     expect_dense = [0.0 if c == "" or float(c) < 0 else math.log1p(float(c)) for c in cells[1:14]]
     assert train.dense[0].tolist() == pytest.approx(expect_dense, rel=1e-6)
     assert train.ids[0].tolist() == [hashed(c, 10_000) for c in cells[14:]]
@@ -245,17 +270,19 @@ def test_criteo_raw_tsv_equals_csv(tmp_path: Path) -> None:
 
 
 def test_avazu_sample() -> None:
-    need_data("avazu_sample", "avazu_sample.txt.gz")
-    src = example_source("avazu_sample")
+    src = avazu_source()
     labels = torch.cat([src.load(s).labels for s in src.splits])
     assert len(labels) == 100 and int(labels.sum()) == 20
     assert [src.num_examples(s) for s in src.splits] == [83, 8, 9]
     b = next(src.batches("train", 8))
     assert len(b.sparse.keys()) == 22 and b.sparse.keys()[0] == "hour"
     assert b.dense.shape == (8, 0) and b.sparse.lengths().tolist() == [1] * (8 * 22)
-    whole = example_source("avazu_sample", split=[1.0, 0.0, 0.0])
+    whole = avazu_source(split=[1.0, 0.0, 0.0])
     first = next(whole.batches("train", 1))
-    assert first.sparse["C20"].values().item() == hashed("-1", 10_000)
+    path = data_dir() / "avazu_sample" / "avazu_sample.txt.gz"
+    row = dict(zip(header_of(path), line_of(path, 2)))
+    for col in ("hour", "site_id", "C20"):  # C20 holds -1: a category like any other
+        assert first.sparse[col].values().item() == hashed(row[col], 10_000)
 
 
 def test_taobao_sequence_is_jagged() -> None:
@@ -516,7 +543,7 @@ def test_example_spec_loads_and_yields_a_batch(path: Path) -> None:
 
 
 def test_example_set_is_complete() -> None:
-    assert {p.stem for p in EXAMPLES.glob("*.toml")} == {"frappe", "criteo_sample", "avazu_sample", "taobao_tiny", "ali_ccp"}
+    assert {p.stem for p in EXAMPLES.glob("*.toml")} == {"frappe", "taobao_tiny", "ali_ccp"}
     eco = load_ecosystem(EXAMPLES)
     assert eco.model("frappe").training.batch_size == 4096 and eco.model("frappe").embedding_dim == 10
     assert eco.model("ali_ccp").task_names == ("click", "purchase")
