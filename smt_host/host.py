@@ -35,6 +35,8 @@ class Host:
         self.spm = spm
         # built after the plugins registered, so their parameter classes are known
         self.conv: cattrs.Converter = config.make_converter()
+        # lifecycle hooks fire every training step: resolve a plan's techniques once
+        self._resolved: dict[int, tuple[Plan, Any]] = {}
 
     @classmethod
     def create(cls, **kwargs: Any) -> "Host":
@@ -87,8 +89,11 @@ class Host:
         """Fires a lifecycle hook on every active technique, in plan order."""
         if hook not in LIFECYCLE_HOOKS:
             raise ValueError(f"unknown lifecycle hook {hook!r}")
-        res = resolution_from_plan(plan, self.spm, self.conv)
-        for a in res.active:
+        cached = self._resolved.get(id(plan))
+        if cached is None or cached[0] is not plan:
+            cached = (plan, resolution_from_plan(plan, self.spm, self.conv))
+            self._resolved[id(plan)] = cached
+        for a in cached[1].active:
             self.spm.call(a.name, hook, params=a.params, **kwargs)
 
     def implements(self, plan: Plan, hook: str) -> bool:
