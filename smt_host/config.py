@@ -119,8 +119,15 @@ class DenseFeature:
 
 @attrs.frozen
 class Features:
+    """The model's inputs.
+
+    ``embedding_init_std``: tables start from N(0, std^2); unset, torchrec's
+    default, uniform(+-sqrt(1 / rows)).
+    """
+
     sparse: tuple[SparseFeature, ...] = ()
     dense: tuple[DenseFeature, ...] = ()
+    embedding_init_std: Optional[float] = attrs.field(default=None, validator=at_least(0.0))
 
 
 @attrs.frozen
@@ -162,15 +169,25 @@ class Capacity:
 
 @attrs.frozen
 class Training:
-    """Training settings of one model."""
+    """Training settings of one model.
+
+    ``lr_decay`` multiplies every optimizer's learning rate after each epoch
+    whose validation ``early_stop_metric`` does not improve (1.0: never);
+    ``patience`` such epochs in a row are allowed before stopping.
+    ``weight_decay`` is L2 on dense parameters, ``embedding_weight_decay``
+    L2 on every row of the embedding tables (the gradient gains
+    ``lambda * row``, the same as adding ``lambda / 2 * ||E||^2`` to the loss).
+    """
 
     epochs: int = attrs.field(default=3, validator=at_least(1))
     batch_size: int = attrs.field(default=1024, validator=at_least(1))
     lr: float = attrs.field(default=1e-3, validator=at_least(0.0))
     embedding_lr: float = attrs.field(default=0.01, validator=at_least(0.0))
     weight_decay: float = attrs.field(default=0.0, validator=at_least(0.0))
+    embedding_weight_decay: float = attrs.field(default=0.0, validator=at_least(0.0))
     seed: int = 0
     patience: int = attrs.field(default=1, validator=at_least(0))
+    lr_decay: float = attrs.field(default=1.0, validator=in_range(0.0, 1.0))
     early_stop_metric: str = attrs.field(default="auc", validator=one_of("auc", "logloss", "ne"))
     max_steps_per_epoch: Optional[int] = attrs.field(default=None, validator=at_least(1))
     eval_batch_size: int = attrs.field(default=8192, validator=at_least(1))
@@ -178,12 +195,17 @@ class Training:
 
 @attrs.frozen
 class Arch:
-    """Widths of the built-in MLP parts (the over-arch scales with capacity)."""
+    """Widths of the built-in MLP parts (the over-arch scales with capacity).
+
+    ``dropout`` follows each over-arch activation; ``batch_norm`` puts a
+    ``BatchNorm1d`` between each over-arch linear layer and its activation.
+    """
 
     dense_arch: tuple[int, ...] = attrs.field(default=(64,), converter=tuple, validator=positive_widths)
     over_arch: tuple[int, ...] = attrs.field(default=(512, 256, 128), converter=tuple, validator=positive_widths)
     task_width: int = attrs.field(default=64, validator=at_least(1))
     dropout: float = attrs.field(default=0.0, validator=in_range(0.0, 0.9))
+    batch_norm: bool = False
 
 
 @attrs.frozen

@@ -9,12 +9,14 @@ from torch import nn
 
 
 class MLP(nn.Module):
-    """Linear + ReLU layers (+ optional dropout).
+    """Linear (+ optional BatchNorm) + ReLU layers (+ optional dropout).
 
     Args:
         in_dim: input width.
         widths: output width of each layer; the last is ``out_dim``.
         dropout: dropout after each activation.
+        batch_norm: ``BatchNorm1d`` between each linear layer and its
+            activation (not after a last layer without activation).
         final_activation: apply ReLU after the last layer too.
         device: where to make the parameters.
 
@@ -28,7 +30,7 @@ class MLP(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, widths: Sequence[int], *, dropout: float = 0.0,
+        self, in_dim: int, widths: Sequence[int], *, dropout: float = 0.0, batch_norm: bool = False,
         final_activation: bool = True, device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -42,6 +44,8 @@ class MLP(nn.Module):
             layers.append(nn.Linear(prev, w, device=device))
             last = i == len(widths) - 1
             if not last or final_activation:
+                if batch_norm:
+                    layers.append(nn.BatchNorm1d(w, device=device))
                 layers.append(nn.ReLU())
                 if dropout > 0:
                     layers.append(nn.Dropout(dropout))

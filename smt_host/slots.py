@@ -23,6 +23,8 @@ class TableSpec:
         num_embeddings: rows.
         embedding_dim: D.
         pooling: ``"sum"`` or ``"mean"``.
+        init_std: rows start from N(0, init_std^2); None: torchrec's default
+            (uniform +-sqrt(1 / num_embeddings)).
     """
 
     name: str
@@ -30,6 +32,7 @@ class TableSpec:
     num_embeddings: int
     embedding_dim: int
     pooling: str = "sum"
+    init_std: Optional[float] = None
 
     @property
     def bytes(self) -> int:

@@ -13,6 +13,7 @@ in the resolution's order and checks what comes back.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Sequence
 
 import torch
@@ -151,6 +152,7 @@ def make_ebc(tables: Sequence[TableSpec], device: Any = "cpu") -> EmbeddingBagCo
             name=t.name, embedding_dim=t.embedding_dim, num_embeddings=t.num_embeddings,
             feature_names=list(t.feature_names),
             pooling=PoolingType.MEAN if t.pooling == "mean" else PoolingType.SUM,
+            init_fn=None if t.init_std is None else functools.partial(nn.init.normal_, mean=0.0, std=t.init_std),
         )
         for t in tables
     ]

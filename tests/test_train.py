@@ -163,3 +163,46 @@ def test_neutral_capacity_lands_within_tolerance(no_env):
 
     with pytest.raises(CapacityError, match="cannot meet its capacity budget"):
         host.plan(attrs.evolve(spec, capacity=attrs.evolve(spec.capacity, budget=10.0)))
+
+
+def test_lr_decay_multiplies_learning_rates_after_each_epoch_without_improvement(no_env, small_eco, tmp_path):
+    spec = small_eco.model("tiny_ctr")
+    spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=6, patience=10, max_steps_per_epoch=3,
+                                                    lr=2e-3, embedding_lr=0.05, lr_decay=0.5))
+    result = train_model(Host.create(load=""), spec, small_eco, tmp_path / "run")
+    best, bad = float("-inf"), 0
+    for h in result.history:
+        auc = h["valid"]["click"]["auc"]
+        best, bad = (auc, bad) if auc > best else (best, bad + 1)
+    assert bad >= 1, result.history  # the setting makes some epochs not improve
+    saved = ckpt.load(tmp_path / "run" / "checkpoint.pt")["optimizers"]
+    lrs = [g["lr"] for opt in saved for g in opt["param_groups"]]
+    assert lrs == pytest.approx([2e-3 * 0.5**bad, 0.05 * 0.5**bad]), (bad, result.history)
+
+
+def test_arch_batch_norm_and_table_weight_decay_reach_the_model(no_env, small_eco):
+    host = Host.create(load="")
+    spec = small_eco.model("tiny_ctr")
+    spec = attrs.evolve(spec, arch=attrs.evolve(spec.arch, batch_norm=True),
+                        training=attrs.evolve(spec.training, weight_decay=1e-5, embedding_weight_decay=0.05))
+    plan = host.plan(spec)
+    model = host.build(plan, spec)
+    norms = [m for m in model.over_arch.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert [n.num_features for n in norms] == list(spec.arch.over_arch)
+    dense, tables = host.optimizers(plan, spec, model)
+    assert dense.param_groups[0]["weight_decay"] == 1e-5
+    assert tables.param_groups[0]["weight_decay"] == 0.05
+    assert {id(p) for p in tables.param_groups[0]["params"]} == {id(p) for p in model.embedding.parameters()}
+
+
+def test_embedding_init_std_sets_the_tables_initial_distribution(no_env, small_eco):
+    host = Host.create(load="")
+    spec = small_eco.model("tiny_ctr")
+    default = host.build(host.plan(spec), spec)
+    for name, ebc in default.embedding.embedding_bags.items():
+        bound = (1.0 / ebc.num_embeddings) ** 0.5  # torchrec's uniform default
+        assert float(ebc.weight.abs().max()) <= bound and float(ebc.weight.std()) > bound / 4, name
+    spec = attrs.evolve(spec, features=attrs.evolve(spec.features, embedding_init_std=1e-3))
+    normal = host.build(host.plan(spec), spec)
+    weights = torch.cat([e.weight.flatten() for e in normal.embedding.embedding_bags.values()])
+    assert 0.9e-3 < float(weights.std()) < 1.1e-3 and abs(float(weights.mean())) < 1e-4, weights.std()

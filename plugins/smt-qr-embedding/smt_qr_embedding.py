@@ -190,9 +190,9 @@ class QREmbedding:
             m = collisions(t.num_embeddings, params)
             out.append(TableSpec(name=t.name + Q, feature_names=[f + Q for f in mine],
                                  num_embeddings=math.ceil(t.num_embeddings / m), embedding_dim=t.embedding_dim,
-                                 pooling=t.pooling))
+                                 pooling=t.pooling, init_std=t.init_std))
             out.append(TableSpec(name=t.name + R, feature_names=[f + R for f in mine], num_embeddings=m,
-                                 embedding_dim=t.embedding_dim, pooling=t.pooling))
+                                 embedding_dim=t.embedding_dim, pooling=t.pooling, init_std=t.init_std))
         return out
 
     @hookimpl

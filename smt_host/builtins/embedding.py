@@ -8,7 +8,8 @@ from smt_host.slots import SlotContext, TableSpec
 
 @technique(name="embedding_bag", slot="embedding")
 class EmbeddingBag:
-    """One pooled torchrec table per sparse feature (vocab_size x D)."""
+    """One pooled torchrec table per sparse feature (vocab_size x D),
+    initialised as ``features.embedding_init_std`` says."""
 
     @hookimpl
     def smt_embedding_tables(self, ctx: SlotContext, tables: list[TableSpec]) -> list[TableSpec]:
@@ -19,6 +20,7 @@ class EmbeddingBag:
                 num_embeddings=f.vocab_size,
                 embedding_dim=f.embedding_dim,
                 pooling=f.pooling,
+                init_std=ctx.model.features.embedding_init_std,
             )
             for f in ctx.model.features.sparse
         ]

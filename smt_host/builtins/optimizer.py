@@ -23,7 +23,8 @@ class OptimizerParams:
 
 @technique(name="adam_adagrad", slot="optimizer", params=OptimizerParams)
 class AdamAdagrad:
-    """Adam (training.lr) on dense parameters, Adagrad (training.embedding_lr)
+    """Adam (training.lr, training.weight_decay) on dense parameters;
+    Adagrad or Adam (training.embedding_lr, training.embedding_weight_decay)
     on embedding tables."""
 
     @hookimpl
@@ -36,9 +37,9 @@ class AdamAdagrad:
         if dense:
             opts.append(torch.optim.Adam(dense, lr=tr.lr, weight_decay=tr.weight_decay))
         if table_params and params.embedding_optimizer == "adam":
-            opts.append(torch.optim.Adam(table_params, lr=tr.embedding_lr))
+            opts.append(torch.optim.Adam(table_params, lr=tr.embedding_lr, weight_decay=tr.embedding_weight_decay))
         elif table_params:
-            opts.append(torch.optim.Adagrad(table_params, lr=tr.embedding_lr))
+            opts.append(torch.optim.Adagrad(table_params, lr=tr.embedding_lr, weight_decay=tr.embedding_weight_decay))
         return opts
 
 

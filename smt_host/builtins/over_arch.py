@@ -11,12 +11,13 @@ from smt_host.slots import SlotContext
 
 @technique(name="mlp_over", slot="over_arch")
 class MLPOver:
-    """MLP with the spec's arch.over_arch widths times ctx.width_scale."""
+    """MLP with the spec's arch.over_arch widths times ctx.width_scale
+    (arch.dropout, arch.batch_norm)."""
 
     @hookimpl
     def smt_over_arch(self, ctx: SlotContext) -> nn.Module:
         return MLP(ctx.in_dim, scaled(ctx.model.arch.over_arch, ctx.width_scale),
-                   dropout=ctx.model.arch.dropout, device=ctx.device)
+                   dropout=ctx.model.arch.dropout, batch_norm=ctx.model.arch.batch_norm, device=ctx.device)
 
 
 @hookimpl

@@ -98,6 +98,18 @@ def _score(metrics: dict, name: str) -> float:
     return mean if name == "auc" else -mean
 
 
+def decay_learning_rates(optimizers: list, factor: float, model: Optional[torch.nn.Module] = None) -> None:
+    """Multiplies the learning rate of every param group by ``factor``;
+    also the fused table optimizer of a ``DistributedModelParallel``
+    ``model`` (torchrec applies a changed lr on its next ``step()``)."""
+    fused = getattr(model, "fused_optimizer", None)
+    for opt in [*optimizers, *([fused] if fused is not None else [])]:
+        for group in opt.param_groups:
+            group["lr"] *= factor
+    if fused is not None:
+        fused.step()
+
+
 def _state_copy(module: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -243,6 +255,9 @@ def train_model(
             state["bad_epochs"] += 1
             if state["bad_epochs"] > tr.patience:
                 state["done"] = stopped_early = True
+            elif tr.lr_decay < 1.0:
+                decay_learning_rates(opts, tr.lr_decay, model)
+                log(f"{spec.name} epoch {epoch}: no improvement, learning rates x{tr.lr_decay}")
         if progress is not None:
             progress.remove_task(task_id)
         log(f"{spec.name} epoch {epoch}: " + ", ".join(f"{t} valid auc {m['auc']:.4f} ne {m['ne']:.4f}" for t, m in valid.items()))
