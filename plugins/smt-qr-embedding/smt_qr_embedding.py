@@ -66,6 +66,22 @@ def collisions(vocab: int, params: QRParams) -> int:
     return params.num_collisions or math.ceil(math.sqrt(vocab))
 
 
+def part_init_std(init_std: Optional[float], op: str) -> Optional[float]:
+    """The std of each of the two tables such that their combination starts
+    with the std the spec asks for (``features.embedding_init_std``): a
+    product of two independent N(0, a^2) has std a^2, a sum a sqrt(2).
+    (Copying a tiny std such as 1e-4 to both tables of a product would start
+    every embedding near 1e-8 with gradients near 1e-4 of the usual: the
+    model does not learn.) None: torchrec's default for both.
+
+    >>> part_init_std(1e-4, "mult"), round(part_init_std(1e-4, "add"), 9)
+    (0.01, 7.0711e-05)
+    """
+    if init_std is None:
+        return None
+    return math.sqrt(init_std) if op == "mult" else init_std / math.sqrt(2)
+
+
 def split_features(model: Any, params: QRParams) -> dict[str, int]:
     """{feature: m} for every sparse feature of the spec with vocab > min_vocab."""
     return {f.name: collisions(f.vocab_size, params) for f in model.features.sparse if f.vocab_size > params.min_vocab}
@@ -188,11 +204,12 @@ class QREmbedding:
                     f"have more than {params.min_vocab} ids; split all or none"
                 )
             m = collisions(t.num_embeddings, params)
+            std = part_init_std(t.init_std, params.op)
             out.append(TableSpec(name=t.name + Q, feature_names=[f + Q for f in mine],
                                  num_embeddings=math.ceil(t.num_embeddings / m), embedding_dim=t.embedding_dim,
-                                 pooling=t.pooling, init_std=t.init_std))
+                                 pooling=t.pooling, init_std=std))
             out.append(TableSpec(name=t.name + R, feature_names=[f + R for f in mine], num_embeddings=m,
-                                 embedding_dim=t.embedding_dim, pooling=t.pooling, init_std=t.init_std))
+                                 embedding_dim=t.embedding_dim, pooling=t.pooling, init_std=std))
         return out
 
     @hookimpl

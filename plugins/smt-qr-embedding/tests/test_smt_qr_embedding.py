@@ -131,6 +131,20 @@ def test_embedding_of_an_id_is_the_combination_of_its_rows(host, eco, op):
     assert set(pooled) == {f.name for f in spec.features.sparse}
 
 
+@pytest.mark.parametrize("op", ["mult", "add"])
+def test_combined_embeddings_start_with_the_spec_init_std(host, eco, op):
+    spec = attrs.evolve(eco.model("feed_ctr"), techniques={"qr_embedding": {"op": op}})
+    spec = attrs.evolve(spec, features=attrs.evolve(spec.features, embedding_init_std=1e-3))
+    model = host.build(host.plan(spec), spec)
+    q = model.embedding.embedding_bags["t_user_id__q"].weight
+    r = model.embedding.embedding_bags["t_user_id__r"].weight
+    ids = torch.arange(20000)
+    combined = q[ids // 142] * r[ids % 142] if op == "mult" else q[ids // 142] + r[ids % 142]
+    assert 0.8e-3 < float(combined.std()) < 1.2e-3, (op, combined.std())
+    unsplit = model.embedding.embedding_bags["t_advertiser_id"].weight
+    assert 0.8e-3 < float(unsplit.std()) < 1.2e-3
+
+
 def test_pooled_transform_leaves_other_keys():
     t = QRPooledTransform(["u"], "add")
     out = t({"a__q": torch.ones(2, 3), "u__q": torch.ones(2, 3), "u__r": torch.full((2, 3), 2.0)})
