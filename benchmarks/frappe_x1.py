@@ -12,7 +12,8 @@ techniques whose single runs beat the baseline on *validation* (see
 
 The model and its training recipe are ``examples/real/frappe.toml``.
 Each finished run is saved (``<out>/frappe_runs/<config>/seed<N>/result.json``)
-and reused by the next invocation unless ``--fresh``: an interrupted
+and reused by the next invocation with the same techniques and
+``--max-epochs`` unless ``--fresh``: an interrupted
 benchmark picks up where it stopped. Writes JSON and a markdown table
 (``--out``, default benchmarks/results/).
 Data: ``$SMT_DATA_DIR/frappe`` (default ../shared/data).
@@ -74,7 +75,9 @@ def run_config(job: dict) -> dict:
     run_dir = Path(job["out"]) / job["config"] / f"seed{job['seed']}"
     done = run_dir / "result.json"
     if done.exists() and not job["fresh"]:
-        return {**json.loads(done.read_text()), "resumed": True}
+        saved = json.loads(done.read_text())
+        if saved["techniques"] == sorted(job["techniques"]) and saved.get("max_epochs") == job["max_epochs"]:
+            return {**saved, "resumed": True}
     if "host" not in _WORKER:
         host = Host.create()
         eco, spec = frappe_spec(job["max_epochs"])
@@ -91,6 +94,7 @@ def run_config(job: dict) -> dict:
     final_valid = evaluate(final, data, "valid", spec.training.eval_batch_size, list(spec.task_names))["click"]
     result = {
         "config": job["config"], "seed": job["seed"], "techniques": sorted(job["techniques"]),
+        "max_epochs": job["max_epochs"],
         "test_auc": r.test["click"]["auc"], "test_logloss": r.test["click"]["logloss"],
         "valid_auc": final_valid["auc"], "valid_logloss": final_valid["logloss"],
         "valid_auc_before_fit": r.valid["click"]["auc"], "valid_logloss_before_fit": r.valid["click"]["logloss"],
