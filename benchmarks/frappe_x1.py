@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--configs", default="all",
                    help="comma list of: baseline, <technique>, best; 'all' = baseline, every applicable technique, best")
-    p.add_argument("--max-epochs", type=int, default=40)
+    p.add_argument("--max-epochs", type=int, default=30, help="cap on epochs per run (early stopping ends them sooner; default 30)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs in parallel, each in its own process with cores/jobs torch threads (default 1)")
     p.add_argument("--fresh", action="store_true", help="retrain runs that already have a saved result")
