@@ -161,16 +161,23 @@ def smt_interaction(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
 
     Fires once per active interaction technique, in host order. All branches
     read the same feature embeddings; their outputs are concatenated along
-    dim 1 (a DHEN-style ensemble of branches).
+    dim 1 (a DHEN-style ensemble of branches) and feed the over-arch.
+
+    A branch that sets the attribute ``to_logits = True`` is a *wide* part
+    instead (Wide & Deep's linear part, DeepFM's FM, FinalMLP's fusion
+    logit): it maps (B, F, D) to (B, T), ``out_dim == T``, and the template
+    adds its output to the heads' logits (before output transforms). At
+    least one branch of a model must feed the over-arch.
 
     Args:
-        ctx: ``ctx.num_features`` is F, ``ctx.embedding_dim`` is D.
+        ctx: ``ctx.num_features`` is F, ``ctx.embedding_dim`` is D,
+            ``len(ctx.tasks)`` is T.
         params: this technique's parameters.
 
     Returns:
         an ``nn.Module`` mapping (B, F, D) to (B, out_i), declaring
         ``out_dim == out_i`` as an int attribute (checked against the real
-        output when the plan is made).
+        output when the plan is made), and optionally ``to_logits``.
     """
 
 

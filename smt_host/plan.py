@@ -185,7 +185,7 @@ def make_plan(
         "embedding_dim": ctx.embedding_dim,
         "num_features": ctx.num_features,
         "num_dense": ctx.num_dense,
-        "interaction": sum(b.out_dim for b in model.branches.values()),
+        "interaction": sum(model.branches[n].out_dim for n in model.deep_branches),
         "over_arch": model.over_arch.out_dim,
         "task_arch": list(model.task_arch.out_dims),
         "tables": len(model.embedding.embedding_bag_configs()),

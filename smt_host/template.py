@@ -6,6 +6,7 @@
                                                   +-> (B, F, D) -> interaction branches
     sparse KJT -> embedding (torchrec EBC) -> (B, F_s, D)          (concat: B, sum out_i)
         -> over_arch (B, H) -> task_arch [T x (B, H_t)] -> heads [T x (B,)] -> logits (B, T)
+                                  (+ the (B, T) of each branch that declares to_logits)
 
 The host calls each active technique's slot hook (:mod:`smt_host.hookspecs`)
 in the resolution's order and checks what comes back.
@@ -35,7 +36,9 @@ class TemplateModel(nn.Module):
         embedding: torchrec ``EmbeddingBagCollection`` over the sparse features.
         sparse_keys: the sparse feature names, in spec order (F_s of them).
         dense_arch: (B, Nd) -> (B, D), or None for a model without dense features.
-        branches: interaction branches, each (B, F, D) -> (B, out_i).
+        branches: interaction branches, each (B, F, D) -> (B, out_i); a
+            branch whose ``to_logits`` attribute is True instead gives (B, T)
+            added to the logits (a "wide" part, as in Wide & Deep or DeepFM).
         branch_names: the technique name of each branch.
         over_arch: (B, sum out_i) -> (B, H).
         task_arch: (B, H) -> T x (B, H_t).
@@ -64,6 +67,8 @@ class TemplateModel(nn.Module):
         self.sparse_keys = list(sparse_keys)
         self.dense_arch = dense_arch
         self.branches = nn.ModuleDict(dict(zip(branch_names, branches)))
+        self.logit_branches = [n for n, b in self.branches.items() if adds_to_logits(b)]
+        self.deep_branches = [n for n in self.branches if n not in self.logit_branches]
         self.over_arch = over_arch
         self.task_arch = task_arch
         self.heads = nn.ModuleDict(dict(zip(task_names, heads)))
@@ -81,15 +86,26 @@ class TemplateModel(nn.Module):
             parts.append(self.dense_arch(dense))
         return torch.stack(parts, dim=1)
 
+    def over_arch_input(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, F, D) -> (B, sum out_i): the branches that feed the over-arch, concatenated."""
+        return torch.cat([self.branches[n](feats) for n in self.deep_branches], dim=1)
+
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         feats = self.features(dense, sparse)
-        inter = torch.cat([branch(feats) for branch in self.branches.values()], dim=1)
-        hidden = self.over_arch(inter)
+        hidden = self.over_arch(self.over_arch_input(feats))
         towers = self.task_arch(hidden)
         logits = torch.stack([head(t) for head, t in zip(self.heads.values(), towers)], dim=1)
+        for name in self.logit_branches:
+            logits = logits + self.branches[name](feats)
         for transform in self.output_transforms.values():
             logits = transform(logits)
         return logits
+
+
+def adds_to_logits(branch: nn.Module) -> bool:
+    """True for an interaction branch whose (B, T) output is added to the
+    logits rather than fed to the over-arch (``to_logits = True``)."""
+    return getattr(branch, "to_logits", False) is True
 
 
 def _out_dim(module: Any, technique: Active, hook: str) -> int:
@@ -193,9 +209,20 @@ def build_model(
     branches, names, width = [], [], 0
     for t in res.slot("interaction"):
         branch = _module(spm.call(t.name, "smt_interaction", ctx=ctx, params=t.params), t, "smt_interaction")
-        width += _out_dim(branch, t, "smt_interaction")
+        out = _out_dim(branch, t, "smt_interaction")
+        if adds_to_logits(branch):
+            if out != len(spec.tasks):
+                raise PluginError(f"technique {t.name!r} ({t.dist} {t.version}): its interaction branch adds to the "
+                                  f"logits (to_logits) so its out_dim must be T={len(spec.tasks)}, got {out}")
+        else:
+            width += out
         branches.append(branch)
         names.append(t.name)
+    if not width:
+        from smt_host.config import ConfigError
+
+        raise ConfigError([f"slot 'interaction' of model {spec.name!r} has no branch feeding the over-arch "
+                           f"(every branch adds to the logits: {names}) @ $.models.{spec.name}.techniques"])
 
     (t,) = res.slot("over_arch")
     over = _module(spm.call(t.name, "smt_over_arch", ctx=ctx.evolve(in_dim=width), params=t.params), t, "smt_over_arch")
@@ -237,15 +264,13 @@ def _verify_widths(model: TemplateModel, spec: ModelSpec, res: Resolution, devic
             t = by_slot.get("dense_arch") if spec.features.dense else by_slot["embedding"]
             raise PluginError(f"model {spec.name!r}: feature embeddings are {tuple(feats.shape)}, want (B, F, D) = {want}; "
                               f"check the embedding techniques and {t.name!r} ({t.dist} {t.version})")
-        outs = []
         for a in res.slot("interaction"):
             out = model.branches[a.name](feats)
             declared = model.branches[a.name].out_dim
             if tuple(out.shape) != (2, declared):
                 raise PluginError(f"technique {a.name!r} ({a.dist} {a.version}): its interaction branch declares "
                                   f"out_dim {declared} but returns {tuple(out.shape)} for input {tuple(feats.shape)}")
-            outs.append(out)
-        hidden = model.over_arch(torch.cat(outs, dim=1))
+        hidden = model.over_arch(model.over_arch_input(feats))
         a = by_slot["over_arch"]
         if tuple(hidden.shape) != (2, model.over_arch.out_dim):
             raise PluginError(f"technique {a.name!r} ({a.dist} {a.version}): over arch declares out_dim "

@@ -99,8 +99,7 @@ def check_model(host: Host, spec: ModelSpec, name: str) -> None:
     if model.dense_arch is not None:
         out = model.dense_arch(batch.dense)
         assert out.shape == (16, plan.widths["embedding_dim"]), f"{where}: dense arch returns {tuple(out.shape)}"
-    inter = torch.cat([b(feats) for b in model.branches.values()], dim=1)
-    hidden = model.over_arch(inter)
+    hidden = model.over_arch(model.over_arch_input(feats))
     assert hidden.shape == (16, model.over_arch.out_dim), f"{where}: over arch declares {model.over_arch.out_dim}, returns {tuple(hidden.shape)}"
     towers = model.task_arch(hidden)
     assert [tuple(t.shape) for t in towers] == [(16, d) for d in model.task_arch.out_dims], (
