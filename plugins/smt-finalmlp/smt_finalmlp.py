@@ -11,8 +11,10 @@ With ``x`` the flat feature embeddings (N = F*D wide):
   stream k has its own gate ``g_k = 2 * sigmoid(MLP_k(x))`` (N wide, 1 at
   zero logits) and reads ``x * g_k``. The paper computes the gate from a
   chosen context (e.g. user or item id embeddings, else a learned vector);
-  here the context is the flat embeddings themselves, since an interaction
-  branch sees (B, F, D) and not feature names;
+  here the context is the embeddings of the features named in
+  ``gate1_context`` / ``gate2_context`` (e.g. user for one stream, item for
+  the other, as BARS tunes it on Frappe), or all the flat embeddings when a
+  context is left empty;
 * two MLP streams (section 3.1): ``o_1 = MLP_1(x * g_1)``,
   ``o_2 = MLP_2(x * g_2)``, of output widths d_1 and d_2;
 * multi-head bilinear fusion (section 3.3, eqs. 6-7): ``o_1`` and ``o_2``
@@ -20,25 +22,27 @@ With ``x`` the flat feature embeddings (N = F*D wide):
   ``o_1j^T W_j o_2j`` and the heads are summed, with the linear terms:
   ``z = b + W_1 o_1 + W_2 o_2 + sum_j o_1j^T W_j o_2j``.
 
-The paper's fusion outputs the logit (one unit); as a branch it outputs
+The paper's fusion outputs the logit (one unit). With ``to_logits`` the
+branch does just that, one logit per task added to the model's logits (a
+wide part beside the template's deep over-arch). Otherwise it outputs
 ``fusion_dim`` units (each W_j is (d_1/h, fusion_dim, d_2/h), as in the
 FuxiCTR reference implementation) and the template's over-arch reads them
 beside the other branches.
 
-Shapes (B batch, F features, D embedding dim):
-    (B, F, D) -> (B, fusion_dim).
+Shapes (B batch, F features, D embedding dim, T tasks):
+    (B, F, D) -> (B, fusion_dim), or (B, T) with ``to_logits``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import attrs
 import torch
 from torch import nn
 
 from smt_host import hookimpl, technique
-from smt_host.config import FieldValueError, at_least, in_range
+from smt_host.config import ConfigError, FieldValueError, at_least, in_range
 from smt_host.modules import MLP
 from smt_host.slots import SlotContext
 
@@ -77,10 +81,17 @@ class FinalMLPParams:
         stream2_widths: hidden widths of stream 2 (its last is d_2). The
             paper pairs a deeper stream with a wider one.
         num_heads: heads h of the bilinear fusion; must divide d_1 and d_2.
-        fusion_dim: output width of the branch (``out_dim``).
+        fusion_dim: output width of the branch (``out_dim``); unused with
+            ``to_logits``.
+        to_logits: the fusion gives one logit per task, added to the
+            model's logits, instead of units for the over-arch.
         gating: stream-specific feature gating on (True) or off.
         gate_hidden: hidden width of each gate's MLP.
+        gate1_context: names of the features whose embeddings stream 1's
+            gate reads; empty: all features (the flat embeddings).
+        gate2_context: the same for stream 2's gate.
         dropout: dropout after each stream layer, in [0, 0.9].
+        batch_norm: BatchNorm1d between each stream layer and its ReLU.
 
     Example:
         >>> FinalMLPParams(stream1_widths=(64, 32), stream2_widths=(32,), num_heads=2).num_heads
@@ -91,35 +102,55 @@ class FinalMLPParams:
     stream2_widths: tuple[int, ...] = attrs.field(default=(128,), converter=tuple, validator=_widths)
     num_heads: int = attrs.field(default=4, validator=[at_least(1), _divides_streams])
     fusion_dim: int = attrs.field(default=32, validator=at_least(1))
+    to_logits: bool = False
     gating: bool = True
     gate_hidden: int = attrs.field(default=64, validator=at_least(1))
+    gate1_context: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    gate2_context: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     dropout: float = attrs.field(default=0.0, validator=in_range(0.0, 0.9))
+    batch_norm: bool = False
 
 
 class FeatureGate(nn.Module):
-    """Stream-specific feature gate: ``x -> x * 2 sigmoid(MLP(x))``.
+    """Stream-specific feature gate: ``x -> x * 2 sigmoid(MLP(context))``,
+    the context being the embeddings of some features (all by default).
 
     Args:
-        in_dim: N, the width of the flat embeddings.
+        num_features: F.
+        embedding_dim: D.
         hidden: width of the gate MLP's hidden layer.
+        context: indices (into F) of the context features; None: all.
         device: where to make the parameters.
 
     Shapes:
-        forward: (B, N) -> (B, N)
+        forward: (B, F, D) -> (B, F*D)
 
     Example:
-        >>> gate = FeatureGate(6, 4)
-        >>> gate(torch.ones(2, 6)).shape
-        torch.Size([2, 6])
+        >>> gate = FeatureGate(3, 2, 4, context=[0])
+        >>> gate(torch.ones(5, 3, 2)).shape
+        torch.Size([5, 6])
     """
 
-    def __init__(self, in_dim: int, hidden: int, device: Any = None) -> None:
+    def __init__(self, num_features: int, embedding_dim: int, hidden: int,
+                 context: Optional[Sequence[int]] = None, device: Any = None) -> None:
         super().__init__()
-        self.mlp = MLP(in_dim, [hidden, in_dim], final_activation=False, device=device)
-        self.out_dim = in_dim
+        n = num_features * embedding_dim
+        self.context = None if context is None else list(context)
+        in_dim = n if self.context is None else len(self.context) * embedding_dim
+        self.mlp = MLP(in_dim, [hidden, n], final_activation=False, device=device)
+        self.out_dim = n
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * (2.0 * torch.sigmoid(self.mlp(x)))
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = features.flatten(1)
+        ctx = x if self.context is None else features[:, self.context].flatten(1)
+        return x * (2.0 * torch.sigmoid(self.mlp(ctx)))
+
+
+class _Flat(nn.Module):
+    """(B, F, D) -> (B, F*D): the ungated stream input."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.flatten(1)
 
 
 class BilinearFusion(nn.Module):
@@ -181,9 +212,14 @@ class FinalMLPBranch(nn.Module):
         stream2_widths: widths of stream 2's layers.
         num_heads: heads of the bilinear fusion (divides both streams' last width).
         fusion_dim: output width.
+        to_logits: mark the branch as a wide part (the template adds its
+            output, then ``fusion_dim`` = T wide, to the logits).
         gating: stream-specific feature gates on or off.
         gate_hidden: hidden width of each gate.
+        gate1_context: indices (into F) of stream 1's gate context; None: all.
+        gate2_context: the same for stream 2.
         dropout: dropout after each stream layer.
+        batch_norm: BatchNorm1d in the streams.
         device: where to make the parameters.
 
     Shapes:
@@ -201,24 +237,26 @@ class FinalMLPBranch(nn.Module):
     def __init__(
         self, num_features: int, embedding_dim: int, *, stream1_widths: Sequence[int] = (128, 64),
         stream2_widths: Sequence[int] = (128,), num_heads: int = 4, fusion_dim: int = 32,
-        gating: bool = True, gate_hidden: int = 64, dropout: float = 0.0, device: Any = None,
+        to_logits: bool = False, gating: bool = True, gate_hidden: int = 64, gate1_context: Optional[Sequence[int]] = None,
+        gate2_context: Optional[Sequence[int]] = None, dropout: float = 0.0, batch_norm: bool = False,
+        device: Any = None,
     ) -> None:
         super().__init__()
         if num_features < 1 or embedding_dim < 1:
             raise ValueError(f"num_features and embedding_dim must be >= 1, got {num_features} and {embedding_dim}")
         n = num_features * embedding_dim
-        self.gate1 = FeatureGate(n, gate_hidden, device) if gating else nn.Identity()
-        self.gate2 = FeatureGate(n, gate_hidden, device) if gating else nn.Identity()
-        self.stream1 = MLP(n, list(stream1_widths), dropout=dropout, device=device)
-        self.stream2 = MLP(n, list(stream2_widths), dropout=dropout, device=device)
+        self.gate1 = FeatureGate(num_features, embedding_dim, gate_hidden, gate1_context, device) if gating else _Flat()
+        self.gate2 = FeatureGate(num_features, embedding_dim, gate_hidden, gate2_context, device) if gating else _Flat()
+        self.stream1 = MLP(n, list(stream1_widths), dropout=dropout, batch_norm=batch_norm, device=device)
+        self.stream2 = MLP(n, list(stream2_widths), dropout=dropout, batch_norm=batch_norm, device=device)
         self.fusion = BilinearFusion(
             self.stream1.out_dim, self.stream2.out_dim, out_dim=fusion_dim, num_heads=num_heads, device=device,
         )
         self.out_dim = fusion_dim
+        self.to_logits = to_logits
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = features.flatten(1)
-        return self.fusion(self.stream1(self.gate1(x)), self.stream2(self.gate2(x)))
+        return self.fusion(self.stream1(self.gate1(features)), self.stream2(self.gate2(features)))
 
 
 @technique(name="finalmlp", slot="interaction", params=FinalMLPParams)
@@ -229,9 +267,29 @@ class FinalMLP:
     def smt_interaction(self, ctx: SlotContext, params: FinalMLPParams) -> nn.Module:
         return FinalMLPBranch(
             ctx.num_features, ctx.embedding_dim, stream1_widths=params.stream1_widths,
-            stream2_widths=params.stream2_widths, num_heads=params.num_heads, fusion_dim=params.fusion_dim,
-            gating=params.gating, gate_hidden=params.gate_hidden, dropout=params.dropout, device=ctx.device,
+            stream2_widths=params.stream2_widths, num_heads=params.num_heads,
+            fusion_dim=len(ctx.tasks) if params.to_logits else params.fusion_dim, to_logits=params.to_logits,
+            gating=params.gating, gate_hidden=params.gate_hidden,
+            gate1_context=context_indices(ctx, params.gate1_context, "gate1_context"),
+            gate2_context=context_indices(ctx, params.gate2_context, "gate2_context"),
+            dropout=params.dropout, batch_norm=params.batch_norm, device=ctx.device,
         )
+
+
+def context_indices(ctx: SlotContext, names: Sequence[str], field: str) -> Optional[list[int]]:
+    """Positions in the (B, F, D) features of the named sparse features
+    (the template stacks sparse features in spec order, the dense arch's
+    output last); None for an empty list (all features)."""
+    if not names:
+        return None
+    order = [f.name for f in ctx.model.features.sparse]
+    unknown = [n for n in names if n not in order]
+    if unknown:
+        raise ConfigError([
+            f"names no sparse feature of the model: {unknown}; the model has {order} "
+            f"@ $.models.{ctx.model.name}.techniques.finalmlp.{field}"
+        ])
+    return [order.index(n) for n in names]
 
 
 @hookimpl

@@ -75,14 +75,27 @@ def test_multi_head_fusion_sums_per_head_bilinear_forms():
 
 
 def test_gate_is_twice_a_sigmoid():
-    gate = FeatureGate(4, 3)
-    x = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
+    gate = FeatureGate(2, 2, 3)
+    x = torch.tensor([[[1.0, -2.0], [3.0, 0.5]]])
     with torch.no_grad():
         last = gate.mlp.layers[-1]
         last.weight.zero_()
         last.bias.copy_(torch.tensor([0.0, 100.0, -100.0, 0.0]))
     # gates: 2 sigmoid(0) = 1, 2 sigmoid(100) = 2, 2 sigmoid(-100) = 0
     torch.testing.assert_close(gate(x), torch.tensor([[1.0, -4.0, 0.0, 0.5]]))
+
+
+def test_gate_reads_only_its_context_features():
+    torch.manual_seed(0)
+    gate = FeatureGate(3, 2, 4, context=[2, 0])
+    assert gate.mlp.in_dim == 4  # two context features of D=2
+    x = torch.randn(5, 3, 2)
+    expected = x.flatten(1) * 2 * torch.sigmoid(gate.mlp(torch.cat([x[:, 2], x[:, 0]], dim=1)))
+    torch.testing.assert_close(gate(x), expected)
+    y = x.clone()
+    y[:, 1] += 1.0  # not in the context: the gate values stay, only the gated input changes
+    torch.testing.assert_close(gate(y)[:, :2], gate(x)[:, :2])
+    torch.testing.assert_close(gate(y)[:, 4:], gate(x)[:, 4:])
 
 
 def test_branch_composes_gates_streams_and_fusion():
@@ -101,7 +114,7 @@ def test_branch_composes_gates_streams_and_fusion():
 def test_gating_off_reads_the_flat_embeddings():
     torch.manual_seed(0)
     branch = FinalMLPBranch(3, 4, stream1_widths=[8], stream2_widths=[6], num_heads=2, fusion_dim=5, gating=False)
-    assert isinstance(branch.gate1, nn.Identity) and isinstance(branch.gate2, nn.Identity)
+    assert not any(isinstance(m, FeatureGate) for m in branch.modules())
     x = torch.randn(7, 3, 4)
     flat = x.flatten(1)
     torch.testing.assert_close(branch(x), branch.fusion(branch.stream1(flat), branch.stream2(flat)))
@@ -165,16 +178,37 @@ def test_bad_params_name_the_path(host, eco, value, message):
 
 def test_params_reach_the_branch(host, eco):
     value = {"stream1_widths": [64, 32], "stream2_widths": [48], "num_heads": 8, "fusion_dim": 16,
-             "gating": False, "dropout": 0.1}
+             "gating": False, "dropout": 0.1, "batch_norm": True}
     spec = with_params(eco.model("feed_ctr"), value)
     plan = host.plan(spec)
     (entry,) = [e for e in plan.entries if e.technique == "finalmlp"]
     assert entry.out_dim == 16
-    assert {k: list(v) if isinstance(v, tuple) else v for k, v in entry.params.items()} == value | {"gate_hidden": 64}
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in entry.params.items()} == value | {
+        "gate_hidden": 64, "gate1_context": [], "gate2_context": [], "to_logits": False}
     branch = host.build(plan, spec).branches["finalmlp"]
     assert (branch.stream1.out_dim, branch.stream2.out_dim, branch.fusion.num_heads) == (32, 48, 8)
-    assert isinstance(branch.gate1, nn.Identity)
+    assert not any(isinstance(m, FeatureGate) for m in branch.modules())
     assert sum(isinstance(m, nn.Dropout) for m in branch.modules()) == 3
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in branch.modules()) == 3
+
+
+def test_gate_context_names_features(host, eco):
+    model = eco.model("feed_ctr")
+    names = [f.name for f in model.features.sparse]
+    spec = with_params(model, {"gate1_context": [names[2]], "gate2_context": [names[0], names[1]]})
+    branch = host.build(host.plan(spec), spec).branches["finalmlp"]
+    assert (branch.gate1.context, branch.gate2.context) == ([2], [0, 1])
+    assert branch.gate1.mlp.in_dim == model.embedding_dim
+
+
+def test_gate_context_unknown_feature_names_the_path(host, eco):
+    model = eco.model("feed_ctr")
+    names = [f.name for f in model.features.sparse]
+    spec = with_params(model, {"gate2_context": ["nope"]})
+    with pytest.raises(ConfigError) as err:
+        host.build(host.plan(spec), spec)
+    assert str(err.value) == (f"names no sparse feature of the model: ['nope']; the model has {names} "
+                              "@ $.models.feed_ctr.techniques.finalmlp.gate2_context")
 
 
 def _readme_toml_blocks() -> list[str]:
@@ -251,3 +285,22 @@ def test_conformance(smt_check, smt_tiny_ecosystem, value):
 
 def test_conformance_defaults(smt_check):
     assert smt_check("finalmlp") == ["tiny_ctr", "tiny_multi", "tiny_nodense"]
+
+
+@pytest.mark.parametrize("model", ["feed_ctr", "feed_ctr_cvr"])
+def test_to_logits_gives_one_logit_per_task_added_to_the_logits(host, eco, model):
+    base = eco.model(model)
+    spec = with_params(base, {"to_logits": True, "fusion_dim": 99})
+    plan = host.plan(spec)
+    (entry,) = [e for e in plan.entries if e.technique == "finalmlp"]
+    assert entry.out_dim == len(base.tasks)
+    built = host.build(plan, spec).eval()
+    assert built.logit_branches == ["finalmlp"] and "finalmlp" not in built.deep_branches
+    assert plan.widths["interaction"] == sum(built.branches[n].out_dim for n in built.deep_branches)
+    batch = example_batch(spec, 4)
+    with torch.no_grad():
+        wide = built.branches["finalmlp"](built.features(batch.dense, batch.sparse))
+        assert wide.shape == (4, len(base.tasks))
+        with_wide = built(batch.dense, batch.sparse)
+        built.branches["finalmlp"].fusion.linear1.bias.add_(1.5)
+        torch.testing.assert_close(built(batch.dense, batch.sparse), with_wide + 1.5)
