@@ -10,11 +10,15 @@ Model selection uses validation only: the "best" combination is the set of
 techniques whose single runs beat the baseline on *validation* (see
 ``choose_best``).
 
-The model and its training recipe are ``examples/real/frappe.toml``.
+The model and its training recipe are ``examples/real/frappe.toml``; a
+technique's own recipe (its parameters, and the template settings it wants,
+tuned on validation) is a table of ``benchmarks/frappe_x1.toml`` merged into
+that model table for the technique's runs and for "best" when it joins.
 Each finished run is saved (``<out>/frappe_runs/<config>/seed<N>/result.json``)
-and reused by the next invocation with the same techniques and
-``--max-epochs`` unless ``--fresh``: an interrupted
-benchmark picks up where it stopped. Writes JSON and a markdown table
+and reused by the next invocation with the same recipe (the spec's
+features, arch, training and the parameters of the run's techniques, see
+``recipe``) unless ``--fresh``: an interrupted benchmark picks up where it
+stopped, and editing the recipe retrains only the runs it touches. Writes JSON and a markdown table
 (``--out``, default benchmarks/results/).
 Data: ``$SMT_DATA_DIR/frappe`` (default ../shared/data).
 """
@@ -26,7 +30,9 @@ import json
 import statistics
 import sys
 import time
+import tomllib
 from pathlib import Path
+from typing import Optional
 
 import attrs
 
@@ -40,15 +46,80 @@ PUBLISHED = [  # BARS, reczoo/BARS ranking/ctr/<Model>/<Model>_frappe_x1/README.
 ]
 
 
-def frappe_spec(max_epochs: int):
+SPEC = ROOT / "examples" / "real" / "frappe.toml"
+RECIPES = ROOT / "benchmarks" / "frappe_x1.toml"
+
+
+def frappe_spec(max_epochs: int, overrides: Optional[dict] = None):
     """(ecosystem, spec) of ``examples/real/frappe.toml`` (which holds the
     recipe: MLP 400-400-400 with BatchNorm and dropout 0.2, Adam, L2 0.1 on
-    the tables, lr x0.1 on a validation plateau), capped at ``max_epochs``."""
-    from smt_host.config import load_ecosystem
+    the tables, lr x0.1 on a validation plateau), with ``overrides`` (a
+    partial model table) merged in, capped at ``max_epochs``."""
+    from smt_host.config import ecosystem_from_dict
 
-    eco = load_ecosystem(ROOT / "examples" / "real" / "frappe.toml")
+    data = tomllib.loads(SPEC.read_text(encoding="utf-8"))
+    data["model"] = merge_tables(data["model"], overrides or {})
+    eco = ecosystem_from_dict(data, source=str(SPEC) + (f" + {RECIPES.name}" if overrides else ""))
     spec = eco.model("frappe")
     return eco, attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=max_epochs))
+
+
+def merge_tables(base: dict, over: dict, path: str = "$.model") -> dict:
+    """``base`` with ``over`` merged in, tables recursively, other values replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_tables(out[k], v, f"{path}.{k}")
+        else:
+            out[k] = v
+    return out
+
+
+def load_recipes(path: Path = RECIPES) -> dict[str, dict]:
+    """The per-technique recipes: technique name -> partial model table."""
+    if not path.exists():
+        return {}
+    recipes = tomllib.loads(path.read_text(encoding="utf-8"))
+    bad = [k for k, v in recipes.items() if not isinstance(v, dict)]
+    if bad:
+        raise SystemExit(f"{path}: every top-level entry must be a table named after a technique, got {bad}")
+    return recipes
+
+
+def combined_recipe(recipes: dict[str, dict], techniques: list[str]) -> dict:
+    """The overrides of several techniques together; two that set one
+    setting to different values are refused, naming both."""
+    out: dict = {}
+
+    def leaves(table: dict, prefix: str = ""):  # a technique's table is one setting
+        for k, v in table.items():
+            if isinstance(v, dict) and prefix != "techniques.":
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    owner: dict[str, tuple[str, object]] = {}
+    for t in techniques:
+        for key, value in leaves(recipes.get(t, {})):
+            if key in owner and owner[key][1] != value:
+                raise SystemExit(f"{RECIPES}: [{owner[key][0]}] and [{t}] set {key} differently "
+                                 f"({owner[key][1]!r} vs {value!r}); they cannot run together")
+            owner[key] = (t, value)
+        out = merge_tables(out, recipes.get(t, {}))
+    return out
+
+
+def recipe(spec, techniques, plugin_techniques, conv) -> dict:
+    """What a run's result depends on besides its seed: the spec's
+    features, arch and training (seed left out) and the technique tables
+    of the built-ins and of ``techniques`` (not those of other plugins'
+    techniques, so tuning one technique keeps the others' saved runs)."""
+    training = conv.unstructure(spec.training)
+    training.pop("seed", None)
+    tables = {k: conv.unstructure(v) if not isinstance(v, (bool, dict)) else v for k, v in spec.techniques.items()
+              if k in techniques or k not in plugin_techniques}
+    return json.loads(json.dumps({"features": conv.unstructure(spec.features), "arch": conv.unstructure(spec.arch),
+                                  "training": training, "techniques": tables}, sort_keys=True, default=str))
 
 
 _WORKER: dict = {}
@@ -63,9 +134,11 @@ def _init_worker(threads: int) -> None:
 def run_config(job: dict) -> dict:
     """Trains one (config, techniques, seed) run, or returns its saved result.
 
-    ``job``: config, techniques (list), seed, max_epochs, out (folder), fresh.
-    Writes ``<out>/<config>/seed<N>/result.json`` once the run is complete, so
-    an interrupted benchmark resumes where it stopped.
+    ``job``: config, techniques (list), seed, max_epochs, overrides (the
+    config's partial model table), recipe (see ``recipe``), out (folder),
+    fresh. Writes
+    ``<out>/<config>/seed<N>/result.json`` once the run is complete, so an
+    interrupted benchmark resumes where it stopped.
     """
     from smt_host.data import open_source
     from smt_host.host import Host
@@ -76,13 +149,16 @@ def run_config(job: dict) -> dict:
     done = run_dir / "result.json"
     if done.exists() and not job["fresh"]:
         saved = json.loads(done.read_text())
-        if saved["techniques"] == sorted(job["techniques"]) and saved.get("max_epochs") == job["max_epochs"]:
+        if saved["techniques"] == sorted(job["techniques"]) and saved.get("recipe") == job["recipe"]:
             return {**saved, "resumed": True}
     if "host" not in _WORKER:
-        host = Host.create()
-        eco, spec = frappe_spec(job["max_epochs"])
-        _WORKER.update(host=host, eco=eco, spec=spec, data=open_source(spec, eco))
-    host, eco, spec, data = (_WORKER[k] for k in ("host", "eco", "spec", "data"))
+        _WORKER["host"] = Host.create()
+    host = _WORKER["host"]
+    eco, spec = frappe_spec(job["max_epochs"], job["overrides"])
+    data_key = json.dumps(host.conv.unstructure(spec.data), sort_keys=True, default=str)
+    if _WORKER.get("data_key") != data_key:  # every config reads the same files: open them once
+        _WORKER.update(data_key=data_key, data=open_source(spec, eco))
+    data = _WORKER["data"]
     spec = attrs.evolve(spec, training=attrs.evolve(spec.training, seed=job["seed"]))
     kwargs = {"builtins_only": True} if job["config"] == "baseline" else {"only": frozenset(job["techniques"])}
     plan = host.plan(spec, **kwargs)
@@ -96,7 +172,7 @@ def run_config(job: dict) -> dict:
         final_valid = evaluate(final, data, "valid", spec.training.eval_batch_size, list(spec.task_names))["click"]
     result = {
         "config": job["config"], "seed": job["seed"], "techniques": sorted(job["techniques"]),
-        "max_epochs": job["max_epochs"],
+        "max_epochs": job["max_epochs"], "recipe": job["recipe"],
         "test_auc": r.test["click"]["auc"], "test_logloss": r.test["click"]["logloss"],
         "valid_auc": final_valid["auc"], "valid_logloss": final_valid["logloss"],
         "valid_auc_before_fit": r.valid["click"]["auc"], "valid_logloss_before_fit": r.valid["click"]["logloss"],
@@ -220,6 +296,11 @@ def main(argv=None) -> int:
     host = Host.create()
     _, spec = frappe_spec(args.max_epochs)
     singles = applicable_techniques(host, spec)
+    recipes = load_recipes()
+    unused = sorted(set(recipes) - set(singles))
+    if unused:
+        print(f"note: {RECIPES.name} tables {unused} name no installed, applicable technique; not used "
+              f"(installed: {', '.join(singles) or 'none'})", file=sys.stderr)
     configs = ["baseline", *singles, "best"] if args.configs == "all" else args.configs.split(",")
     unknown = [c for c in configs if c not in ("baseline", "best", *singles)]
     if unknown:
@@ -231,8 +312,12 @@ def main(argv=None) -> int:
     runs_dir = args.out / "frappe_runs"
 
     def jobs_for(config: str, techniques) -> list[dict]:
+        overrides = combined_recipe(recipes, sorted(techniques))
+        _, run_spec = frappe_spec(args.max_epochs, overrides)
+        key = recipe(run_spec, techniques, singles, host.conv)
         return [{"config": config, "techniques": sorted(techniques), "seed": seed, "max_epochs": args.max_epochs,
-                 "out": str(runs_dir), "fresh": args.fresh} for seed in range(args.seeds)]
+                 "overrides": overrides, "recipe": key, "out": str(runs_dir), "fresh": args.fresh}
+                for seed in range(args.seeds)]
 
     first = [j for c in configs if c != "best" for j in jobs_for(c, [] if c == "baseline" else [c])]
     all_runs = run_all(first, args.jobs, threads)
