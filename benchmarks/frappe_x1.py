@@ -64,12 +64,12 @@ def frappe_spec(max_epochs: int, overrides: Optional[dict] = None):
     return eco, attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=max_epochs))
 
 
-def merge_tables(base: dict, over: dict, path: str = "$.model") -> dict:
+def merge_tables(base: dict, over: dict) -> dict:
     """``base`` with ``over`` merged in, tables recursively, other values replaced."""
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge_tables(out[k], v, f"{path}.{k}")
+            out[k] = merge_tables(out[k], v)
         else:
             out[k] = v
     return out
@@ -116,8 +116,7 @@ def recipe(spec, techniques, plugin_techniques, conv) -> dict:
     techniques, so tuning one technique keeps the others' saved runs)."""
     training = conv.unstructure(spec.training)
     training.pop("seed", None)
-    tables = {k: conv.unstructure(v) if not isinstance(v, (bool, dict)) else v for k, v in spec.techniques.items()
-              if k in techniques or k not in plugin_techniques}
+    tables = {k: v for k, v in spec.techniques.items() if k in techniques or k not in plugin_techniques}
     return json.loads(json.dumps({"features": conv.unstructure(spec.features), "arch": conv.unstructure(spec.arch),
                                   "training": training, "techniques": tables}, sort_keys=True, default=str))
 

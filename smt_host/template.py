@@ -23,7 +23,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from smt_host.config import ModelSpec
+from smt_host.config import ConfigError, ModelSpec
 from smt_host.plugins import PluginError, SmtPluginManager
 from smt_host.resolve import Active, Resolution
 from smt_host.slots import LossFn, SlotContext, TableSpec
@@ -219,8 +219,6 @@ def build_model(
         branches.append(branch)
         names.append(t.name)
     if not width:
-        from smt_host.config import ConfigError
-
         raise ConfigError([f"slot 'interaction' of model {spec.name!r} has no branch feeding the over-arch "
                            f"(every branch adds to the logits: {names}) @ $.models.{spec.name}.techniques"])
 
@@ -264,13 +262,14 @@ def _verify_widths(model: TemplateModel, spec: ModelSpec, res: Resolution, devic
             t = by_slot.get("dense_arch") if spec.features.dense else by_slot["embedding"]
             raise PluginError(f"model {spec.name!r}: feature embeddings are {tuple(feats.shape)}, want (B, F, D) = {want}; "
                               f"check the embedding techniques and {t.name!r} ({t.dist} {t.version})")
+        outs = {}
         for a in res.slot("interaction"):
-            out = model.branches[a.name](feats)
+            outs[a.name] = out = model.branches[a.name](feats)
             declared = model.branches[a.name].out_dim
             if tuple(out.shape) != (2, declared):
                 raise PluginError(f"technique {a.name!r} ({a.dist} {a.version}): its interaction branch declares "
                                   f"out_dim {declared} but returns {tuple(out.shape)} for input {tuple(feats.shape)}")
-        hidden = model.over_arch(model.over_arch_input(feats))
+        hidden = model.over_arch(torch.cat([outs[n] for n in model.deep_branches], dim=1))
         a = by_slot["over_arch"]
         if tuple(hidden.shape) != (2, model.over_arch.out_dim):
             raise PluginError(f"technique {a.name!r} ({a.dist} {a.version}): over arch declares out_dim "

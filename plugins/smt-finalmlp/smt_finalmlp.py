@@ -146,13 +146,6 @@ class FeatureGate(nn.Module):
         return x * (2.0 * torch.sigmoid(self.mlp(ctx)))
 
 
-class _Flat(nn.Module):
-    """(B, F, D) -> (B, F*D): the ungated stream input."""
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features.flatten(1)
-
-
 class BilinearFusion(nn.Module):
     """Multi-head bilinear fusion of two vectors (FinalMLP eq. 7).
 
@@ -245,8 +238,8 @@ class FinalMLPBranch(nn.Module):
         if num_features < 1 or embedding_dim < 1:
             raise ValueError(f"num_features and embedding_dim must be >= 1, got {num_features} and {embedding_dim}")
         n = num_features * embedding_dim
-        self.gate1 = FeatureGate(num_features, embedding_dim, gate_hidden, gate1_context, device) if gating else _Flat()
-        self.gate2 = FeatureGate(num_features, embedding_dim, gate_hidden, gate2_context, device) if gating else _Flat()
+        self.gate1 = FeatureGate(num_features, embedding_dim, gate_hidden, gate1_context, device) if gating else nn.Flatten(1)
+        self.gate2 = FeatureGate(num_features, embedding_dim, gate_hidden, gate2_context, device) if gating else nn.Flatten(1)
         self.stream1 = MLP(n, list(stream1_widths), dropout=dropout, batch_norm=batch_norm, device=device)
         self.stream2 = MLP(n, list(stream2_widths), dropout=dropout, batch_norm=batch_norm, device=device)
         self.fusion = BilinearFusion(
