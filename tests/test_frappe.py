@@ -42,3 +42,31 @@ def test_two_epochs_of_the_frappe_recipe_learn(frappe, no_env, tmp_path):
     assert aucs[1] > aucs[0], aucs  # still learning
     assert result.test["click"]["auc"] > 0.90, result.test
     assert result.test["click"]["logloss"] < 0.40, result.test  # 0.634 is the base-rate logloss
+
+
+def test_seed_ensemble_averages_logits_of_the_saved_runs(frappe, no_env, tmp_path, capsys):
+    """benchmarks/frappe_x1.py's seed ensemble: two copies of one run average
+    to that run (its saved best model, on the split the run reported); a run
+    without a checkpoint is named and skipped."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(SPEC.parents[2] / "benchmarks"))
+    import frappe_x1
+
+    overrides = {"training": {"max_steps_per_epoch": 5}}
+    job = {"config": "baseline", "techniques": [], "seed": 0, "max_epochs": 1, "overrides": overrides,
+           "recipe": {}, "out": str(tmp_path), "fresh": False}
+    run = frappe_x1.run_config(job)
+    shutil.copytree(tmp_path / "baseline" / "seed0", tmp_path / "baseline" / "seed1")
+    runs = [run, {**run, "seed": 1}]
+    host = Host.create(load="")
+    ens = frappe_x1.seed_ensemble(host, runs, tmp_path, overrides, 1)
+    assert ens["models"] == 2 and ens["seeds"] == [0, 1]
+    assert ens["valid_auc"] == pytest.approx(run["valid_auc"], abs=1e-6)
+    assert ens["test_auc"] == pytest.approx(run["test_auc"], abs=1e-6)
+    assert ens["test_logloss"] == pytest.approx(run["test_logloss"], abs=1e-5)
+
+    (tmp_path / "baseline" / "seed1" / "checkpoint.pt").unlink()
+    assert frappe_x1.seed_ensemble(host, runs, tmp_path, overrides, 1) is None
+    assert capsys.readouterr().out.strip().endswith(f"skipped, no checkpoint at {tmp_path / 'baseline' / 'seed1' / 'checkpoint.pt'}")
