@@ -39,8 +39,13 @@ class Cost:
 
 
 def measure(model: nn.Module, spec: ModelSpec) -> Cost:
-    """Counts FLOPs per example and parameters of a ``TemplateModel``."""
-    from smt_host.template import example_batch
+    """Counts FLOPs per example and parameters of a built model.
+
+    ``parts`` are a ``TemplateModel``'s; for an ensemble they are its first
+    member's, plus ``ensemble``: the FLOPs of the other members and the
+    combination (the total less one member).
+    """
+    from smt_host.template import example_batch, members_of
 
     batch = example_batch(spec, FLOP_BATCH)
     was_training = model.training
@@ -59,13 +64,19 @@ def measure(model: nn.Module, spec: ModelSpec) -> Cost:
         else:
             continue
         parts[key] = parts.get(key, 0.0) + sum(counts.values()) / FLOP_BATCH
-    emb = sum(p.numel() for p in model.embedding.parameters())
+    flops = counter.get_total_flops() / FLOP_BATCH
+    members = members_of(model)
+    if members != [model]:
+        first = measure(members[0], spec)
+        parts = {**first.parts, "ensemble": flops - first.flops}
+    tables = [p for m in members for p in m.embedding.parameters()]
+    emb = sum(p.numel() for p in tables)
     total = sum(p.numel() for p in model.parameters())
     return Cost(
-        flops=counter.get_total_flops() / FLOP_BATCH,
+        flops=flops,
         dense_params=total - emb,
         embedding_params=emb,
-        embedding_bytes=sum(p.numel() * p.element_size() for p in model.embedding.parameters()),
+        embedding_bytes=sum(p.numel() * p.element_size() for p in tables),
         parts={k: parts[k] for k in sorted(parts)},
     )
 

@@ -26,7 +26,7 @@ None when the technique declares no parameters class).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import pluggy
 
@@ -228,6 +228,36 @@ def smt_head(ctx: "SlotContext", params: Any, task: str) -> "torch.nn.Module":
 
     Returns:
         an ``nn.Module`` mapping (B, H_t) to (B,) logits.
+    """
+
+
+@_hookspec
+def smt_ensemble(ctx: "SlotContext", params: Any, build: "Callable[[], torch.nn.Module]") -> "torch.nn.Module":
+    """Ensemble slot (exclusive, optional): several template networks as one model.
+
+    Without an ensemble technique a model is one ``TemplateModel``. The
+    active ensemble technique instead calls ``build()`` once per member: each
+    call returns a new, independently initialised ``TemplateModel`` with
+    every other technique of the plan in it (its own tables, branches,
+    over-arch, heads). It returns a module that holds them as
+    ``members`` (an ``nn.ModuleList`` of exactly the models ``build``
+    returned, in order) and maps ``forward(dense (B, Nd), sparse KJT)`` to
+    the combined logits (B, T): what evaluation, export and serving see.
+
+    The trainer trains every member on its own loss (the loss slot's loss of
+    that member's logits, summed over members), so members learn as
+    independent models would (a deep ensemble, not one wide network);
+    optimizers are built per member, and lifecycle hooks see the whole
+    module as ``ctx.model`` (use ``smt_host.template.members_of``). Early
+    stopping and the saved best weights follow the combined model.
+
+    Args:
+        ctx: the model's context (``ctx.tasks`` has T names).
+        params: this technique's parameters.
+        build: makes one member; call it once per member.
+
+    Returns:
+        an ``nn.Module`` with ``members``, mapping (dense, sparse) to (B, T).
     """
 
 

@@ -13,12 +13,13 @@ from typing import Any, Optional
 
 import attrs
 import cattrs
+from torch import nn
 
 from smt_host.capacity import CapacityError, Cost, measure, neutral_scale
 from smt_host.config import ConfigError, ModelSpec, structure
 from smt_host.plugins import PluginError, SmtPluginManager
 from smt_host.resolve import Active, Resolution, Skipped, resolve
-from smt_host.template import TemplateModel, build_model, base_context
+from smt_host.template import base_context, build_model, members_of
 
 
 @attrs.frozen
@@ -162,8 +163,10 @@ def make_plan(
                 + f" @ $.models.{spec.name}.capacity.budget"
             ) from None
 
-    model = build_model(spec, res, spm, width_scale=scale, seed=seed)
-    cost = measure(model, spec)
+    built = build_model(spec, res, spm, width_scale=scale, seed=seed)
+    cost = measure(built, spec)
+    members = members_of(built)
+    model = members[0]  # widths and per-technique FLOPs are one member's
     entries = []
     for a in res.active:
         out_dim = None
@@ -179,6 +182,8 @@ def make_plan(
             flops = cost.parts.get("task_arch", 0.0)
         elif a.slot == "heads":
             flops = sum(v for k, v in cost.parts.items() if k.startswith("heads."))
+        elif a.slot == "ensemble":
+            flops = cost.parts.get("ensemble", 0.0)
         entries.append(PlanEntry(a.slot, a.name, a.dist, a.version, _params_dict(conv, a.params), out_dim, flops))
     ctx = base_context(spec)
     widths = {
@@ -190,6 +195,8 @@ def make_plan(
         "task_arch": list(model.task_arch.out_dims),
         "tables": len(model.embedding.embedding_bag_configs()),
     }
+    if len(members) > 1 or built is not model:
+        widths["members"] = len(members)
     capacity = CapacityReport(mode=mode, budget=target, achieved=cost.flops, scale=scale, tolerance=tolerance)
     return Plan(
         model=spec.name, entries=tuple(entries), skipped=res.skipped, widths=widths, cost=cost,
@@ -223,8 +230,9 @@ def resolution_from_plan(plan: Plan, spm: SmtPluginManager, conv: cattrs.Convert
     return Resolution(model=plan.model, active=tuple(active), skipped=plan.skipped)
 
 
-def build_from_plan(plan: Plan, spec: ModelSpec, spm: SmtPluginManager, conv: cattrs.Converter, device: Any = "cpu") -> TemplateModel:
-    """The ``TemplateModel`` a plan describes (same seed: same weights)."""
+def build_from_plan(plan: Plan, spec: ModelSpec, spm: SmtPluginManager, conv: cattrs.Converter, device: Any = "cpu") -> nn.Module:
+    """The model a plan describes (same seed: same weights): a
+    ``TemplateModel``, or an ensemble of them (see ``smt_ensemble``)."""
     res = resolution_from_plan(plan, spm, conv)
     return build_model(spec, res, spm, width_scale=plan.capacity.scale, device=device, seed=plan.seed)
 

@@ -13,7 +13,7 @@ import cattrs
 
 from smt_host.config import ConfigError, ModelSpec, structure
 from smt_host.plugins import PluginError, Registered, SmtPluginManager
-from smt_host.technique import EXCLUSIVE_SLOTS, SLOTS
+from smt_host.technique import EXCLUSIVE_SLOTS, OPTIONAL_SLOTS, SLOTS
 
 
 def distribution_hint(technique: str) -> str:
@@ -184,7 +184,7 @@ def resolve(
     order = spm.ordered(names)
     chosen.sort(key=lambda a: order.index(a.name))
     for slot in SLOTS:
-        if slot in EXCLUSIVE_SLOTS and slot != "dense_arch" and not any(a.slot == slot for a in chosen):
+        if slot in EXCLUSIVE_SLOTS and slot not in OPTIONAL_SLOTS and not any(a.slot == slot for a in chosen):
             raise ConfigError([f"slot {slot!r} has no technique for model {spec.name!r} (all opted out?) @ $.models.{spec.name}.techniques"])
     if not any(a.slot == "interaction" for a in chosen):
         raise ConfigError([f"slot 'interaction' has no branch for model {spec.name!r} @ $.models.{spec.name}.techniques"])

@@ -32,6 +32,7 @@ SLOTS: tuple[str, ...] = (
     "over_arch",
     "task_arch",
     "heads",
+    "ensemble",
     "loss",
     "optimizer",
     "training",
@@ -40,8 +41,13 @@ SLOTS: tuple[str, ...] = (
 #: Slots filled by exactly one technique: the applicable one with the highest
 #: priority wins (ties broken by name); the others are reported as shadowed.
 EXCLUSIVE_SLOTS: frozenset[str] = frozenset(
-    {"dense_arch", "over_arch", "task_arch", "heads", "optimizer"}
+    {"dense_arch", "over_arch", "task_arch", "heads", "ensemble", "optimizer"}
 )
+
+#: Exclusive slots that may stay empty: a model without dense features has
+#: no dense arch, and a model is one network unless an ensemble technique
+#: makes it several.
+OPTIONAL_SLOTS: frozenset[str] = frozenset({"dense_arch", "ensemble"})
 
 #: The hook each slot's techniques implement.
 SLOT_HOOKS: dict[str, str] = {
@@ -51,6 +57,7 @@ SLOT_HOOKS: dict[str, str] = {
     "over_arch": "smt_over_arch",
     "task_arch": "smt_task_arch",
     "heads": "smt_head",
+    "ensemble": "smt_ensemble",
     "loss": "smt_loss",
     "optimizer": "smt_optimizers",
     "training": None,  # lifecycle hooks only

@@ -178,11 +178,52 @@ def make_ebc(tables: Sequence[TableSpec], device: Any = "cpu") -> EmbeddingBagCo
 def build_model(
     spec: ModelSpec, res: Resolution, spm: SmtPluginManager, *, width_scale: float = 1.0,
     device: Any = "cpu", seed: Optional[int] = None,
-) -> TemplateModel:
-    """Builds the model a resolution describes (seeded for determinism)."""
+) -> nn.Module:
+    """Builds the model a resolution describes (seeded for determinism): one
+    ``TemplateModel``, or, when an ensemble technique is active, the module
+    it returns around several (see ``smt_ensemble``)."""
     if seed is not None:
         torch.manual_seed(seed)
     ctx = base_context(spec, device, width_scale)
+    ensemble = res.slot("ensemble")
+    if not ensemble:
+        return _build_member(spec, res, spm, ctx, device)
+    (t,) = ensemble
+    built: list[TemplateModel] = []
+
+    def build() -> TemplateModel:
+        built.append(_build_member(spec, res, spm, ctx, device))
+        return built[-1]
+
+    model = _module(spm.call(t.name, "smt_ensemble", ctx=ctx, params=t.params, build=build), t, "smt_ensemble")
+    members = getattr(model, "members", None)
+    got = [id(m) for m in members] if isinstance(members, nn.ModuleList) else None
+    if not built or got != [id(m) for m in built]:
+        what = "no members attribute" if members is None else (
+            f"members of type {type(members).__name__}" if got is None else f"{len(got)} members")
+        raise PluginError(
+            f"technique {t.name!r} ({t.dist} {t.version}): smt_ensemble() must call build() at least once and "
+            f"return a module whose `members` is an nn.ModuleList of the models build() returned, in order; "
+            f"build() was called {len(built)} times, the module has {what}"
+        )
+    batch = example_batch(spec, 2, device)
+    with torch.no_grad():
+        logits = model(batch.dense, batch.sparse)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, len(spec.tasks)):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise PluginError(f"technique {t.name!r} ({t.dist} {t.version}): the ensemble returns {shape} for 2 examples, "
+                          f"want logits (B, T) = (2, {len(spec.tasks)})")
+    return model
+
+
+def members_of(model: nn.Module) -> list[TemplateModel]:
+    """The template networks of a built model: the model itself, or the
+    ``members`` of an ensemble (see ``smt_ensemble``)."""
+    return [model] if isinstance(model, TemplateModel) else list(model.members)
+
+
+def _build_member(spec: ModelSpec, res: Resolution, spm: SmtPluginManager, ctx: SlotContext, device: Any) -> TemplateModel:
+    """One ``TemplateModel`` with every slot but the ensemble filled."""
     tables = build_tables(spm, res, ctx)
     ebc = make_ebc(tables, device)
     emb = res.slot("embedding")
@@ -300,7 +341,11 @@ def build_loss(spec: ModelSpec, res: Resolution, spm: SmtPluginManager) -> LossF
 
 
 def build_optimizers(spec: ModelSpec, res: Resolution, spm: SmtPluginManager, model: nn.Module) -> list[torch.optim.Optimizer]:
-    """The optimizer slot's optimizers; checks they cover every parameter once."""
+    """The optimizer slot's optimizers (of every member of an ensemble, in
+    member order); checks they cover every parameter once."""
+    members = members_of(model)
+    if len(members) > 1:
+        return [o for m in members for o in build_optimizers(spec, res, spm, m)]
     (t,) = res.slot("optimizer")
     opts = spm.call(t.name, "smt_optimizers", ctx=base_context(spec), params=t.params, model=model)
     if not isinstance(opts, list) or not all(isinstance(o, torch.optim.Optimizer) for o in opts):

@@ -36,7 +36,7 @@ import torch
 from smt_host.config import EcosystemSpec, ModelSpec, ecosystem_from_dict
 from smt_host.host import Host
 from smt_host.slots import LossInputs
-from smt_host.template import example_batch
+from smt_host.template import example_batch, members_of
 
 _SPARSE = [
     ("user_id", 20000), ("user_segment", 16), ("age_bucket", 8), ("ad_id", 4000),
@@ -89,8 +89,9 @@ def check_model(host: Host, spec: ModelSpec, name: str) -> None:
     assert entries[0].slot == reg.info.slot, f"{where}: planned in slot {entries[0].slot!r}, declared {reg.info.slot!r}"
 
     batch = example_batch(spec, batch_size=16)
-    model = host.build(plan, spec)
-    # 2. widths
+    whole = host.build(plan, spec)
+    members = members_of(whole)
+    model = members[0]  # 2. widths, of one template network (every member is built alike)
     feats = model.features(batch.dense, batch.sparse)
     assert feats.shape == (16, plan.widths["num_features"], plan.widths["embedding_dim"]), f"{where}: features {tuple(feats.shape)}"
     for bname, branch in model.branches.items():
@@ -105,24 +106,27 @@ def check_model(host: Host, spec: ModelSpec, name: str) -> None:
     assert [tuple(t.shape) for t in towers] == [(16, d) for d in model.task_arch.out_dims], (
         f"{where}: task arch declares out_dims {model.task_arch.out_dims}, returns {[tuple(t.shape) for t in towers]}"
     )
-    logits = model(batch.dense, batch.sparse)
+    logits = whole(batch.dense, batch.sparse)
     assert logits.shape == (16, len(spec.tasks)), f"{where}: logits {tuple(logits.shape)}, want (16, {len(spec.tasks)})"
 
-    # 3. gradients reach every parameter
+    # 3. gradients reach every parameter (each member's from its own loss, as the trainer does)
     labels = torch.bernoulli(torch.full((16, len(spec.tasks)), 0.3), generator=torch.Generator().manual_seed(1))
-    loss = host.loss(plan, spec)(LossInputs(logits=logits, labels=labels, batch=batch, model=model))
-    assert loss.dim() == 0 and torch.isfinite(loss), f"{where}: loss is {loss}"
-    loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    loss_fn = host.loss(plan, spec)
+    for m in members:
+        mlogits = m(batch.dense, batch.sparse) if len(members) > 1 else logits
+        loss = loss_fn(LossInputs(logits=mlogits, labels=labels, batch=batch, model=m))
+        assert loss.dim() == 0 and torch.isfinite(loss), f"{where}: loss is {loss}"
+        loss.backward()
+    missing = [n for n, p in whole.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
     assert not missing, f"{where}: no (finite) gradient reaches {missing}"
-    host.optimizers(plan, spec, model)  # covers every parameter exactly once (checked by the host)
+    host.optimizers(plan, spec, whole)  # covers every parameter exactly once (checked by the host)
 
     # 4. state dict round trip; 5. same seed, same model
-    ref = _outputs(model, batch)
+    ref = _outputs(whole, batch)
     again = host.build(plan, spec)
     twin = _outputs(again, batch)
     other = host.build(attrs.evolve(plan, seed=plan.seed + 1), spec)
-    other.load_state_dict(model.state_dict())
+    other.load_state_dict(whole.state_dict())
     torch.testing.assert_close(_outputs(other, batch), ref, msg=lambda m: f"{where}: state dict round trip differs: {m}")
     fresh = host.build(plan, spec)
     torch.testing.assert_close(_outputs(fresh, batch), twin, msg=lambda m: f"{where}: same seed, different outputs: {m}")
@@ -130,15 +134,16 @@ def check_model(host: Host, spec: ModelSpec, name: str) -> None:
     # 6. FLOPs counted
     assert plan.cost.flops > 0, f"{where}: plan counts no FLOPs"
     parts = {"interaction": lambda: model.branches[name], "dense_arch": lambda: model.dense_arch,
-             "over_arch": lambda: model.over_arch, "task_arch": lambda: model.task_arch, "heads": lambda: model.heads}
+             "over_arch": lambda: model.over_arch, "task_arch": lambda: model.task_arch, "heads": lambda: model.heads,
+             "ensemble": lambda: whole}
     if reg.info.slot in parts and any(True for _ in parts[reg.info.slot]().parameters()):
         # a part with weights does arithmetic: the plan must count it
         assert entries[0].flops > 0, f"{where}: the plan counts no FLOPs for the technique's own part"
 
     # 7. torch.export runs and agrees
-    exported = torch.export.export(model.eval(), (batch.dense, batch.sparse), strict=False)
+    exported = torch.export.export(whole.eval(), (batch.dense, batch.sparse), strict=False)
     with torch.no_grad():
-        torch.testing.assert_close(exported.module()(batch.dense, batch.sparse), model(batch.dense, batch.sparse),
+        torch.testing.assert_close(exported.module()(batch.dense, batch.sparse), whole(batch.dense, batch.sparse),
                                    msg=lambda m: f"{where}: exported program differs from eager: {m}")
 
     # 8. params round trip through the converter

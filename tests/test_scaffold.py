@@ -19,6 +19,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 from click.testing import CliRunner
@@ -82,7 +83,7 @@ def test_cli_generates_the_distribution(tmp_path):
     (["bce", "--slot", "loss"], "error: invalid plugin name 'bce': technique 'bce' is a built-in of smt-host"),
     (["foo", "--slot", "pooling"],
      "error: unknown slot 'pooling'; slots are: embedding, dense_arch, interaction, over_arch, task_arch, "
-     "heads, loss, optimizer, training"),
+     "heads, ensemble, loss, optimizer, training"),
 ])
 def test_cli_refuses_bad_input(tmp_path, args, message):
     result = CliRunner().invoke(cli, ["new-plugin", *args, "--dir", str(tmp_path)])
@@ -123,6 +124,9 @@ def test_skeleton_passes_the_kit(slot, tmp_path, monkeypatch, one_thread):
     # it is active (not shadowed by the built-in) in every model of the default ecosystem
     eco = host.default_ecosystem()
     for spec in eco.models.values():
+        if not info.default:  # off by default (the ensemble skeleton): only where a spec enables it
+            assert name not in host.plan(spec).techniques(), f"{name} is in the plan of {spec.name} unasked"
+            spec = attrs.evolve(spec, techniques={**spec.techniques, name: True})
         assert name in host.plan(spec).techniques(), f"{name} not in the plan of {spec.name}"
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 1 and result.failed == 0

@@ -24,6 +24,7 @@ from smt_host.plan import Manifest, ManifestMismatch, Plan
 from smt_host.slots import LossInputs, TrainContext
 from smt_host.train import checkpoint as ckpt
 from smt_host.train.metrics import binary_metrics
+from smt_host.template import members_of
 
 
 class TrainingError(RuntimeError):
@@ -160,7 +161,12 @@ def train_model(
         from smt_host import distributed
 
         parallel = distributed.Parallel.from_env() if distributed.launched() else None
+    members = members_of(model)
     if parallel is not None:
+        if len(members) > 1:
+            (t,) = plan.slot("ensemble")
+            raise TrainingError(f"{spec.name}: distributed training of an ensemble ({t.technique}, {t.dist}) is not "
+                                f"supported yet; train it in one process, or opt out @ $.models.{spec.name}.techniques.{t.technique}")
         if resume and (out_dir / ckpt.CHECKPOINT).exists():
             raise TrainingError(f"{spec.name}: --resume of a distributed run is not supported")
         model = parallel.wrap(model, host.optimizers(plan, spec, model))  # DistributedModelParallel
@@ -224,9 +230,12 @@ def train_model(
         if progress is not None:
             task_id = progress.add_task(f"{spec.name} epoch {epoch}/{tr.epochs}", total=n_batches)
         for batch in data.batches("train", tr.batch_size, shuffle=True, seed=tr.seed, epoch=epoch, max_batches=tr.max_steps_per_epoch):
-            logits = model(batch.dense, batch.sparse)
-            loss = loss_fn(LossInputs(logits=logits, labels=batch.labels, batch=batch, model=inner))
-            value = float(loss.detach())
+            if len(members) == 1:
+                loss = loss_fn(LossInputs(logits=model(batch.dense, batch.sparse), labels=batch.labels, batch=batch, model=inner))
+            else:  # an ensemble: each member learns from its own loss, as if trained alone
+                loss = sum(loss_fn(LossInputs(logits=m(batch.dense, batch.sparse), labels=batch.labels, batch=batch, model=m))
+                           for m in members)
+            value = float(loss.detach()) / len(members)
             if not math.isfinite(value):
                 kept = f"the last good checkpoint (epoch {state['epoch']}) is kept at {path}" if path.exists() else "no checkpoint was written yet"
                 raise TrainingError(
