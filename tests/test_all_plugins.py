@@ -93,3 +93,31 @@ def test_neutral_capacity_lands_within_two_percent(host, model):
         assert "Costliest techniques: " in str(exc)
     else:
         assert abs(plan.cost.flops - base) <= 0.02 * base
+
+
+def test_an_ensemble_of_networks_with_every_technique(host, tmp_path):
+    """smt-deep-ensemble (off by default) enabled in a model that has every
+    other applicable technique: each member carries them all, calibration
+    fits one map per member, and the ensemble exports."""
+    from smt_host.template import members_of
+    from smt_host.train.trainer import train_model
+
+    eco = host.default_ecosystem()
+    eco = attrs.evolve(eco, synthetic=attrs.evolve(eco.synthetic, train_examples=3000, valid_examples=1000, test_examples=1000))
+    spec = eco.model("feed_ctr")
+    single = host.plan(spec)
+    assert "deep_ensemble" not in single.techniques()
+    spec = attrs.evolve(spec, techniques={**spec.techniques, "deep_ensemble": {"members": 2}},
+                        training=attrs.evolve(spec.training, epochs=1, batch_size=256, max_steps_per_epoch=5))
+    plan = host.plan(spec)
+    assert set(plan.techniques()) == set(single.techniques()) | {"deep_ensemble"}
+    assert plan.cost.flops == pytest.approx(2 * single.cost.flops, rel=0.01)
+    result = train_model(host, spec, eco, tmp_path, plan=plan)
+    assert result.steps == 5
+    assert len(result.reports["calibration"]["members"]) == 2
+    trained = host.build(plan, spec)
+    assert len(members_of(trained)) == 2
+    batch = example_batch(spec, 8)
+    exported = torch.export.export(trained.eval(), (batch.dense, batch.sparse), strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(batch.dense, batch.sparse), trained(batch.dense, batch.sparse))

@@ -31,6 +31,7 @@ from torch import nn
 from smt_host import hookimpl, technique
 from smt_host.config import at_least, one_of
 from smt_host.slots import SlotContext, TrainContext
+from smt_host.template import members_of
 
 #: the identity knots span this logit range (probabilities 1e-13 .. 1 - 1e-13)
 IDENTITY_RANGE = 30.0
@@ -232,11 +233,12 @@ def _metrics(logits: torch.Tensor, labels: torch.Tensor, tasks: list[str], base_
     return out
 
 
-def fit_on_valid(ctx: TrainContext, params: "CalibrationParams", name: str = "calibration") -> dict:
-    """Fits ``ctx.model.output_transforms[name]`` on ctx.data's valid split;
-    returns (and stores in ``ctx.state[name]``) the valid metrics before and
-    after, per task, with the fitted map."""
-    model = ctx.model
+def fit_on_valid(ctx: TrainContext, params: "CalibrationParams", name: str = "calibration",
+                 model: Optional[nn.Module] = None) -> dict:
+    """Fits ``model.output_transforms[name]`` (default model: ``ctx.model``)
+    on ctx.data's valid split; returns (and stores in ``ctx.state[name]``)
+    the valid metrics before and after, per task, with the fitted map."""
+    model = ctx.model if model is None else model
     calibrator: Calibrator = model.output_transforms[name]
     tasks = list(ctx.spec.task_names)
     calibrator.reset()
@@ -266,7 +268,13 @@ class Calibration:
 
     @hookimpl
     def smt_before_test(self, ctx: TrainContext, params: CalibrationParams) -> None:
-        fit_on_valid(ctx, params)
+        """Fits the map on valid; in an ensemble, each member's own map on
+        that member's logits (``ctx.state["calibration"]["members"]``)."""
+        members = members_of(ctx.model)
+        if len(members) == 1:
+            fit_on_valid(ctx, params)
+        else:
+            ctx.state["calibration"] = {"members": [fit_on_valid(ctx, params, model=m) for m in members]}
 
 
 @hookimpl

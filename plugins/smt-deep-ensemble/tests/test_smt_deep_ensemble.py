@@ -1,0 +1,91 @@
+"""Tests of the smt-deep-ensemble plugin (run with the plugin installed)."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+from torch import nn
+
+from smt_host.config import ConfigError
+from smt_host.host import Host
+from smt_host.template import TemplateModel, example_batch, members_of
+from smt_host.testing import listed_techniques
+from smt_host.train import checkpoint as ckpt
+from smt_host.train.trainer import train_model
+
+from smt_deep_ensemble import DeepEnsemble
+
+pytest_plugins = ["smt_host.testing"]
+
+DIST = "smt-deep-ensemble"
+MODELS = ["feed_ctr", "feed_ctr_cvr", "shop_cvr", "video_ctr", "video_install"]
+
+
+@pytest.fixture(scope="module")
+def host() -> Host:
+    return Host.create(load=DIST)
+
+
+def enable(spec, **params):
+    return attrs.evolve(spec, techniques={**spec.techniques, "deep_ensemble": params or True})
+
+
+def test_smt_plugins_lists_it_off_by_default():
+    (t,) = listed_techniques(DIST, load_only=True).values()
+    assert (t["name"], t["slot"], t["version"], t["default"]) == ("deep_ensemble", "ensemble", "0.1.0", False)
+    assert t["applies_to"] == [] and t["skipped"] == {m: "off by default" for m in MODELS}
+
+
+def test_conformance(smt_check):
+    assert smt_check("deep_ensemble") == ["tiny_ctr", "tiny_multi", "tiny_nodense"]
+
+
+def test_members_parameter(host):
+    spec = host.default_ecosystem().model("feed_ctr")
+    plan = host.plan(enable(spec, members=3))
+    assert plan.slot("ensemble")[0].params == {"members": 3} and plan.widths["members"] == 3
+    assert host.plan(enable(spec)).widths["members"] == 2  # the default
+    with pytest.raises(ConfigError) as err:
+        host.plan(enable(spec, members=1))
+    assert str(err.value) == "must be >= 2, got 1 @ $.models.feed_ctr.techniques.deep_ensemble.members"
+
+
+def test_logits_are_the_members_mean(host):
+    spec = enable(host.default_ecosystem().model("feed_ctr_cvr"), members=3)
+    model = host.build(host.plan(spec), spec).eval()
+    assert isinstance(model, DeepEnsemble)
+    members = members_of(model)
+    assert len(members) == 3 and all(isinstance(m, TemplateModel) for m in members)
+    batch = example_batch(spec, 8)
+    with torch.no_grad():
+        each = [m(batch.dense, batch.sparse) for m in members]
+        got = model(batch.dense, batch.sparse)
+    assert got.shape == (8, 2)
+    torch.testing.assert_close(got, (each[0] + each[1] + each[2]) / 3)
+    assert not torch.allclose(each[0], each[1])  # initialised apart
+
+
+def test_known_values():
+    class Const(nn.Module):
+        def __init__(self, v):
+            super().__init__()
+            self.v = torch.tensor(v)
+
+        def forward(self, dense, sparse):
+            return self.v.expand(dense.shape[0], -1)
+
+    ens = DeepEnsemble([Const([1.0, -2.0]), Const([3.0, 4.0])])
+    assert ens(torch.zeros(2, 0), None).tolist() == [[2.0, 1.0], [2.0, 1.0]]
+
+
+def test_a_short_run_learns_and_saves_every_member(host, tmp_path):
+    eco = host.default_ecosystem()
+    eco = attrs.evolve(eco, synthetic=attrs.evolve(eco.synthetic, train_examples=20000, valid_examples=5000, test_examples=5000))
+    spec = enable(eco.model("feed_ctr"))
+    spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1, batch_size=128))
+    result = train_model(host, spec, eco, tmp_path)
+    assert result.test["click"]["auc"] > 0.62, result.test  # a broken ensemble (members untrained) stays near 0.5
+    saved = ckpt.load(tmp_path / ckpt.CHECKPOINT)
+    assert {k.split(".")[1] for k in saved["best_model"]} == {"0", "1"}
+    assert len(saved["optimizers"]) == 2 * len(host.optimizers(result.plan, spec, members_of(host.build(result.plan, spec))[0]))
