@@ -195,7 +195,7 @@ def make_plan(
         "task_arch": list(model.task_arch.out_dims),
         "tables": len(model.embedding.embedding_bag_configs()),
     }
-    if len(members) > 1 or built is not model:
+    if built is not model:
         widths["members"] = len(members)
     capacity = CapacityReport(mode=mode, budget=target, achieved=cost.flops, scale=scale, tolerance=tolerance)
     return Plan(
