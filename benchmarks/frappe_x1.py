@@ -347,6 +347,9 @@ def main(argv=None) -> int:
     _, spec = frappe_spec(args.max_epochs)
     singles = applicable_techniques(host, spec)
     recipes = load_recipes()
+    for name, table in recipes.items():  # techniques off by default (an ensemble) join where their recipe enables them
+        if name not in singles and name in applicable_techniques(host, frappe_spec(args.max_epochs, table)[1]):
+            singles.append(name)
     unused = sorted(set(recipes) - set(singles))
     if unused:
         print(f"note: {RECIPES.name} tables {unused} name no installed, applicable technique; not used "

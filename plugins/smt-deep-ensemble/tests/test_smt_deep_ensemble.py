@@ -89,3 +89,14 @@ def test_a_short_run_learns_and_saves_every_member(host, tmp_path):
     saved = ckpt.load(tmp_path / ckpt.CHECKPOINT)
     assert {k.split(".")[1] for k in saved["best_model"]} == {"0", "1"}
     assert len(saved["optimizers"]) == 2 * len(host.optimizers(result.plan, spec, members_of(host.build(result.plan, spec))[0]))
+
+
+def test_a_capacity_budget_shrinks_every_member(host):
+    spec = host.default_ecosystem().model("feed_ctr")
+    base = host.plan(spec, builtins_only=True).cost.flops
+    spec = enable(attrs.evolve(spec, capacity=attrs.evolve(spec.capacity, budget="baseline")))
+    plan = host.plan(spec)
+    assert plan.capacity.mode == "baseline" and plan.capacity.scale < 1
+    assert abs(plan.cost.flops - base) <= 0.02 * base
+    a, b = members_of(host.build(plan, spec))
+    assert a.over_arch.out_dim == b.over_arch.out_dim < host.plan(enable(host.default_ecosystem().model("feed_ctr"))).widths["over_arch"]
