@@ -15,7 +15,7 @@ import pluggy
 # note about that API once per process; it says nothing about smt models.
 logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: Marker for hook implementations: ``@hookimpl def smt_interaction(...)``.
 hookimpl = pluggy.HookimplMarker("smt")

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import click
 
 from smt_host.capacity import CapacityError
-from smt_host.config import ConfigError, EcosystemSpec, ModelSpec, load_ecosystem
+from smt_host.config import ConfigError, EcosystemSpec, ModelSpec
 from smt_host.plugins import PluginError
 
 

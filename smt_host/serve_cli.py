@@ -5,7 +5,6 @@ Registered on the ``smt`` group by :mod:`smt_host.cli`.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional

@@ -37,7 +37,7 @@ def eco(host):
 
 def test_smt_plugins_lists_the_distribution():
     (t,) = listed_techniques(DIST, load_only=True).values()  # alone: nothing shadows it
-    assert t["version"] == "0.1.0"
+    assert t["version"] == "0.2.0"
     assert (t["name"], t["slot"]) == ("calibration", "training")
     assert t["applies_to"] == MODELS
 

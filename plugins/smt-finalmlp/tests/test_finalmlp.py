@@ -235,7 +235,7 @@ def test_plan_counts_the_branch_flops(host, eco):
     plan = host.plan(spec)
     (entry,) = [e for e in plan.entries if e.technique == "finalmlp"]
     n = plan.widths["num_features"] * plan.widths["embedding_dim"]
-    assert (entry.slot, entry.dist, entry.version, entry.out_dim) == ("interaction", "smt-finalmlp", "0.1.0", 32)
+    assert (entry.slot, entry.dist, entry.version, entry.out_dim) == ("interaction", "smt-finalmlp", "0.2.0", 32)
     # defaults: gates N-64-N, streams N-128-64 and N-128, 4 heads, fusion 32
     gates = 2 * 2 * (n * 64 + 64 * n)
     streams = 2 * (n * 128 + 128 * 64) + 2 * n * 128

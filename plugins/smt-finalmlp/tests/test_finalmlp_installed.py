@@ -5,7 +5,7 @@ from smt_host.testing import listed_techniques
 
 def test_smt_plugins_lists_finalmlp():
     techniques = listed_techniques("smt-finalmlp")
-    assert [t["version"] for t in techniques.values()] == ["0.1.0"]
+    assert [t["version"] for t in techniques.values()] == ["0.2.0"]
     (tech,) = techniques.values()
     assert (tech["name"], tech["slot"], tech["plugin"]) == ("finalmlp", "interaction", "finalmlp")
     assert tech["applies_to"], "finalmlp applies to no model of the default ecosystem"
