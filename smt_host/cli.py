@@ -136,7 +136,8 @@ def plugins_cmd(ecosystem: Optional[str], as_json: bool) -> None:
     for d in rows:
         for t in d["techniques"]:
             models = ", ".join(
-                m if m in t["active_in"] else f"{m} ({t['skipped'][m]})" for m in t["applies_to"]) or "(none)"
+                m if m in t["active_in"] else f"{m} ({t['skipped'][m]})" for m in t["applies_to"]) or (
+                "(none)" if t["default"] else "(off by default: a model enables it in its spec)")
             table.add_row(d["distribution"], d["version"], t["name"], t["slot"], models)
     _console().print(table)
 

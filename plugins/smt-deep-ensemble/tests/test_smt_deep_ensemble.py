@@ -37,6 +37,18 @@ def test_smt_plugins_lists_it_off_by_default():
     assert t["applies_to"] == [] and t["skipped"] == {m: "off by default" for m in MODELS}
 
 
+def test_smt_plugins_text_says_how_to_enable_it():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SMT_LOAD_PLUGINS": DIST, "COLUMNS": "200"}
+    out = subprocess.run([sys.executable, "-m", "smt_host", "plugins"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (row,) = [ln for ln in out.stdout.splitlines() if "deep_ensemble" in ln]
+    assert "(off by default: a model enables it in its spec)" in row
+
+
 def test_conformance(smt_check):
     assert smt_check("deep_ensemble") == ["tiny_ctr", "tiny_multi", "tiny_nodense"]
 
