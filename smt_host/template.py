@@ -344,7 +344,7 @@ def build_optimizers(spec: ModelSpec, res: Resolution, spm: SmtPluginManager, mo
     """The optimizer slot's optimizers (of every member of an ensemble, in
     member order); checks they cover every parameter once."""
     members = members_of(model)
-    if len(members) > 1:
+    if members != [model]:  # an ensemble
         return [o for m in members for o in build_optimizers(spec, res, spm, m)]
     (t,) = res.slot("optimizer")
     opts = spm.call(t.name, "smt_optimizers", ctx=base_context(spec), params=t.params, model=model)

@@ -113,7 +113,7 @@ def check_model(host: Host, spec: ModelSpec, name: str) -> None:
     labels = torch.bernoulli(torch.full((16, len(spec.tasks)), 0.3), generator=torch.Generator().manual_seed(1))
     loss_fn = host.loss(plan, spec)
     for m in members:
-        mlogits = m(batch.dense, batch.sparse) if len(members) > 1 else logits
+        mlogits = logits if members == [whole] else m(batch.dense, batch.sparse)
         loss = loss_fn(LossInputs(logits=mlogits, labels=labels, batch=batch, model=m))
         assert loss.dim() == 0 and torch.isfinite(loss), f"{where}: loss is {loss}"
         loss.backward()

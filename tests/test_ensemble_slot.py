@@ -159,3 +159,12 @@ def test_resume_continues_an_ensemble_bit_for_bit(small_eco, tmp_path):
     assert {k.split(".")[1] for k in a} == {"0", "1"}
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_an_ensemble_of_one_member_trains(small_eco, tmp_path):
+    """The host tells an ensemble by its type, not its size: one member
+    still gets its own loss (``LossInputs.model`` the member) and optimizers."""
+    spec = small_eco.model("tiny_ctr")
+    spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1, max_steps_per_epoch=3))
+    result = train_model(ensemble_host(lambda build: Mean([build()])), spec, small_eco, tmp_path)
+    assert result.steps == 3 and result.plan.widths["members"] == 1

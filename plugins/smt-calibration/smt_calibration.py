@@ -271,7 +271,7 @@ class Calibration:
         """Fits the map on valid; in an ensemble, each member's own map on
         that member's logits (``ctx.state["calibration"]["members"]``)."""
         members = members_of(ctx.model)
-        if len(members) == 1:
+        if members == [ctx.model]:
             fit_on_valid(ctx, params)
         else:
             ctx.state["calibration"] = {"members": [fit_on_valid(ctx, params, model=m) for m in members]}

@@ -162,8 +162,9 @@ def train_model(
 
         parallel = distributed.Parallel.from_env() if distributed.launched() else None
     members = members_of(model)
+    ensemble = members != [model]
     if parallel is not None:
-        if len(members) > 1:
+        if ensemble:
             (t,) = plan.slot("ensemble")
             raise TrainingError(f"{spec.name}: distributed training of an ensemble ({t.technique}, {t.dist}) is not "
                                 f"supported yet; train it in one process, or opt out @ $.models.{spec.name}.techniques.{t.technique}")
@@ -230,7 +231,7 @@ def train_model(
         if progress is not None:
             task_id = progress.add_task(f"{spec.name} epoch {epoch}/{tr.epochs}", total=n_batches)
         for batch in data.batches("train", tr.batch_size, shuffle=True, seed=tr.seed, epoch=epoch, max_batches=tr.max_steps_per_epoch):
-            if len(members) == 1:
+            if not ensemble:
                 loss = loss_fn(LossInputs(logits=model(batch.dense, batch.sparse), labels=batch.labels, batch=batch, model=inner))
             else:  # an ensemble: each member learns from its own loss, as if trained alone
                 loss = sum(loss_fn(LossInputs(logits=m(batch.dense, batch.sparse), labels=batch.labels, batch=batch, model=m))
