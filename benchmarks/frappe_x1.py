@@ -55,7 +55,7 @@ def frappe_spec(max_epochs: int, overrides: Optional[dict] = None):
     recipe: MLP 400-400-400 with BatchNorm and dropout 0.2, Adam, L2 0.1 on
     the tables, lr x0.1 on a validation plateau), with ``overrides`` (a
     partial model table) merged in, capped at ``max_epochs``."""
-    from smt_host.config import ecosystem_from_dict
+    from smt_host.spec.loading import ecosystem_from_dict
 
     data = tomllib.loads(SPEC.read_text(encoding="utf-8"))
     data["model"] = merge_tables(data["model"], overrides or {})
@@ -337,7 +337,7 @@ def main(argv=None) -> int:
     import os
 
     from smt_host.data import data_dir
-    from smt_host.ecosystem import applicable_techniques
+    from smt_host.ecosystem.cells import applicable_techniques
     from smt_host.host import Host
 
     if not (data_dir() / "frappe").is_dir():

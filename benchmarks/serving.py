@@ -37,9 +37,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from smt_host.export import export_model, plain_kjt
     from smt_host.host import Host
-    from smt_host.template import example_batch
+    from smt_host.model.template import example_batch
+    from smt_host.serve.export import export_model, plain_kjt
 
     host = Host.create()
     spec = host.default_ecosystem().model(args.model)

@@ -105,9 +105,9 @@ def main(argv=None) -> int:
     from frappe_x1 import frappe_spec
     from torch.utils.flop_counter import FlopCounterMode
 
+    from smt_host.contexts import LossInputs
     from smt_host.data import data_dir, open_source
     from smt_host.host import Host
-    from smt_host.slots import LossInputs
 
     if not (data_dir() / "frappe").is_dir():
         print(f"Frappe not found under {data_dir()} (set SMT_DATA_DIR)", file=sys.stderr)

@@ -1,25 +1,106 @@
 """smt: the Standard Model Template, a plugin host for ads ranking models.
 
-Plugins import two names from here: :data:`hookimpl`, the marker for hook
-implementations, and :func:`technique`, the class decorator that declares a
-technique. The hook contract is :mod:`smt_host.hookspecs`.
+This module is the one public API for plugins: a plugin imports from
+``smt_host`` (and its tests from ``smt_host.testing``), never from the
+host's internal modules, which may move between releases.
+
+* declaring a technique: :data:`hookimpl`, :func:`technique`,
+  :class:`TechniqueInfo`, :data:`SLOTS`;
+* what the hooks receive: :class:`SlotContext`, :class:`TrainContext`,
+  :class:`LossInputs` (and ``LossFn``), :class:`TableSpec`;
+* building blocks: :class:`MLP`, :func:`scaled`, :func:`example_batch`,
+  :class:`TemplateModel`, :func:`binary_metrics`;
+* validators for parameter classes: :func:`at_least`, :func:`in_range`,
+  :func:`one_of`, :func:`identifier`, :func:`positive_widths`;
+* errors: :class:`SmtError` and its subclasses, :class:`ExitCode`;
+* the host itself, for notebooks and tests: :class:`Host`.
+
+The hook contract is :mod:`smt_host.hookspecs`. Names that need torch are
+imported on first use, so ``smt --help`` starts without it.
+
+Example:
+    >>> import smt_host
+    >>> smt_host.at_least(1).__name__
+    'check'
+    >>> sorted(smt_host.SLOTS)[:3]
+    ['dense_arch', 'embedding', 'ensemble']
 """
 
 from __future__ import annotations
 
-import logging
+import importlib
+from typing import Any
 
-import pluggy
+from smt_host._version import __version__
+from smt_host.contexts import LossFn, LossInputs, SlotContext, TableSpec, TrainContext
+from smt_host.errors import (
+    CapacityError,
+    ConfigError,
+    DataFormatError,
+    ExitCode,
+    FieldValueError,
+    ManifestMismatch,
+    PluginError,
+    SmtError,
+    TrainingError,
+)
+from smt_host.hookspecs import hookimpl
+from smt_host.spec.validators import at_least, identifier, in_range, one_of, positive_widths
+from smt_host.technique import SLOTS, TechniqueInfo, technique
 
-# torchrec calls torch.fx's is_fx_tracing() on every forward, and torch logs a
-# note about that API once per process; it says nothing about smt models.
-logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+#: names that import torch: resolved on first access (PEP 562)
+_LAZY = {
+    "MLP": "smt_host.model.modules",
+    "scaled": "smt_host.model.modules",
+    "TemplateModel": "smt_host.model.template",
+    "example_batch": "smt_host.model.template",
+    "binary_metrics": "smt_host.train.metrics",
+    "Host": "smt_host.host",
+}
 
-__version__ = "0.2.0"
 
-#: Marker for hook implementations: ``@hookimpl def smt_interaction(...)``.
-hookimpl = pluggy.HookimplMarker("smt")
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'smt_host' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-from smt_host.technique import SLOTS, TechniqueInfo, technique  # noqa: E402
 
-__all__ = ["SLOTS", "TechniqueInfo", "__version__", "hookimpl", "technique"]
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = [
+    "SLOTS",
+    "CapacityError",
+    "ConfigError",
+    "DataFormatError",
+    "ExitCode",
+    "FieldValueError",
+    "Host",
+    "LossFn",
+    "LossInputs",
+    "MLP",
+    "ManifestMismatch",
+    "PluginError",
+    "SlotContext",
+    "SmtError",
+    "TableSpec",
+    "TechniqueInfo",
+    "TemplateModel",
+    "TrainContext",
+    "TrainingError",
+    "__version__",
+    "at_least",
+    "binary_metrics",
+    "example_batch",
+    "hookimpl",
+    "identifier",
+    "in_range",
+    "one_of",
+    "positive_widths",
+    "scaled",
+    "technique",
+]

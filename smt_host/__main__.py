@@ -1,3 +1,3 @@
-from smt_host.cli import main
+from smt_host.cli.main import main
 
 main()

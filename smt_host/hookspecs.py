@@ -33,9 +33,13 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from smt_host.slots import LossFn, SlotContext, TableSpec, TrainContext
+    from smt_host.contexts import LossFn, SlotContext, TableSpec, TrainContext
 
 _hookspec = pluggy.HookspecMarker("smt")
+
+#: Marker for hook implementations: ``@hookimpl def smt_interaction(...)``.
+#: Plugins import it as ``smt_host.hookimpl``.
+hookimpl = pluggy.HookimplMarker("smt")
 
 
 # --------------------------------------------------------------- declaration

@@ -18,12 +18,14 @@ import cattrs
 import torch
 from torch import nn
 
-from smt_host import config
-from smt_host.config import EcosystemSpec, ModelSpec
-from smt_host.plan import Plan, build_from_plan, make_plan, resolution_from_plan
-from smt_host.plugins import PluginError, SmtPluginManager, get_plugin_manager
-from smt_host.slots import LossFn
-from smt_host.template import build_loss, build_optimizers
+from smt_host.contexts import LossFn
+from smt_host.errors import PluginError
+from smt_host.model.plan import Plan, build_from_plan, make_plan, resolution_from_plan
+from smt_host.model.template import build_loss, build_optimizers
+from smt_host.plugins import SmtPluginManager, get_plugin_manager
+from smt_host.spec.converter import make_converter
+from smt_host.spec.loading import load_default_ecosystem, load_ecosystem
+from smt_host.spec.schema import EcosystemSpec, ModelSpec
 
 LIFECYCLE_HOOKS = ("smt_train_start", "smt_step_end", "smt_eval_end", "smt_before_test", "smt_train_end")
 
@@ -34,7 +36,7 @@ class Host:
     def __init__(self, spm: SmtPluginManager) -> None:
         self.spm = spm
         # built after the plugins registered, so their parameter classes are known
-        self.conv: cattrs.Converter = config.make_converter()
+        self.conv: cattrs.Converter = make_converter()
         # lifecycle hooks fire every training step: resolve a plan's techniques once
         self._resolved: dict[int, tuple[Plan, Any]] = {}
 
@@ -46,7 +48,7 @@ class Host:
     # ------------------------------------------------------------- specs
 
     def load_ecosystem(self, path: Optional[str] = None) -> EcosystemSpec:
-        eco = config.load_default_ecosystem() if path is None else config.load_ecosystem(path)
+        eco = load_default_ecosystem() if path is None else load_ecosystem(path)
         self.check_required(eco)
         return eco
 
@@ -104,6 +106,6 @@ class Host:
         return self.conv.unstructure(plan)
 
     def plan_from_dict(self, data: dict) -> Plan:
-        from smt_host.plan import plan_from_dict
+        from smt_host.model.plan import plan_from_dict
 
         return plan_from_dict(data, self.conv)

@@ -25,15 +25,12 @@ from typing import Any, Iterable, Optional
 import attrs
 import pluggy
 
-from smt_host import hookspecs
+import smt_host.hookspecs as hookspecs
+from smt_host.errors import PluginError
 from smt_host.technique import EXCLUSIVE_SLOTS, SLOT_HOOKS, SLOTS, TechniqueInfo, info_of
 
 HOST_DIST = "smt-host"
 ENTRY_POINT_GROUP = "smt"
-
-
-class PluginError(RuntimeError):
-    """A plugin that cannot be used; the message names the distribution."""
 
 
 #: lifecycle hooks: what a technique raises there (e.g. KeyboardInterrupt to
@@ -72,7 +69,7 @@ def _host_version() -> str:
     try:
         return md.version(HOST_DIST)
     except md.PackageNotFoundError:  # running from a source tree
-        from smt_host import __version__
+        from smt_host._version import __version__
 
         return __version__
 
@@ -176,8 +173,7 @@ class SmtPluginManager:
         except (KeyboardInterrupt, PluginError):
             raise
         except Exception as exc:
-            from smt_host.capacity import CapacityError
-            from smt_host.config import ConfigError
+            from smt_host.errors import CapacityError, ConfigError
 
             if isinstance(exc, (ConfigError, CapacityError)) or hook in _PASS_THROUGH_HOOKS:
                 raise
@@ -237,9 +233,22 @@ class SmtPluginManager:
         return f"smt-host {self.distributions[HOST_DIST]}, plugins: {listed}"
 
 
-def _builtin_modules() -> list[ModuleType]:
-    from smt_host.builtins import BUILTIN_MODULES
+#: the built-in baseline parts, registered in this order before any entry
+#: point (like pytest's ``default_plugins``); imported by name, so this
+#: module stays below them in the layers
+BUILTIN_MODULES: tuple[str, ...] = (
+    "smt_host.builtins.embedding",
+    "smt_host.builtins.dense_arch",
+    "smt_host.builtins.interaction",
+    "smt_host.builtins.over_arch",
+    "smt_host.builtins.task_arch",
+    "smt_host.builtins.heads",
+    "smt_host.builtins.loss",
+    "smt_host.builtins.optimizer",
+)
 
+
+def _builtin_modules() -> list[ModuleType]:
     return [importlib.import_module(m) for m in BUILTIN_MODULES]
 
 

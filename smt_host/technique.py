@@ -5,7 +5,8 @@ A technique is a plain object (usually a class instance) carrying a
 the slot hooks of :mod:`smt_host.hookspecs` that its slot needs. The
 :func:`technique` class decorator attaches the info::
 
-    from smt_host import hookimpl, technique
+    from smt_host.hookspecs import hookimpl
+from smt_host.technique import technique
 
     @technique(name="dcnv2", slot="interaction", params=DCNv2Params)
     class DCNv2:

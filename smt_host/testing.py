@@ -33,10 +33,27 @@ import attrs
 import pytest
 import torch
 
-from smt_host.config import EcosystemSpec, ModelSpec, ecosystem_from_dict
+from smt_host.contexts import LossInputs
+from smt_host.data import open_source
 from smt_host.host import Host
-from smt_host.slots import LossInputs
-from smt_host.template import example_batch, members_of
+from smt_host.spec.loading import default_ecosystem_path, ecosystem_from_dict, load_ecosystem
+from smt_host.train import checkpoint as _checkpoint
+from smt_host.train.trainer import predict, train_model
+
+__all__ = [
+    "Host", "check_model", "check_technique", "default_ecosystem_path", "ecosystem_from_dict", "listed_techniques",
+    "load_ecosystem", "open_source", "predict", "saved_checkpoint", "tiny_ecosystem", "train_briefly", "train_model",
+]
+
+
+def saved_checkpoint(run_dir: Any) -> dict:
+    """The checkpoint of a run folder, loaded with ``weights_only=True``."""
+    from pathlib import Path
+
+    return _checkpoint.load(Path(run_dir) / _checkpoint.CHECKPOINT)
+from smt_host.model.template import example_batch, members_of
+from smt_host.spec.loading import ecosystem_from_dict
+from smt_host.spec.schema import EcosystemSpec, ModelSpec
 
 _SPARSE = [
     ("user_id", 20000), ("user_segment", 16), ("age_bucket", 8), ("ad_id", 4000),
@@ -226,8 +243,6 @@ def train_briefly(technique: str, out_dir: Any, *, model: str = "feed_ctr", trai
     a reduced synthetic set (20k examples at batch 128: 157 steps, enough
     for a working model to learn; a broken one stays near AUC 0.5).
     Returns the trainer's ``RunResult``."""
-    from smt_host.train.trainer import train_model
-
     host = host or Host.create()
     eco = host.default_ecosystem()
     eco = attrs.evolve(eco, synthetic=attrs.evolve(

@@ -58,7 +58,7 @@ GOOD_PLUGIN = '''
 import attrs
 from torch import nn
 from smt_host import hookimpl, technique
-from smt_host.config import at_least
+from smt_host import at_least
 
 
 @attrs.frozen

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from smt_host.host import Host
-from smt_host.template import example_batch
+from smt_host.model.template import example_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = sorted(p for p in (ROOT / "plugins").glob("*") if (p / "pyproject.toml").exists())
@@ -75,11 +75,11 @@ def test_all_interaction_branches_in_one_model(host):
 
 @pytest.mark.parametrize("model", ["feed_ctr", "feed_ctr_cvr", "shop_cvr", "video_ctr", "video_install"])
 def test_neutral_capacity_lands_within_two_percent(host, model):
-    from smt_host.ecosystem import ALL, BASELINE, applicable_techniques, arm_kwargs, neutral_spec
+    from smt_host.ecosystem.cells import ALL, BASELINE, applicable_techniques, arm_kwargs, neutral_spec
 
     spec = neutral_spec(host.default_ecosystem().model(model), seed=0)
     base = host.plan(spec, **arm_kwargs(BASELINE)).cost.flops
-    from smt_host.capacity import CapacityError
+    from smt_host.errors import CapacityError
 
     for arm in applicable_techniques(host, spec):
         plan = host.plan(spec, **arm_kwargs(arm))
@@ -99,7 +99,7 @@ def test_an_ensemble_of_networks_with_every_technique(host, tmp_path):
     """smt-deep-ensemble (off by default) enabled in a model that has every
     other applicable technique: each member carries them all, calibration
     fits one map per member, and the ensemble exports."""
-    from smt_host.template import members_of
+    from smt_host.model.template import members_of
     from smt_host.train.trainer import train_model
 
     eco = host.default_ecosystem()

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import attrs
 import pytest
-
-from smt_host.config import ConfigError, ecosystem_from_dict, load_default_ecosystem, load_ecosystem
-from smt_host.host import Host
-
 from conftest import GOOD_PLUGIN
+
+from smt_host.errors import ConfigError
+from smt_host.host import Host
+from smt_host.spec.loading import ecosystem_from_dict, load_default_ecosystem, load_ecosystem
 
 
 def _eco(**model_changes):
@@ -115,7 +115,7 @@ def test_override_opt_out_and_param_errors(fake_dist, no_env):
 
 
 def test_required_plugins(tmp_path, no_env):
-    from smt_host.plugins import PluginError
+    from smt_host.errors import PluginError
 
     path = tmp_path / "eco.toml"
     path.write_text('[plugins]\nrequired = ["smt-dcnv2>=0.1"]\n[models.a]\nsurface = "feed"\ntasks = [{ name = "click" }]\n[models.a.features]\nsparse = [{ name = "user_id", vocab_size = 20000 }]\n')

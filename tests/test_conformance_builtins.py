@@ -2,8 +2,8 @@
 
 import pytest
 
-from smt_host.builtins import BUILTIN_MODULES
 from smt_host.host import Host
+from smt_host.plugins import BUILTIN_MODULES
 from smt_host.testing import check_technique
 
 pytest_plugins = ["smt_host.testing"]
@@ -27,7 +27,6 @@ def test_builtin_passes_the_kit(name):
 def test_a_branch_that_lies_about_its_width_stops_planning():
     import types
 
-    import torch
     from torch import nn
 
     from smt_host import hookimpl, technique
@@ -51,7 +50,7 @@ def test_a_branch_that_lies_about_its_width_stops_planning():
     mod = types.ModuleType("liar_plugin")
     mod.smt_techniques = hookimpl(lambda: [LiarTechnique()])
     host = Host.create(load="", extra=[(mod, "liar")])
-    from smt_host.plugins import PluginError
+    from smt_host.errors import PluginError
 
     with pytest.raises(PluginError) as err:
         check_technique("liar", host=host)

@@ -69,8 +69,8 @@ def test_two_ranks_match_one_process(runs):
 
 def test_checkpoint_is_dcp_shards_and_loads_into_one_process(runs):
     from smt_host.data import open_source
-    from smt_host.export import load_run
     from smt_host.host import Host
+    from smt_host.serve.export import load_run
     from smt_host.train.trainer import predict
 
     d, one, two = runs
@@ -97,9 +97,9 @@ def test_checkpoint_is_dcp_shards_and_loads_into_one_process(runs):
 
 
 def test_slices_cover_the_global_batch():
-    from smt_host.distributed import slice_batch
+    from smt_host.distributed.parallel import slice_batch
+    from smt_host.model.template import example_batch
     from smt_host.testing import tiny_ecosystem
-    from smt_host.template import example_batch
 
     spec = tiny_ecosystem().model("tiny_ctr")
     b = example_batch(spec, 7)
@@ -113,7 +113,7 @@ def test_slices_cover_the_global_batch():
 
 
 def test_parse_shard():
-    from smt_host.distributed import parse_shard
+    from smt_host.distributed.shard import parse_shard
 
     assert parse_shard("world_size=128,device=cuda,hbm_gb=80") == {"world_size": 128, "device": "cuda", "hbm_gb": 80.0}
     with pytest.raises(ValueError, match="is not KEY=VALUE"):

@@ -6,13 +6,14 @@ import json
 
 import attrs
 import pytest
-
-from smt_host.ecosystem import (
-    LockError, analyse, check_lock, decide, locked_spec, make_lock, matrix_cells, run_matrix, write_reports,
-)
-from smt_host.host import Host
-
 from conftest import GOOD_PLUGIN
+
+from smt_host.ecosystem.analysis import analyse, decide
+from smt_host.ecosystem.cells import matrix_cells, run_matrix
+from smt_host.ecosystem.lock import check_lock, locked_spec, make_lock
+from smt_host.ecosystem.reports import write_reports
+from smt_host.errors import LockError
+from smt_host.host import Host
 
 
 def test_decision_rule_on_known_inputs():
@@ -94,7 +95,8 @@ def test_an_arm_over_the_budget_is_rejected_not_fatal(fake_dist, no_env, eco_one
 
 
 def test_adopted_set_becomes_one_arm():
-    from smt_host.ecosystem import Cell, adopted_cells, adopted_sets, arm_kwargs
+    from smt_host.ecosystem.analysis import adopted_cells, adopted_sets
+    from smt_host.ecosystem.cells import Cell, arm_kwargs
 
     e = lambda n: {"technique": n, "dist": f"smt-{n}", "version": "0.1", "params": None}  # noqa: E731
     matrix = {"models": ["a", "b"], "pairs": [

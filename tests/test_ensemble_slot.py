@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from smt_host import hookimpl, technique
+from smt_host.errors import PluginError
 from smt_host.host import Host
-from smt_host.plugins import PluginError
-from smt_host.template import TemplateModel, example_batch, members_of
+from smt_host.model.template import TemplateModel, example_batch, members_of
 from smt_host.testing import check_technique
 from smt_host.train.trainer import train_model
 
@@ -131,7 +131,7 @@ def test_each_member_learns_as_if_trained_alone(small_eco, tmp_path):
 
 
 def test_distributed_training_of_an_ensemble_is_refused(small_eco, tmp_path):
-    from smt_host.train.trainer import TrainingError
+    from smt_host.errors import TrainingError
 
     with pytest.raises(TrainingError) as err:
         train_model(ensemble_host(), small_eco.model("tiny_ctr"), small_eco, tmp_path, parallel=types.SimpleNamespace())

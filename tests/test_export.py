@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_distributed import smt, tiny_toml
 
 
@@ -22,8 +21,8 @@ def run(tmp_path_factory):
 
 def _eager(d: Path, run_dir: Path) -> torch.Tensor:
     from smt_host.data import open_source
-    from smt_host.export import load_run
     from smt_host.host import Host
+    from smt_host.serve.export import load_run
     from smt_host.train.trainer import predict
 
     host = Host.create(load="")
@@ -45,9 +44,9 @@ def test_exported_predictions_equal_eager(run):
 
 
 def test_exported_file_carries_plan_and_manifest_and_takes_any_batch(run):
-    from smt_host.export import load_exported, load_run, run_exported, spec_of
     from smt_host.host import Host
-    from smt_host.template import example_batch
+    from smt_host.model.template import example_batch
+    from smt_host.serve.export import load_exported, load_run, run_exported, spec_of
 
     d, run_dir = run
     path = d / "model2.pt2"

@@ -14,9 +14,9 @@ from pathlib import Path
 import attrs
 import pytest
 
-from smt_host.config import load_ecosystem
 from smt_host.data import data_dir, open_source
 from smt_host.host import Host
+from smt_host.spec.loading import load_ecosystem
 from smt_host.train.trainer import train_model
 
 SPEC = Path(__file__).resolve().parents[1] / "examples" / "real" / "frappe.toml"

@@ -4,11 +4,11 @@ environment filters, order, and the exact text of broken-plugin errors."""
 from __future__ import annotations
 
 import pytest
-
-from smt_host.host import Host
-from smt_host.plugins import PluginError, get_plugin_manager
-
 from conftest import GOOD_PLUGIN
+
+from smt_host.errors import PluginError
+from smt_host.host import Host
+from smt_host.plugins import get_plugin_manager
 
 BUILTIN_ORDER = ["embedding_bag", "mlp_dense", "flat", "mlp_over", "shared_bottom", "linear_head", "bce", "adam_adagrad"]
 
@@ -141,8 +141,8 @@ def test_exact_order_of_hook_calls(no_env):
     )
     eco = host.default_ecosystem()
     spec = eco.model("feed_ctr_cvr")
-    from smt_host.resolve import resolve
-    from smt_host.template import build_loss, build_model, build_optimizers
+    from smt_host.model.resolve import resolve
+    from smt_host.model.template import build_loss, build_model, build_optimizers
 
     res = resolve(spec, host.spm, host.conv)
     model = build_model(spec, res, host.spm)
@@ -207,7 +207,8 @@ def test_an_exception_inside_a_slot_hook_names_the_technique(fake_dist, no_env):
 
 
 def test_a_string_for_a_list_is_refused():
-    from smt_host.config import ConfigError, ecosystem_from_dict
+    from smt_host.errors import ConfigError
+    from smt_host.spec.loading import ecosystem_from_dict
 
     with pytest.raises(ConfigError) as err:
         ecosystem_from_dict({"models": {"m": {"surface": "feed", "tasks": "click",

@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from smt_host.config import ConfigError, ecosystem_from_dict, load_ecosystem
 from smt_host.data import data_dir, open_source, source_names
 from smt_host.data.chunks import RowFaults
-from smt_host.data.readers import DataFormatError, FileSource
+from smt_host.data.readers import FileSource
 from smt_host.data.tabular import fnv1a64
+from smt_host.errors import ConfigError, DataFormatError
+from smt_host.spec.loading import ecosystem_from_dict, load_ecosystem
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "real"
 FRAPPE_FIELDS = [

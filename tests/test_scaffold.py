@@ -24,8 +24,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from smt_host import scaffold
-from smt_host.cli import cli
+from smt_host.authoring import scaffold
+from smt_host.cli.main import cli
 from smt_host.host import Host
 from smt_host.technique import EXCLUSIVE_SLOTS, SLOTS
 from smt_host.testing import check_technique

@@ -7,15 +7,14 @@ import json
 import attrs
 import pytest
 import torch
-
-from smt_host.config import load_default_ecosystem
-from smt_host.host import Host
-from smt_host.plan import ManifestMismatch
-from smt_host.slots import LossInputs
-from smt_host.train import checkpoint as ckpt
-from smt_host.train.trainer import TrainingError, train_model
-
 from conftest import GOOD_PLUGIN
+
+from smt_host.contexts import LossInputs
+from smt_host.errors import ManifestMismatch, TrainingError
+from smt_host.host import Host
+from smt_host.spec.loading import load_default_ecosystem
+from smt_host.train import checkpoint as ckpt
+from smt_host.train.trainer import train_model
 
 
 def _first_step_loss(host, spec, eco):
@@ -159,7 +158,7 @@ def test_neutral_capacity_lands_within_tolerance(no_env):
     assert plan.capacity.mode == "flops"
     assert abs(plan.capacity.achieved - 90000) <= 0.02 * 90000
     assert plan.capacity.scale < 1
-    from smt_host.capacity import CapacityError
+    from smt_host.errors import CapacityError
 
     with pytest.raises(CapacityError, match="cannot meet its capacity budget"):
         host.plan(attrs.evolve(spec, capacity=attrs.evolve(spec.capacity, budget=10.0)))

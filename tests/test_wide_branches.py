@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 from smt_host import hookimpl, technique
-from smt_host.config import ConfigError
+from smt_host.errors import ConfigError, PluginError
 from smt_host.host import Host
-from smt_host.plugins import PluginError
-from smt_host.template import example_batch
+from smt_host.model.template import example_batch
 from smt_host.testing import check_technique
 
 pytest_plugins = ["smt_host.testing"]

@@ -39,9 +39,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from smt_host import hookimpl, technique
-from smt_host.config import at_least
-from smt_host.slots import LossFn, LossInputs, SlotContext
+from smt_host import LossFn, LossInputs, SlotContext, at_least, hookimpl, technique
 
 
 def _alpha_in_open_unit(instance, attribute, value) -> None:

@@ -28,10 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smt_host import hookimpl, technique
-from smt_host.config import at_least, one_of
-from smt_host.slots import SlotContext, TrainContext
-from smt_host.template import members_of
+from smt_host import SlotContext, TrainContext, at_least, hookimpl, members_of, one_of, technique
 
 #: the identity knots span this logit range (probabilities 1e-13 .. 1 - 1e-13)
 IDENTITY_RANGE = 30.0
@@ -222,7 +219,7 @@ def collect(model: nn.Module, calibrator: Calibrator, batches: Any) -> tuple[tor
 
 
 def _metrics(logits: torch.Tensor, labels: torch.Tensor, tasks: list[str], base_rates: Optional[list[float]]) -> dict:
-    from smt_host.train.metrics import binary_metrics
+    from smt_host import binary_metrics
 
     pred = torch.sigmoid(logits)
     out = {}

@@ -36,9 +36,7 @@ import torch
 from torch import nn
 from torchrec.modules.crossnet import CrossNet, LowRankCrossNet, LowRankMixtureCrossNet
 
-from smt_host import hookimpl, technique
-from smt_host.config import FieldValueError, at_least
-from smt_host.slots import SlotContext
+from smt_host import FieldValueError, SlotContext, at_least, hookimpl, technique
 
 __all__ = ["DCNv2", "DCNv2Branch", "DCNv2Params", "smt_techniques"]
 

@@ -30,9 +30,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from smt_host import hookimpl, technique
-from smt_host.config import at_least
-from smt_host.slots import SlotContext
+from smt_host import SlotContext, at_least, hookimpl, technique
 
 
 @attrs.frozen

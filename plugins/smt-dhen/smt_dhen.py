@@ -49,10 +49,7 @@ import attrs
 import torch
 from torch import nn
 
-from smt_host import hookimpl, technique
-from smt_host.config import ConfigError, FieldValueError, at_least, one_of, positive_widths
-from smt_host.modules import MLP
-from smt_host.slots import SlotContext
+from smt_host import MLP, ConfigError, FieldValueError, SlotContext, at_least, hookimpl, one_of, positive_widths, technique
 
 __all__ = [
     "MODULES",

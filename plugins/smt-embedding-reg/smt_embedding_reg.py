@@ -24,9 +24,7 @@ import attrs
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from smt_host import hookimpl, technique
-from smt_host.config import at_least
-from smt_host.slots import LossFn, LossInputs, SlotContext
+from smt_host import LossFn, LossInputs, SlotContext, at_least, hookimpl, technique
 
 
 @attrs.frozen
@@ -59,8 +57,7 @@ def embedding_l2(model: Any, sparse: KeyedJaggedTensor, *, unique: bool = False)
         a scalar tensor, differentiable w.r.t. the tables.
 
     Example:
-        >>> from smt_host.host import Host
-        >>> from smt_host.template import example_batch
+        >>> from smt_host import Host, example_batch
         >>> host = Host.create(load="")
         >>> spec = host.default_ecosystem().model("feed_ctr")
         >>> model = host.build(host.plan(spec), spec)

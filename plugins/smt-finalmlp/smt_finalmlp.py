@@ -41,10 +41,7 @@ import attrs
 import torch
 from torch import nn
 
-from smt_host import hookimpl, technique
-from smt_host.config import ConfigError, FieldValueError, at_least, in_range
-from smt_host.modules import MLP
-from smt_host.slots import SlotContext
+from smt_host import MLP, ConfigError, FieldValueError, SlotContext, at_least, hookimpl, in_range, technique
 
 __all__ = ["BilinearFusion", "FeatureGate", "FinalMLP", "FinalMLPBranch", "FinalMLPParams", "smt_techniques"]
 

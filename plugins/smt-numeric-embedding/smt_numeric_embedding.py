@@ -26,10 +26,7 @@ import attrs
 import torch
 from torch import nn
 
-from smt_host import hookimpl, technique
-from smt_host.config import FieldValueError, at_least
-from smt_host.modules import MLP
-from smt_host.slots import SlotContext
+from smt_host import MLP, FieldValueError, SlotContext, at_least, hookimpl, technique
 
 
 def _positive(inst, attribute, value) -> None:

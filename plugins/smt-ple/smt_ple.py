@@ -27,10 +27,7 @@ import attrs
 import torch
 from torch import nn
 
-from smt_host import hookimpl, technique
-from smt_host.config import at_least, positive_widths
-from smt_host.modules import MLP
-from smt_host.slots import SlotContext
+from smt_host import MLP, SlotContext, at_least, hookimpl, positive_widths, technique
 
 
 @attrs.frozen

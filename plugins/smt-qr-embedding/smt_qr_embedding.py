@@ -36,9 +36,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from smt_host import hookimpl, technique
-from smt_host.config import at_least, one_of
-from smt_host.slots import SlotContext, TableSpec
+from smt_host import SlotContext, TableSpec, at_least, hookimpl, one_of, technique
 
 Q, R = "__q", "__r"
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from smt_host import hookimpl, technique
-from smt_host.modules import MLP
-from smt_host.slots import SlotContext
+from smt_host.contexts import SlotContext
+from smt_host.hookspecs import hookimpl
+from smt_host.model.modules import MLP
+from smt_host.technique import technique
 
 
 @technique(name="mlp_dense", slot="dense_arch")

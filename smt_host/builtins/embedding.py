@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from smt_host import hookimpl, technique
-from smt_host.slots import SlotContext, TableSpec
+from smt_host.contexts import SlotContext, TableSpec
+from smt_host.hookspecs import hookimpl
+from smt_host.technique import technique
 
 
 @technique(name="embedding_bag", slot="embedding")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from smt_host import hookimpl, technique
-from smt_host.slots import SlotContext
+from smt_host.contexts import SlotContext
+from smt_host.hookspecs import hookimpl
+from smt_host.technique import technique
 
 
 class LinearHead(nn.Module):

@@ -7,8 +7,9 @@ import attrs
 import torch
 from torch import nn
 
-from smt_host import hookimpl, technique
-from smt_host.slots import SlotContext
+from smt_host.contexts import SlotContext
+from smt_host.hookspecs import hookimpl
+from smt_host.technique import technique
 
 
 @attrs.frozen

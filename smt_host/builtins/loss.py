@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from smt_host import hookimpl, technique
-from smt_host.slots import LossFn, LossInputs, SlotContext
+from smt_host.contexts import LossFn, LossInputs, SlotContext
+from smt_host.hookspecs import hookimpl
+from smt_host.technique import technique
 
 
 @technique(name="bce", slot="loss")

@@ -6,9 +6,10 @@ import attrs
 import torch
 from torch import nn
 
-from smt_host import hookimpl, technique
-from smt_host.config import one_of
-from smt_host.slots import SlotContext
+from smt_host.contexts import SlotContext
+from smt_host.hookspecs import hookimpl
+from smt_host.spec.validators import one_of
+from smt_host.technique import technique
 
 
 @attrs.frozen

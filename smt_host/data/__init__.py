@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 from smt_host.data.batch import Batch, DataSource, InMemorySource, TensorSplit
 
 if TYPE_CHECKING:  # pragma: no cover
-    from smt_host.config import EcosystemSpec, ModelSpec
+    from smt_host.spec.schema import EcosystemSpec, ModelSpec
 
 SourceFactory = Callable[["ModelSpec", "EcosystemSpec"], DataSource]
 
@@ -34,9 +34,9 @@ def source_names() -> list[str]:
 
 def _load_builtin_sources() -> None:
     # imported lazily: each module registers its sources on import
-    from smt_host.data import synthetic  # noqa: F401
-
     import importlib
+
+    from smt_host.data import synthetic  # noqa: F401
 
     try:
         importlib.import_module("smt_host.data.readers")

@@ -17,22 +17,9 @@ import numpy as np
 import torch
 
 from smt_host.data.batch import Batch, Jagged, TensorSplit
+from smt_host.errors import DataFormatError
 
 log = logging.getLogger("smt_host.data.readers")
-
-
-class DataFormatError(ValueError):
-    """A malformed row or file: ``"<file name>:<line>: <fault>"``.
-
-    ``line`` is 1-based and counts the header (for Parquet it is the 1-based
-    row number); ``line`` is 0 for faults of the file as a whole.
-    """
-
-    def __init__(self, file: str, line: int, fault: str) -> None:
-        self.file = file
-        self.line = line
-        self.fault = fault
-        super().__init__(f"{file}:{line}: {fault}")
 
 
 class RowFaults:

@@ -50,17 +50,15 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from smt_host.config import ConfigError
 from smt_host.data import data_dir, register_source
 from smt_host.data.batch import Batch, TensorSplit
-from smt_host.data.chunks import (
-    Chunk, DataFormatError, RowFaults, concat_splits, log, make_split, rebatch, split_of_lines, take_rows,
-)
+from smt_host.data.chunks import Chunk, RowFaults, concat_splits, log, make_split, rebatch, split_of_lines, take_rows
 from smt_host.data.libfm import Field, LibfmFormat
 from smt_host.data.tabular import ENCODINGS, TRANSFORMS, DenseColumn, SparseColumn, TabularFormat
+from smt_host.errors import ConfigError, DataFormatError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from smt_host.config import EcosystemSpec, ModelSpec
+    from smt_host.spec.schema import EcosystemSpec, ModelSpec
 
 __all__ = ["DataFormatError", "FileSource", "CRITEO_COLUMNS", "open_file_source"]
 

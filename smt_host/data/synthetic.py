@@ -31,7 +31,7 @@ from smt_host.data import register_source
 from smt_host.data.batch import InMemorySource, TensorSplit
 
 if TYPE_CHECKING:  # pragma: no cover
-    from smt_host.config import EcosystemSpec, ModelSpec
+    from smt_host.spec.schema import EcosystemSpec, ModelSpec
 
 #: vocabulary of every sparse feature of the world
 VOCAB: dict[str, int] = {

@@ -31,8 +31,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from smt_host.data.chunks import Chunk, DataFormatError, FaultSet, RowFaults, make_split
+from smt_host.data.chunks import Chunk, FaultSet, RowFaults, make_split
 from smt_host.data.libfm import open_text
+from smt_host.errors import DataFormatError
 
 ENCODINGS = ("hash", "mod", "int")
 TRANSFORMS = ("none", "log1p")

@@ -16,19 +16,16 @@ from typing import Any, Callable, Optional
 import attrs
 import torch
 
-from smt_host.config import EcosystemSpec, ModelSpec
+from smt_host.contexts import LossInputs, TrainContext
 from smt_host.data import open_source
 from smt_host.data.batch import DataSource
+from smt_host.errors import ManifestMismatch, TrainingError
 from smt_host.host import Host
-from smt_host.plan import Manifest, ManifestMismatch, Plan
-from smt_host.slots import LossInputs, TrainContext
+from smt_host.model.plan import Manifest, Plan
+from smt_host.model.template import members_of
+from smt_host.spec.schema import EcosystemSpec, ModelSpec
 from smt_host.train import checkpoint as ckpt
 from smt_host.train.metrics import binary_metrics
-from smt_host.template import members_of
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (NaN/inf loss, bad checkpoint...)."""
 
 
 @attrs.frozen
@@ -158,9 +155,10 @@ def train_model(
     model = host.build(plan, spec)
     inner, gather = model, None
     if parallel is None:
-        from smt_host import distributed
+        from smt_host.distributed.launch import launched
+        from smt_host.distributed.parallel import Parallel
 
-        parallel = distributed.Parallel.from_env() if distributed.launched() else None
+        parallel = Parallel.from_env() if launched() else None
     members = members_of(model)
     ensemble = members != [model]
     if parallel is not None:

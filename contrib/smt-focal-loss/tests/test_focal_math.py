@@ -8,11 +8,9 @@ import math
 import attrs
 import pytest
 import torch
-
 from smt_focal_loss import FocalLossParams, focal_terms
-from smt_host.config import ConfigError
-from smt_host.host import Host
-from smt_host.slots import LossInputs
+
+from smt_host import ConfigError, Host, LossInputs
 from smt_host.testing import tiny_ecosystem
 
 LOGITS = torch.tensor([[2.0, -1.0], [-0.5, 0.3], [1.5, 0.0]])

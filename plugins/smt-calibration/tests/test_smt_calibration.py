@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import attrs
 import pytest
 import torch
-
-from smt_host.config import ConfigError
-from smt_host.data import open_source
-from smt_host.host import Host
-from smt_host.slots import TrainContext
-from smt_host.testing import listed_techniques, tiny_ecosystem
-
 from smt_calibration import CalibrationParams, Calibrator, pav
+
+from smt_host import ConfigError, Host, TrainContext
+from smt_host.testing import listed_techniques, open_source, tiny_ecosystem
 
 pytest_plugins = ["smt_host.testing"]
 
@@ -183,13 +174,12 @@ def test_before_test_fits_on_valid_and_reports_before_and_after(host, method, tm
 
 
 def test_the_saved_checkpoint_holds_the_fitted_calibrator(host, tmp_path):
-    from smt_host.train import checkpoint as ckpt
-    from smt_host.train.trainer import train_model
+    from smt_host.testing import saved_checkpoint, train_model
 
     eco = tiny_ecosystem()
     spec = eco.model("tiny_ctr")
     result = train_model(host, spec, eco, tmp_path)
-    saved = ckpt.load(tmp_path / ckpt.CHECKPOINT)["model"]
+    saved = saved_checkpoint(tmp_path)["model"]
     assert bool(saved["output_transforms.calibration.fitted"])
     assert float(saved["output_transforms.calibration.scale"][0]) != 1.0
     assert "click" in result.test

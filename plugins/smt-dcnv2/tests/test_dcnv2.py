@@ -9,13 +9,12 @@ from pathlib import Path
 
 import attrs
 import pytest
-import torch
-
 import smt_dcnv2
-from smt_dcnv2 import DCNv2Branch, DCNv2Params
-from smt_host.config import ConfigError, default_ecosystem_path, ecosystem_from_dict
-from smt_host.host import Host
-from smt_host.template import example_batch
+import torch
+from smt_dcnv2 import DCNv2Branch
+
+from smt_host import ConfigError, Host, example_batch
+from smt_host.testing import default_ecosystem_path, ecosystem_from_dict
 
 pytest_plugins = ["smt_host.testing"]
 

@@ -5,16 +5,11 @@ from __future__ import annotations
 import attrs
 import pytest
 import torch
+from smt_deep_ensemble import DeepEnsemble
 from torch import nn
 
-from smt_host.config import ConfigError
-from smt_host.host import Host
-from smt_host.template import TemplateModel, example_batch, members_of
-from smt_host.testing import listed_techniques
-from smt_host.train import checkpoint as ckpt
-from smt_host.train.trainer import train_model
-
-from smt_deep_ensemble import DeepEnsemble
+from smt_host import ConfigError, Host, TemplateModel, example_batch, members_of
+from smt_host.testing import listed_techniques, saved_checkpoint, train_model
 
 pytest_plugins = ["smt_host.testing"]
 
@@ -98,7 +93,7 @@ def test_a_short_run_learns_and_saves_every_member(host, tmp_path):
     spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1, batch_size=128))
     result = train_model(host, spec, eco, tmp_path)
     assert result.test["click"]["auc"] > 0.62, result.test  # a broken ensemble (members untrained) stays near 0.5
-    saved = ckpt.load(tmp_path / ckpt.CHECKPOINT)
+    saved = saved_checkpoint(tmp_path)
     assert {k.split(".")[1] for k in saved["best_model"]} == {"0", "1"}
     assert len(saved["optimizers"]) == 2 * len(host.optimizers(result.plan, spec, members_of(host.build(result.plan, spec))[0]))
 

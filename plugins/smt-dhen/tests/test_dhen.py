@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import attrs
 import pytest
 import torch
-from torch.nn import functional as F
-
-from smt_host.config import ConfigError, default_ecosystem_path, ecosystem_from_dict
-from smt_host.host import Host
-from smt_host.testing import listed_techniques
-from smt_host.slots import LossInputs
-from smt_host.template import example_batch
 from smt_dhen import (
     MODULES,
     CrossModule,
@@ -30,6 +20,10 @@ from smt_dhen import (
     MLPModule,
     SelfAttentionModule,
 )
+from torch.nn import functional as F
+
+from smt_host import ConfigError, Host, LossInputs, example_batch
+from smt_host.testing import default_ecosystem_path, ecosystem_from_dict, listed_techniques
 
 pytest_plugins = ["smt_host.testing"]
 

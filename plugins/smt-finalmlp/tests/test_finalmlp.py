@@ -9,14 +9,13 @@ from pathlib import Path
 
 import attrs
 import pytest
+import smt_finalmlp
 import torch
+from smt_finalmlp import BilinearFusion, FeatureGate, FinalMLPBranch
 from torch import nn
 
-import smt_finalmlp
-from smt_finalmlp import BilinearFusion, FeatureGate, FinalMLPBranch
-from smt_host.config import ConfigError, default_ecosystem_path, ecosystem_from_dict
-from smt_host.host import Host
-from smt_host.template import example_batch
+from smt_host import ConfigError, Host, example_batch
+from smt_host.testing import default_ecosystem_path, ecosystem_from_dict
 
 pytest_plugins = ["smt_host.testing"]
 

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import attrs
 import pytest
-import torch
-
-from smt_host.testing import listed_techniques
-from smt_host.config import ConfigError
-from smt_host.host import Host
-from smt_host.slots import LossInputs
-from smt_host.template import example_batch
-
 import smt_mmoe
+import torch
 from smt_mmoe import MMoE, MMoEParams
+
+from smt_host import ConfigError, Host, LossInputs, example_batch
+from smt_host.testing import listed_techniques
 
 pytest_plugins = ["smt_host.testing"]
 
@@ -153,7 +144,7 @@ def test_conformance(smt_check):
 
 @pytest.mark.slow
 def test_short_training_learns_clicks(host, eco, tmp_path):
-    from smt_host.train.trainer import train_model
+    from smt_host.testing import train_model
 
     small = attrs.evolve(eco, synthetic=attrs.evolve(eco.synthetic, train_examples=20000, valid_examples=5000, test_examples=5000))
     spec = small.model("feed_ctr_cvr")

@@ -11,14 +11,10 @@ import sys
 import attrs
 import pytest
 import torch
-
-from smt_host.config import ConfigError
-from smt_host.host import Host
-from smt_host.slots import LossInputs
-from smt_host.template import example_batch
-from smt_host.testing import tiny_ecosystem
-
 from smt_numeric_embedding import NumericEmbeddingParams, PeriodicEmbedding
+
+from smt_host import ConfigError, Host, LossInputs, example_batch
+from smt_host.testing import tiny_ecosystem
 
 pytest_plugins = ["smt_host.testing"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,15 +10,10 @@ import types
 import attrs
 import pytest
 import torch
-
-from smt_host import hookimpl, technique
-from smt_host.testing import listed_techniques
-from smt_host.config import ConfigError, default_ecosystem_path, load_ecosystem
-from smt_host.host import Host
-from smt_host.slots import LossInputs
-from smt_host.template import example_batch
-
 from smt_ple import PLE, ExtractionLayer, PLEParams
+
+from smt_host import MLP, ConfigError, Host, LossInputs, example_batch, hookimpl, technique
+from smt_host.testing import default_ecosystem_path, listed_techniques, load_ecosystem
 
 pytest_plugins = ["smt_host.testing"]
 
@@ -38,7 +32,17 @@ def eco(host):
 
 def _fake_task_arch_plugin(priority: int) -> types.ModuleType:
     """A plugin module with one task-arch technique ``other_arch`` (a shared bottom)."""
-    from smt_host.builtins.task_arch import SharedBottom
+    class SharedBottom(torch.nn.Module):
+        """(B, H) -> T x (B, width): one linear layer shared by every task."""
+
+        def __init__(self, in_dim: int, tasks: int, width: int) -> None:
+            super().__init__()
+            self.shared = MLP(in_dim, [width])
+            self.out_dims = (width,) * tasks
+
+        def forward(self, x):
+            h = self.shared(x)
+            return [h for _ in self.out_dims]
 
     @technique(name="other_arch", slot="task_arch", priority=priority,
                applies=lambda m: len(m.tasks) >= 2 or "needs 2+ tasks")

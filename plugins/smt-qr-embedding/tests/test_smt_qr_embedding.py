@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import attrs
 import pytest
 import torch
+from smt_qr_embedding import QRFeatureTransform, QRParams, QRPooledTransform
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from smt_host import ConfigError, Host, LossInputs, example_batch
 from smt_host.testing import listed_techniques
-from smt_host.config import ConfigError
-from smt_host.host import Host
-from smt_host.slots import LossInputs
-from smt_host.template import example_batch
-
-from smt_qr_embedding import QRFeatureTransform, QRParams, QRPooledTransform
 
 pytest_plugins = ["smt_host.testing"]
 

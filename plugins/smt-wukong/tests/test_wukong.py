@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import attrs
 import pytest
 import torch
-
-from smt_host.config import ConfigError, ecosystem_from_dict, default_ecosystem_path
-from smt_host.host import Host
-from smt_host.testing import listed_techniques
-from smt_host.slots import LossInputs
-from smt_host.template import example_batch
 from smt_wukong import (
     FactorizationMachineBlock,
     LinearCompressionBlock,
@@ -25,6 +16,9 @@ from smt_wukong import (
     WukongLayer,
     WukongParams,
 )
+
+from smt_host import ConfigError, Host, LossInputs, example_batch
+from smt_host.testing import default_ecosystem_path, ecosystem_from_dict, listed_techniques
 
 pytest_plugins = ["smt_host.testing"]
 

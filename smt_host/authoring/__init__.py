@@ -1,0 +1,1 @@
+"""``smt new-plugin``: a complete plugin distribution per slot."""

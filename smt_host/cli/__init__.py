@@ -1,0 +1,1 @@
+"""The ``smt`` command, one module per command family."""

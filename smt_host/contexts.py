@@ -1,0 +1,115 @@
+"""Data passed through the slot hooks (see :mod:`smt_host.hookspecs`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import attrs
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from smt_host.data.batch import Batch
+    from smt_host.spec.schema import ModelSpec
+
+
+@attrs.frozen
+class TableSpec:
+    """One embedding table, before it becomes a torchrec ``EmbeddingBagConfig``.
+
+    Args:
+        name: table name.
+        feature_names: sparse features looked up in this table.
+        num_embeddings: rows.
+        embedding_dim: D.
+        pooling: ``"sum"`` or ``"mean"``.
+        init_std: rows start from N(0, init_std^2); None: torchrec's default
+            (uniform +-sqrt(1 / num_embeddings)).
+    """
+
+    name: str
+    feature_names: tuple[str, ...] = attrs.field(converter=tuple)
+    num_embeddings: int
+    embedding_dim: int
+    pooling: str = "sum"
+    init_std: Optional[float] = None
+
+    @property
+    def bytes(self) -> int:
+        """float32 bytes of the table."""
+        return self.num_embeddings * self.embedding_dim * 4
+
+
+@attrs.frozen
+class SlotContext:
+    """What a slot hook is told about the model it builds a part for.
+
+    Args:
+        model: the model spec (:class:`smt_host.config.ModelSpec`).
+        in_dim: width of the slot's input (0 where the input is (B, F, D)).
+        num_features: F, features reaching the interaction slot.
+        embedding_dim: D.
+        num_dense: Nd, dense feature count.
+        tasks: task names, in spec order (T of them).
+        width_scale: multiplier on the over-arch's hidden widths.
+        device: where to build parameters.
+    """
+
+    model: "ModelSpec"
+    in_dim: int = 0
+    num_features: int = 0
+    embedding_dim: int = 0
+    num_dense: int = 0
+    tasks: tuple[str, ...] = ()
+    width_scale: float = 1.0
+    device: Any = "cpu"
+
+    def evolve(self, **changes: Any) -> "SlotContext":
+        return attrs.evolve(self, **changes)
+
+
+@attrs.frozen
+class LossInputs:
+    """What a loss callable receives.
+
+    Args:
+        logits: (B, T).
+        labels: (B, T) floats in {0, 1}.
+        batch: the batch (dense, sparse KJT, labels).
+        model: the ``TemplateModel`` (for regularizers that read its tables).
+        features: (B, F, D) feature embeddings of the forward pass.
+    """
+
+    logits: "torch.Tensor"
+    labels: "torch.Tensor"
+    batch: "Batch"
+    model: Any
+    features: Optional["torch.Tensor"] = None
+
+
+LossFn = Callable[[LossInputs], "torch.Tensor"]
+
+
+@attrs.define
+class TrainContext:
+    """What lifecycle hooks see of a training run.
+
+    Args:
+        model: the ``TemplateModel`` being trained.
+        plan: its :class:`smt_host.plan.Plan`.
+        spec: the model spec.
+        out_dir: the run's output folder (a ``pathlib.Path``).
+        data: the model's data source.
+        resumed: True when the run continues from a checkpoint.
+        state: a dict techniques write reports into, by technique name; the
+            trainer returns it as ``RunResult.reports`` and writes it to
+            metrics.json under ``reports``.
+    """
+
+    model: Any
+    plan: Any
+    spec: Any
+    out_dir: Any
+    data: Any = None
+    resumed: bool = False
+    state: dict = attrs.Factory(dict)

@@ -1,0 +1,1 @@
+"""Beyond one process: torchrec DistributedModelParallel, launch, sharding plans."""

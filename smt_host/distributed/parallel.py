@@ -1,0 +1,330 @@
+"""Beyond one machine: embedding tables sharded with torchrec's
+``DistributedModelParallel`` (DMP), launched by ``torchrun``.
+
+Training::
+
+    smt train --nproc-per-node 2 tiny_ctr ...            # re-launches itself with torch.distributed.run
+    torchrun --nproc-per-node 2 -m smt_host train ...     # the same, by hand (one node or many)
+
+Under ``torchrun`` (``TORCHELASTIC_RUN_ID`` / ``RANK`` + ``WORLD_SIZE`` set)
+:func:`smt_host.train.trainer.train_model` trains through a :class:`Parallel`:
+
+* the process group is gloo on CPU, NCCL when CUDA is available (each rank
+  on ``cuda:LOCAL_RANK``);
+* the shards come from torchrec's ``EmbeddingShardingPlanner`` over a
+  ``Topology(world_size, compute_device)``; the tables use the ``dense``
+  compute kernel so the plan's own optimizer (e.g. Adagrad on tables, Adam on
+  the rest) updates them exactly as in one process; dense parameters are
+  data-parallel (DDP inside DMP);
+* every rank reads a disjoint, contiguous slice of every global batch, so
+  the global batch equals the one-process batch (DDP averages dense
+  gradients, torchrec divides table gradients by the world size);
+* validation / test predictions are gathered on every rank before the
+  metrics are computed;
+* the checkpoint's weights are written with ``torch.distributed.checkpoint``
+  (DCP) from every rank's own shards into ``checkpoint.dcp/`` (no gather to
+  rank 0); rank 0 writes ``checkpoint.pt`` with the plan, manifest and spec
+  and ``"model_dcp": "checkpoint.dcp"`` instead of ``"model"``.
+  :func:`load_model_state` loads either kind into one process.
+
+Not supported (yet): ``--resume`` of a distributed run (optimizer state is not
+written to DCP), the fused (FBGEMM-optimizer) kernels.
+
+Planning for a large topology without allocating any table::
+
+    smt plan MODEL --shard world_size=128,device=cuda[,hbm_gb=80,batch_size=512]
+
+builds the model's ``EmbeddingBagCollection`` on the meta device and runs the
+planner on it (:func:`shard_plan`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from smt_host.data.batch import Batch
+
+DCP_DIR = "checkpoint.dcp"
+
+
+
+
+
+def slice_kjt(kjt: KeyedJaggedTensor, lo: int, hi: int) -> KeyedJaggedTensor:
+    """Rows ``lo:hi`` of every key of a KJT (stride = batch size)."""
+    b = kjt.stride()
+    lengths = kjt.lengths().view(len(kjt.keys()), b)
+    offsets = kjt.offsets()
+    values, lens = [], []
+    for i in range(len(kjt.keys())):
+        start, end = int(offsets[i * b + lo]), int(offsets[i * b + hi])
+        values.append(kjt.values()[start:end])
+        lens.append(lengths[i, lo:hi])
+    weights = None
+    if kjt.weights_or_none() is not None:
+        w = kjt.weights()
+        weights = torch.cat([w[int(offsets[i * b + lo]):int(offsets[i * b + hi])] for i in range(len(kjt.keys()))])
+    return KeyedJaggedTensor.from_lengths_sync(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lens), weights=weights)
+
+
+def rank_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    return rank * n // world_size, (rank + 1) * n // world_size
+
+
+def slice_batch(batch: Batch, rank: int, world_size: int) -> Batch:
+    """This rank's contiguous part of a global batch."""
+    lo, hi = rank_bounds(len(batch), rank, world_size)
+    return Batch(batch.dense[lo:hi], slice_kjt(batch.sparse, lo, hi), batch.labels[lo:hi])
+
+
+class RankSlices:
+    """A data source whose batches are this rank's slice of the wrapped
+    source's global batches (same batch size, same order, same shuffling)."""
+
+    def __init__(self, data: Any, rank: int, world_size: int, device: Any = "cpu") -> None:
+        self.data, self.rank, self.world_size, self.device = data, rank, world_size, device
+        self.task_names = data.task_names
+
+    def batches(self, split: str, batch_size: int, **kwargs: Any) -> Iterator[Batch]:
+        for batch in self.data.batches(split, batch_size, **kwargs):
+            yield slice_batch(batch, self.rank, self.world_size).to(self.device)
+
+    def base_rates(self) -> torch.Tensor:
+        return self.data.base_rates()
+
+    def __getattr__(self, name: str) -> Any:  # num_examples, skipped...
+        return getattr(self.data, name)
+
+
+# ------------------------------------------------------------------ sharding
+
+
+def _table_constraints(ebc: nn.Module, kernel: str = "dense", sharding_types: Optional[Sequence[str]] = None) -> dict:
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    types = list(sharding_types) if sharding_types else None
+    return {c.name: ParameterConstraints(compute_kernels=[kernel], sharding_types=types) for c in ebc.embedding_bag_configs()}
+
+
+def table_sharders() -> list:
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+    return [EmbeddingBagCollectionSharder()]
+
+
+_FUSED_KWARGS = {
+    torch.optim.SGD: {"lr": "lr"},
+    torch.optim.Adagrad: {"lr": "lr", "eps": "eps"},
+    torch.optim.Adam: {"lr": "lr", "eps": "eps", "weight_decay": "weight_decay"},
+}
+
+
+def _fuse_table_optimizer(ebc: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+    """Marks the tables with their optimizer (class + hyperparameters) for
+    torchrec's fused kernels; False when that is not possible."""
+    table_ids = {id(p) for p in ebc.parameters()}
+    found = []
+    for opt in optimizers:
+        for group in opt.param_groups:
+            params = [p for p in group["params"] if id(p) in table_ids]
+            if params:
+                found.append((type(opt), group, params))
+    if not found or any(cls not in _FUSED_KWARGS for cls, _, _ in found):
+        return False
+    if any(cls is torch.optim.Adagrad and (g.get("lr_decay") or g.get("weight_decay") or g.get("initial_accumulator_value"))
+           for cls, g, _ in found):
+        return False
+    for cls, group, params in found:
+        kwargs = {dst: group[src] for src, dst in _FUSED_KWARGS[cls].items() if src in group}
+        if cls is torch.optim.Adam:
+            kwargs["beta1"], kwargs["beta2"] = group["betas"]
+        for p in params:  # torchrec reads these two attributes when sharding
+            p._optimizer_classes = [cls]
+            p._optimizer_kwargs = [dict(kwargs)]
+    return True
+
+
+class Parallel:
+    """One rank of a distributed run: process group, device, DMP wrapping,
+    batch slicing, gathering, DCP checkpoints. ``Parallel.from_env()`` inside
+    ``torchrun``."""
+
+    def __init__(self, pg: Optional[dist.ProcessGroup] = None, device: Any = "cpu",
+                 sharding_types: Optional[Sequence[str]] = None) -> None:
+        self.pg = pg or dist.GroupMember.WORLD
+        self.sharding_types = sharding_types
+        self.device = torch.device(device)
+        self.rank = dist.get_rank(self.pg)
+        self.world_size = dist.get_world_size(self.pg)
+        self.sharding_plan = None
+
+    @classmethod
+    def from_env(cls) -> "Parallel":
+        """Initialises the default process group from the launcher's
+        environment: NCCL on ``cuda:LOCAL_RANK`` when CUDA is available, else
+        gloo on CPU. ``SMT_SHARDING_TYPES`` (e.g. ``table_wise,row_wise``)
+        limits the sharding types the planner may choose."""
+        if torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+            backend = "nccl"
+        else:
+            device, backend = torch.device("cpu"), "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend)
+        types = [t for t in os.environ.get("SMT_SHARDING_TYPES", "").split(",") if t]
+        return cls(None, device, types or None)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- model
+    def wrap(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = ()) -> nn.Module:
+        """``DistributedModelParallel`` over ``model`` with the planner's
+        shards; the tables keep the weights ``model`` was built with.
+
+        ``optimizers``: the plan's optimizers built on the unsharded model.
+        When the tables' optimizer is one FBGEMM runs fused in the backward
+        pass (SGD, Adagrad, Adam) the tables are model-parallel (``fused``
+        kernel: table-, row-, column-wise...) with that optimizer and its
+        hyperparameters; otherwise they stay data-parallel (``dense`` kernel)
+        and the plan's optimizer updates them."""
+        from torchrec.distributed.model_parallel import DistributedModelParallel
+        from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+        from torchrec.distributed.types import ShardingEnv
+
+        initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        kernel = "fused" if _fuse_table_optimizer(model.embedding, optimizers) else "dense"
+        self.kernel = kernel
+        planner = EmbeddingShardingPlanner(
+            topology=Topology(world_size=self.world_size, compute_device=self.device.type),
+            constraints=_table_constraints(model.embedding, kernel, self.sharding_types),
+        )
+        sharders = table_sharders()
+        self.sharding_plan = planner.collective_plan(model, sharders, self.pg)
+        dmp = DistributedModelParallel(
+            model, env=ShardingEnv.from_process_group(self.pg), device=self.device,
+            plan=self.sharding_plan, sharders=sharders,
+        )
+        self.load_full_state(dmp, initial)
+        return dmp
+
+    def describe(self) -> str:
+        """One line per table: sharding type and ranks."""
+        if self.sharding_plan is None:
+            return ""
+        lines = []
+        for module_path, params in self.sharding_plan.plan.items():
+            for name, ps in params.items():
+                lines.append(f"{module_path}.{name}: {ps.sharding_type} ranks {ps.ranks} kernel {ps.compute_kernel}")
+        return "\n".join(lines)
+
+    @staticmethod
+    def inner(model: nn.Module) -> nn.Module:
+        """The TemplateModel inside DMP (its ``embedding`` is sharded)."""
+        return getattr(model, "module", model)
+
+    def load_full_state(self, dmp: nn.Module, full: dict) -> None:
+        """Copies full (unsharded) tensors into this rank's shards."""
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+        with torch.no_grad():
+            for key, value in dmp.state_dict().items():
+                src = full[key]
+                if isinstance(value, ShardedTensor):
+                    for shard in value.local_shards():
+                        idx = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+                        shard.tensor.copy_(src[idx])
+                else:
+                    value.copy_(src)
+
+    def state_copy(self, model: nn.Module) -> dict:
+        """This rank's weights (local shards and replicated tensors), cloned."""
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+        out = {}
+        for key, value in model.state_dict().items():
+            if isinstance(value, ShardedTensor):
+                out[key] = [s.tensor.detach().clone() for s in value.local_shards()]
+            else:
+                out[key] = value.detach().clone()
+        return out
+
+    def load_state_copy(self, model: nn.Module, saved: dict) -> None:
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+        with torch.no_grad():
+            for key, value in model.state_dict().items():
+                if isinstance(value, ShardedTensor):
+                    for shard, src in zip(value.local_shards(), saved[key]):
+                        shard.tensor.copy_(src)
+                else:
+                    value.copy_(saved[key])
+
+    # -- data
+    def shard_data(self, data: Any) -> RankSlices:
+        return RankSlices(data, self.rank, self.world_size, self.device)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenates every rank's rows (rank order); sizes may differ."""
+        t = t.contiguous()
+        n = torch.tensor([t.shape[0]], device=self.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
+        dist.all_gather(sizes, n, group=self.pg)
+        most = int(max(int(s) for s in sizes))
+        padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded[: t.shape[0]] = t
+        parts = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded, group=self.pg)
+        return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)]).cpu()
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.pg)
+
+    # -- checkpoints
+    def save(self, model: nn.Module, meta: dict, path: Path) -> None:
+        """Weights with DCP (each rank its own shards) to ``path.parent /
+        checkpoint.dcp``; then rank 0 writes ``meta`` to ``path`` (atomic)."""
+        import shutil
+
+        import torch.distributed.checkpoint as dcp
+
+        from smt_host.train.checkpoint import save_atomic
+
+        path = Path(path)
+        final = path.parent / DCP_DIR
+        tmp = path.parent / (DCP_DIR + ".tmp")
+        if self.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        self.barrier()
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp), process_group=self.pg)
+        self.barrier()
+        if self.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            save_atomic({**meta, "model_dcp": DCP_DIR, "world_size": self.world_size}, path)
+        self.barrier()
+
+
+def load_model_state(model: nn.Module, saved: dict, path: Path) -> None:
+    """Loads a checkpoint's weights into a one-process model: ``saved["model"]``,
+    or the DCP folder ``saved["model_dcp"]`` next to ``path`` (resharded by DCP)."""
+    if "model" in saved:
+        model.load_state_dict(saved["model"])
+        return
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(Path(path).parent / saved["model_dcp"]), no_dist=True)
+    model.load_state_dict(state["model"])
+
+

@@ -1,0 +1,200 @@
+"""The ecosystem loop: technique x model adoption at neutral capacity.
+
+For every model it trains the baseline (built-ins only), the baseline plus
+each applicable technique alone, and the baseline plus every applicable
+technique, all at the baseline's serving FLOPs (capacity-neutral), over N
+seeds. A *cell* is one (model, arm, seed) training run; each finished cell
+writes ``cells/<model>/<arm>/seed<k>.json`` atomically, so an interrupted run
+resumes without retraining finished cells.
+
+Decision rule (written down, tested): a technique is **adopted** for a model
+when, paired by seed, the mean relative NE change (arm - baseline) /
+baseline, averaged over the model's tasks, is negative and its magnitude
+exceeds twice its standard error (std / sqrt(n)); with one seed the
+standard error is unknown and nothing is adopted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import attrs
+
+from smt_host.model.resolve import resolve
+from smt_host.plugins import HOST_DIST
+from smt_host.spec.schema import EcosystemSpec, ModelSpec
+from smt_host.train.checkpoint import write_text_atomic
+
+BASELINE = "baseline"
+ALL = "all"
+#: prefix of the arm that trains a model's adopted set together: "adopted=a+b"
+ADOPTED = "adopted="
+
+
+@attrs.frozen
+class Cell:
+    """One training run of the matrix."""
+
+    model: str
+    arm: str  # "baseline", a technique name, or "all"
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.arm}/seed{self.seed}"
+
+
+def arm_kwargs(arm: str) -> dict:
+    """Plan arguments of an arm."""
+    if arm == BASELINE:
+        return {"builtins_only": True}
+    if arm == ALL:
+        return {}
+    if arm.startswith(ADOPTED):
+        return {"only": frozenset(arm[len(ADOPTED):].split("+"))}
+    return {"only": frozenset({arm})}
+
+
+def applicable_techniques(host: Any, spec: ModelSpec) -> list[str]:
+    """External techniques that are active in ``spec`` when installed alone."""
+    names = []
+    for reg in host.spm.all_ordered():
+        if reg.builtin:
+            continue
+        try:
+            res = resolve(spec, host.spm, host.conv, only=frozenset({reg.name}))
+        except Exception:  # noqa: BLE001 - a technique that cannot stand alone is not an arm
+            continue
+        if reg.name in res.names():
+            names.append(reg.name)
+    return names
+
+
+def matrix_cells(host: Any, eco: EcosystemSpec, seeds: int, models: Optional[Iterable[str]] = None) -> list[Cell]:
+    """Every cell of the matrix, in a fixed order."""
+    cells = []
+    for spec in eco.models.values():
+        if models is not None and spec.name not in models:
+            continue
+        techniques = applicable_techniques(host, spec)
+        arms = [BASELINE, *techniques] + ([ALL] if len(techniques) > 1 else [])
+        for arm in arms:
+            for seed in range(seeds):
+                cells.append(Cell(spec.name, arm, seed))
+    return cells
+
+
+def neutral_spec(spec: ModelSpec, seed: int) -> ModelSpec:
+    """The spec at neutral capacity ("baseline" FLOPs unless it has a budget) and ``seed``."""
+    capacity = spec.capacity if spec.capacity.budget is not None else attrs.evolve(spec.capacity, budget="baseline")
+    return attrs.evolve(spec, capacity=capacity, training=attrs.evolve(spec.training, seed=seed))
+
+
+def cell_path(out: Path, cell: Cell) -> Path:
+    return Path(out) / "cells" / cell.model / cell.arm / f"seed{cell.seed}.json"
+
+
+def run_cell(host: Any, eco: EcosystemSpec, cell: Cell, out: Path) -> dict:
+    """Trains one cell and writes its result JSON; returns the result."""
+    from smt_host.errors import CapacityError
+    from smt_host.train.trainer import train_model
+
+    spec = neutral_spec(eco.model(cell.model), cell.seed)
+    try:
+        plan = host.plan(spec, **arm_kwargs(cell.arm))
+    except CapacityError as exc:
+        # the arm cannot run at neutral capacity: recorded, and rejected
+        data = {"cell": attrs.asdict(cell), "over_budget": str(exc)}
+        write_text_atomic(json.dumps(data, indent=2), cell_path(out, cell))
+        return data
+    started = time.perf_counter()
+    run_dir = Path(out) / "runs" / cell.model / cell.arm / f"seed{cell.seed}"
+    result = train_model(host, spec, eco, run_dir, plan=plan)
+    data = {
+        "cell": attrs.asdict(cell),
+        "test": result.test,
+        "epochs": result.epochs,
+        "wall_s": time.perf_counter() - started,
+        "flops": plan.cost.flops,
+        "dense_params": plan.cost.dense_params,
+        "embedding_bytes": plan.cost.embedding_bytes,
+        "capacity": host.conv.unstructure(plan.capacity),
+        "techniques": [
+            {"technique": e.technique, "dist": e.dist, "version": e.version, "params": e.params}
+            for e in plan.entries if e.dist != HOST_DIST
+        ],
+    }
+    write_text_atomic(json.dumps(data, indent=2), cell_path(out, cell))
+    return data
+
+
+def _worker(args: tuple) -> tuple[str, Optional[str]]:
+    """Process-pool entry: trains one cell in a fresh host."""
+    eco_source, eco_is_default, cell_dict, out, synthetic = args
+    import torch
+
+    torch.set_num_threads(1)
+    from smt_host.host import Host
+
+    host = Host.create()
+    eco = host.default_ecosystem() if eco_is_default else host.load_ecosystem(eco_source)
+    if synthetic is not None:
+        eco = attrs.evolve(eco, synthetic=host.conv.structure(synthetic, type(eco.synthetic)))
+    cell = Cell(**cell_dict)
+    try:
+        run_cell(host, eco, cell, Path(out))
+        return cell.key, None
+    except Exception as exc:  # noqa: BLE001 - reported per cell
+        return cell.key, f"{type(exc).__name__}: {exc}"
+
+
+def run_matrix(
+    host: Any, eco: EcosystemSpec, out: Path, *, seeds: int = 3, jobs: int = 1,
+    models: Optional[Iterable[str]] = None, on_done: Callable[[Cell, bool], None] = lambda c, skipped: None,
+    eco_path: Optional[str] = None,
+) -> list[Cell]:
+    """Trains every unfinished cell of the matrix (``jobs`` processes);
+    returns all cells. A cell whose result file exists is skipped (resume)."""
+    cells = matrix_cells(host, eco, seeds, models)
+    return run_cells(host, eco, out, cells, jobs=jobs, on_done=on_done, eco_path=eco_path)
+
+
+
+def run_cells(
+    host: Any, eco: EcosystemSpec, out: Path, cells: list[Cell], *, jobs: int = 1,
+    on_done: Callable[[Cell, bool], None] = lambda c, skipped: None, eco_path: Optional[str] = None,
+) -> list[Cell]:
+    """Trains the unfinished ``cells``; returns them."""
+    out = Path(out)
+    todo = []
+    for cell in cells:
+        if cell_path(out, cell).exists():
+            on_done(cell, True)
+        else:
+            todo.append(cell)
+    if jobs <= 1:
+        for cell in todo:
+            run_cell(host, eco, cell, out)
+            on_done(cell, False)
+        return cells
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    synthetic = host.conv.unstructure(eco.synthetic)
+    args = [(eco_path, eco_path is None, attrs.asdict(c), str(out), synthetic) for c in todo]
+    errors = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_worker, a): c for a, c in zip(args, todo)}
+        for fut in as_completed(futures):
+            key, err = fut.result()
+            if err:
+                errors.append(f"{key}: {err}")
+            on_done(futures[fut], False)
+    if errors:
+        raise RuntimeError("cells failed: " + "; ".join(errors))
+    return cells
+
+

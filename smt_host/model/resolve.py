@@ -1,0 +1,195 @@
+"""Which techniques fill which slot of one model (the first half of planning).
+
+Pure decisions on data: the installed techniques (with what they declare) and
+the model spec in, a :class:`Resolution` out. No module is built here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attrs
+import cattrs
+
+from smt_host.errors import ConfigError, PluginError
+from smt_host.plugins import Registered, SmtPluginManager
+from smt_host.spec.converter import structure
+from smt_host.spec.schema import ModelSpec
+from smt_host.technique import EXCLUSIVE_SLOTS, OPTIONAL_SLOTS, SLOTS
+
+
+def distribution_hint(technique: str) -> str:
+    """The distribution that by convention ships ``technique``."""
+    return "smt-" + technique.replace("_", "-")
+
+
+@attrs.frozen
+class Active:
+    """A technique chosen for a slot, with its structured parameters."""
+
+    name: str
+    slot: str
+    dist: str
+    version: str
+    params: Any
+
+
+@attrs.frozen
+class Skipped:
+    """A technique not used by the model, and why (``reason``):
+    ``opted out``, ``not applicable: ...``, ``off by default``,
+    ``shadowed by NAME``, ``built-ins only``."""
+
+    name: str
+    slot: str
+    dist: str
+    reason: str
+
+
+@attrs.frozen
+class Resolution:
+    """Active techniques in host order, and the skipped ones."""
+
+    model: str
+    active: tuple[Active, ...]
+    skipped: tuple[Skipped, ...]
+
+    def slot(self, slot: str) -> list[Active]:
+        return [a for a in self.active if a.slot == slot]
+
+    def names(self) -> list[str]:
+        return [a.name for a in self.active]
+
+
+def _override(spec: ModelSpec, name: str) -> Any:
+    return spec.techniques.get(name)
+
+
+def _check_configured(spec: ModelSpec, spm: SmtPluginManager) -> None:
+    errors = []
+    for name, value in spec.techniques.items():
+        path = f"$.models.{spec.name}.techniques.{name}"
+        if name not in spm.techniques:
+            errors.append(
+                f"technique {name!r} is configured but not installed; install the distribution "
+                f"that provides it (pip install {distribution_hint(name)}) @ {path}"
+            )
+        elif not isinstance(value, (bool, dict)):
+            errors.append(
+                f"must be true, false or a table of parameters, got {type(value).__name__} @ {path}"
+            )
+    if errors:
+        raise ConfigError(errors)
+
+
+def structure_params(conv: cattrs.Converter, reg: Registered, value: Any, path: str) -> Any:
+    """The technique's parameters from a spec value (True/None: defaults)."""
+    cls = reg.info.params
+    table = value if isinstance(value, dict) else {}
+    if cls is None:
+        if table:
+            raise ConfigError([f"technique {reg.name!r} takes no parameters, got ({', '.join(table)}) @ {path}"])
+        return None
+    return structure(conv, table, cls, path)
+
+
+def resolve(
+    spec: ModelSpec,
+    spm: SmtPluginManager,
+    conv: cattrs.Converter,
+    *,
+    builtins_only: bool = False,
+    without: frozenset[str] = frozenset(),
+    only: Optional[frozenset[str]] = None,
+) -> Resolution:
+    """Chooses the techniques of ``spec``.
+
+    Args:
+        spec: the model spec.
+        spm: the plugin manager.
+        conv: the host's converter (with plugin parameter classes).
+        builtins_only: ignore external techniques (the baseline template).
+        without: technique names to leave out (as if the spec opted out).
+        only: if given, external techniques outside this set are left out
+            (the ecosystem loop's "baseline + one technique").
+
+    Raises:
+        ConfigError: a configured technique is not installed, its parameters
+            do not validate, or it is enabled where it does not apply.
+        PluginError: requirements or conflicts between techniques fail.
+    """
+    _check_configured(spec, spm)
+    chosen: list[Active] = []
+    skipped: list[Skipped] = []
+    candidates: dict[str, list[tuple[Registered, bool]]] = {s: [] for s in SLOTS}
+    for reg in spm.all_ordered():
+        name, info = reg.name, reg.info
+        path = f"$.models.{spec.name}.techniques.{name}"
+        value = _override(spec, name)
+        explicit = value is True or isinstance(value, dict)
+        if not reg.builtin and builtins_only:
+            skipped.append(Skipped(name, info.slot, reg.dist, "built-ins only"))
+            continue
+        if name in without or (only is not None and not reg.builtin and name not in only):
+            skipped.append(Skipped(name, info.slot, reg.dist, "left out"))
+            continue
+        if value is False:
+            skipped.append(Skipped(name, info.slot, reg.dist, "opted out"))
+            continue
+        if not info.default and not explicit:
+            skipped.append(Skipped(name, info.slot, reg.dist, "off by default"))
+            continue
+        ok, why = info.check_applies(spec)
+        if info.slot == "dense_arch" and not spec.features.dense:
+            ok, why = False, "the model has no dense features"
+        if not ok:
+            if explicit:
+                raise ConfigError([f"technique {name!r} is enabled but does not apply to this model: {why} @ {path}"])
+            skipped.append(Skipped(name, info.slot, reg.dist, f"not applicable: {why}"))
+            continue
+        candidates[info.slot].append((reg, explicit))
+
+    for slot in SLOTS:
+        regs = candidates[slot]
+        if slot in EXCLUSIVE_SLOTS and len(regs) > 1:
+            picked = [r for r, explicit in regs if explicit]
+            if len(picked) > 1:
+                names = ", ".join(r.name for r in picked)
+                raise ConfigError(
+                    [f"slot {slot!r} takes one technique but the spec enables several: {names} @ $.models.{spec.name}.techniques"]
+                )
+            winner = picked[0] if picked else regs[0][0]
+            for r, _ in regs:
+                if r is not winner:
+                    skipped.append(Skipped(r.name, slot, r.dist, f"shadowed by {winner.name}"))
+            regs = [(winner, True)]
+        for reg, _ in regs:
+            path = f"$.models.{spec.name}.techniques.{reg.name}"
+            params = structure_params(conv, reg, _override(spec, reg.name), path)
+            chosen.append(Active(reg.name, slot, reg.dist, reg.version, params))
+
+    names = {a.name for a in chosen}
+    for a in chosen:
+        info = spm.techniques[a.name].info
+        missing = [r for r in info.requires if r not in names]
+        if missing:
+            raise PluginError(
+                f"technique {a.name!r} ({a.dist} {a.version}) requires {', '.join(missing)}, "
+                f"which is not active in model {spec.name!r}"
+            )
+        clash = [c for c in info.conflicts if c in names]
+        if clash:
+            raise PluginError(
+                f"technique {a.name!r} ({a.dist} {a.version}) conflicts with {', '.join(clash)} "
+                f"in model {spec.name!r}; opt out of one of them in the spec"
+            )
+    order = spm.ordered(names)
+    chosen.sort(key=lambda a: order.index(a.name))
+    for slot in SLOTS:
+        if slot in EXCLUSIVE_SLOTS and slot not in OPTIONAL_SLOTS and not any(a.slot == slot for a in chosen):
+            raise ConfigError([f"slot {slot!r} has no technique for model {spec.name!r} (all opted out?) @ $.models.{spec.name}.techniques"])
+    if not any(a.slot == "interaction" for a in chosen):
+        raise ConfigError([f"slot 'interaction' has no branch for model {spec.name!r} @ $.models.{spec.name}.techniques"])
+    if spec.features.dense and not any(a.slot == "dense_arch" for a in chosen):
+        raise ConfigError([f"slot 'dense_arch' has no technique but the model has dense features @ $.models.{spec.name}.techniques"])
+    return Resolution(model=spec.name, active=tuple(chosen), skipped=tuple(skipped))

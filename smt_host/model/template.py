@@ -1,0 +1,375 @@
+"""The template: slots composed into one ``nn.Module``.
+
+::
+
+    dense (B, Nd) -> dense_arch -> (B, D) --------+
+                                                  +-> (B, F, D) -> interaction branches
+    sparse KJT -> embedding (torchrec EBC) -> (B, F_s, D)          (concat: B, sum out_i)
+        -> over_arch (B, H) -> task_arch [T x (B, H_t)] -> heads [T x (B,)] -> logits (B, T)
+                                  (+ the (B, T) of each branch that declares to_logits)
+
+The host calls each active technique's slot hook (:mod:`smt_host.hookspecs`)
+in the resolution's order and checks what comes back.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.modules.embedding_configs import PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from smt_host.contexts import LossFn, SlotContext, TableSpec
+from smt_host.errors import ConfigError, PluginError
+from smt_host.model.resolve import Active, Resolution
+from smt_host.plugins import SmtPluginManager
+from smt_host.spec.schema import ModelSpec
+
+
+class TemplateModel(nn.Module):
+    """A model of the ecosystem, assembled from slot parts.
+
+    Args:
+        embedding: torchrec ``EmbeddingBagCollection`` over the sparse features.
+        sparse_keys: the sparse feature names, in spec order (F_s of them).
+        dense_arch: (B, Nd) -> (B, D), or None for a model without dense features.
+        branches: interaction branches, each (B, F, D) -> (B, out_i); a
+            branch whose ``to_logits`` attribute is True instead gives (B, T)
+            added to the logits (a "wide" part, as in Wide & Deep or DeepFM).
+        branch_names: the technique name of each branch.
+        over_arch: (B, sum out_i) -> (B, H).
+        task_arch: (B, H) -> T x (B, H_t).
+        heads: T modules (B, H_t) -> (B,).
+        task_names: the T task names.
+        feature_transforms: KJT -> KJT modules run before the lookup.
+        pooled_transforms: dict[str, (B, D)] -> dict modules run after it.
+        output_transforms: (B, T) -> (B, T) modules on the logits, by technique.
+
+    Shapes:
+        forward(dense (B, Nd), sparse KJT) -> logits (B, T)
+    """
+
+    def __init__(
+        self, *, embedding: EmbeddingBagCollection, sparse_keys: Sequence[str],
+        dense_arch: Optional[nn.Module], branches: Sequence[nn.Module], branch_names: Sequence[str],
+        over_arch: nn.Module, task_arch: nn.Module, heads: Sequence[nn.Module], task_names: Sequence[str],
+        feature_transforms: Sequence[nn.Module] = (), pooled_transforms: Sequence[nn.Module] = (),
+        output_transforms: Optional[dict[str, nn.Module]] = None,
+    ) -> None:
+        super().__init__()
+        self.feature_transforms = nn.ModuleList(feature_transforms)
+        self.embedding = embedding
+        self.pooled_transforms = nn.ModuleList(pooled_transforms)
+        self.output_transforms = nn.ModuleDict(output_transforms or {})
+        self.sparse_keys = list(sparse_keys)
+        self.dense_arch = dense_arch
+        self.branches = nn.ModuleDict(dict(zip(branch_names, branches)))
+        self.logit_branches = [n for n, b in self.branches.items() if adds_to_logits(b)]
+        self.deep_branches = [n for n in self.branches if n not in self.logit_branches]
+        self.over_arch = over_arch
+        self.task_arch = task_arch
+        self.heads = nn.ModuleDict(dict(zip(task_names, heads)))
+        self.task_names = list(task_names)
+
+    def features(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """(B, F, D): pooled sparse embeddings, then the dense arch's output."""
+        for transform in self.feature_transforms:
+            sparse = transform(sparse)
+        pooled = self.embedding(sparse).to_dict()
+        for transform in self.pooled_transforms:
+            pooled = transform(pooled)
+        parts = [pooled[k] for k in self.sparse_keys]
+        if self.dense_arch is not None:
+            parts.append(self.dense_arch(dense))
+        return torch.stack(parts, dim=1)
+
+    def over_arch_input(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, F, D) -> (B, sum out_i): the branches that feed the over-arch, concatenated."""
+        return torch.cat([self.branches[n](feats) for n in self.deep_branches], dim=1)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        feats = self.features(dense, sparse)
+        hidden = self.over_arch(self.over_arch_input(feats))
+        towers = self.task_arch(hidden)
+        logits = torch.stack([head(t) for head, t in zip(self.heads.values(), towers)], dim=1)
+        for name in self.logit_branches:
+            logits = logits + self.branches[name](feats)
+        for transform in self.output_transforms.values():
+            logits = transform(logits)
+        return logits
+
+
+def adds_to_logits(branch: nn.Module) -> bool:
+    """True for an interaction branch whose (B, T) output is added to the
+    logits rather than fed to the over-arch (``to_logits = True``)."""
+    return getattr(branch, "to_logits", False) is True
+
+
+def _out_dim(module: Any, technique: Active, hook: str) -> int:
+    width = getattr(module, "out_dim", None)
+    if not isinstance(width, int) or width < 1:
+        raise PluginError(
+            f"technique {technique.name!r} ({technique.dist} {technique.version}): the module from {hook}() "
+            f"must declare out_dim as an int >= 1, got {width!r}"
+        )
+    return width
+
+
+def _module(result: Any, technique: Active, hook: str) -> nn.Module:
+    if not isinstance(result, nn.Module):
+        raise PluginError(
+            f"technique {technique.name!r} ({technique.dist} {technique.version}): {hook}() must return an "
+            f"nn.Module, got {type(result).__name__}"
+        )
+    return result
+
+
+def base_context(spec: ModelSpec, device: Any = "cpu", width_scale: float = 1.0) -> SlotContext:
+    num_dense = len(spec.features.dense)
+    return SlotContext(
+        model=spec, embedding_dim=spec.embedding_dim, num_dense=num_dense,
+        num_features=len(spec.features.sparse) + (1 if num_dense else 0),
+        tasks=spec.task_names, width_scale=width_scale, device=device,
+    )
+
+
+def build_tables(spm: SmtPluginManager, res: Resolution, ctx: SlotContext) -> list[TableSpec]:
+    """Runs the embedding chain; checks every sparse feature has one table of width D."""
+    tables: list[TableSpec] = []
+    for t in res.slot("embedding"):
+        out = spm.call(t.name, "smt_embedding_tables", ctx=ctx, params=t.params, tables=list(tables))
+        if not isinstance(out, list) or not all(isinstance(x, TableSpec) for x in out):
+            raise PluginError(
+                f"technique {t.name!r} ({t.dist} {t.version}): smt_embedding_tables() must return a list of TableSpec"
+            )
+        tables = out
+    served = [f for tb in tables for f in tb.feature_names]
+    want = [f.name for f in ctx.model.features.sparse]
+    if len(served) != len(set(served)) or (sorted(served) != sorted(want) and not any(
+        spm.implements(t.name, "smt_pooled_transform") for t in res.slot("embedding")
+    )):
+        raise PluginError(
+            f"embedding slot of model {ctx.model.name!r}: tables serve features {sorted(served)}, "
+            f"but the model's sparse features are {sorted(want)} (each needs exactly one table, "
+            f"unless a technique maps them with smt_feature_transform/smt_pooled_transform)"
+        )
+    bad = [tb.name for tb in tables if tb.embedding_dim != ctx.embedding_dim]
+    if bad:
+        raise PluginError(f"embedding slot of model {ctx.model.name!r}: tables {bad} are not {ctx.embedding_dim} wide (D)")
+    return tables
+
+
+def make_ebc(tables: Sequence[TableSpec], device: Any = "cpu") -> EmbeddingBagCollection:
+    configs = [
+        EmbeddingBagConfig(
+            name=t.name, embedding_dim=t.embedding_dim, num_embeddings=t.num_embeddings,
+            feature_names=list(t.feature_names),
+            pooling=PoolingType.MEAN if t.pooling == "mean" else PoolingType.SUM,
+            init_fn=None if t.init_std is None else functools.partial(nn.init.normal_, mean=0.0, std=t.init_std),
+        )
+        for t in tables
+    ]
+    return EmbeddingBagCollection(tables=configs, device=torch.device(device))
+
+
+def build_model(
+    spec: ModelSpec, res: Resolution, spm: SmtPluginManager, *, width_scale: float = 1.0,
+    device: Any = "cpu", seed: Optional[int] = None,
+) -> nn.Module:
+    """Builds the model a resolution describes (seeded for determinism): one
+    ``TemplateModel``, or, when an ensemble technique is active, the module
+    it returns around several (see ``smt_ensemble``)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    ctx = base_context(spec, device, width_scale)
+    ensemble = res.slot("ensemble")
+    if not ensemble:
+        return _build_member(spec, res, spm, ctx, device)
+    (t,) = ensemble
+    built: list[TemplateModel] = []
+
+    def build() -> TemplateModel:
+        built.append(_build_member(spec, res, spm, ctx, device))
+        return built[-1]
+
+    model = _module(spm.call(t.name, "smt_ensemble", ctx=ctx, params=t.params, build=build), t, "smt_ensemble")
+    members = getattr(model, "members", None)
+    got = [id(m) for m in members] if isinstance(members, nn.ModuleList) else None
+    if not built or got != [id(m) for m in built]:
+        what = "no members attribute" if members is None else (
+            f"members of type {type(members).__name__}" if got is None else f"{len(got)} members")
+        raise PluginError(
+            f"technique {t.name!r} ({t.dist} {t.version}): smt_ensemble() must call build() at least once and "
+            f"return a module whose `members` is an nn.ModuleList of the models build() returned, in order; "
+            f"build() was called {len(built)} times, the module has {what}"
+        )
+    batch = example_batch(spec, 2, device)
+    with torch.no_grad():
+        logits = model(batch.dense, batch.sparse)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, len(spec.tasks)):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise PluginError(f"technique {t.name!r} ({t.dist} {t.version}): the ensemble returns {shape} for 2 examples, "
+                          f"want logits (B, T) = (2, {len(spec.tasks)})")
+    return model
+
+
+def members_of(model: nn.Module) -> list[TemplateModel]:
+    """The template networks of a built model: the model itself, or the
+    ``members`` of an ensemble (see ``smt_ensemble``)."""
+    return [model] if isinstance(model, TemplateModel) else list(model.members)
+
+
+def _build_member(spec: ModelSpec, res: Resolution, spm: SmtPluginManager, ctx: SlotContext, device: Any) -> TemplateModel:
+    """One ``TemplateModel`` with every slot but the ensemble filled."""
+    tables = build_tables(spm, res, ctx)
+    ebc = make_ebc(tables, device)
+    emb = res.slot("embedding")
+    feature_transforms = [
+        _module(spm.call(t.name, "smt_feature_transform", ctx=ctx, params=t.params), t, "smt_feature_transform")
+        for t in emb if spm.implements(t.name, "smt_feature_transform")
+    ]
+    pooled_transforms = [
+        _module(spm.call(t.name, "smt_pooled_transform", ctx=ctx, params=t.params), t, "smt_pooled_transform")
+        for t in emb if spm.implements(t.name, "smt_pooled_transform")
+    ]
+    output_transforms = {
+        t.name: _module(spm.call(t.name, "smt_output_transform", ctx=ctx, params=t.params), t, "smt_output_transform")
+        for t in res.active if spm.implements(t.name, "smt_output_transform")
+    }
+
+    dense_arch = None
+    if spec.features.dense:
+        (t,) = res.slot("dense_arch")
+        dense_arch = _module(spm.call(t.name, "smt_dense_arch", ctx=ctx.evolve(in_dim=ctx.num_dense), params=t.params), t, "smt_dense_arch")
+        if _out_dim(dense_arch, t, "smt_dense_arch") != ctx.embedding_dim:
+            raise PluginError(f"technique {t.name!r} ({t.dist} {t.version}): dense arch out_dim must equal D={ctx.embedding_dim}")
+
+    branches, names, width = [], [], 0
+    for t in res.slot("interaction"):
+        branch = _module(spm.call(t.name, "smt_interaction", ctx=ctx, params=t.params), t, "smt_interaction")
+        out = _out_dim(branch, t, "smt_interaction")
+        if adds_to_logits(branch):
+            if out != len(spec.tasks):
+                raise PluginError(f"technique {t.name!r} ({t.dist} {t.version}): its interaction branch adds to the "
+                                  f"logits (to_logits) so its out_dim must be T={len(spec.tasks)}, got {out}")
+        else:
+            width += out
+        branches.append(branch)
+        names.append(t.name)
+    if not width:
+        raise ConfigError([f"slot 'interaction' of model {spec.name!r} has no branch feeding the over-arch "
+                           f"(every branch adds to the logits: {names}) @ $.models.{spec.name}.techniques"])
+
+    (t,) = res.slot("over_arch")
+    over = _module(spm.call(t.name, "smt_over_arch", ctx=ctx.evolve(in_dim=width), params=t.params), t, "smt_over_arch")
+    hidden = _out_dim(over, t, "smt_over_arch")
+
+    (t,) = res.slot("task_arch")
+    task_arch = _module(spm.call(t.name, "smt_task_arch", ctx=ctx.evolve(in_dim=hidden), params=t.params), t, "smt_task_arch")
+    out_dims = getattr(task_arch, "out_dims", None)
+    if not isinstance(out_dims, tuple) or len(out_dims) != len(spec.tasks):
+        raise PluginError(
+            f"technique {t.name!r} ({t.dist} {t.version}): the task arch must declare out_dims, a tuple of "
+            f"{len(spec.tasks)} ints (one per task), got {out_dims!r}"
+        )
+
+    (t,) = res.slot("heads")
+    heads = [
+        _module(spm.call(t.name, "smt_head", ctx=ctx.evolve(in_dim=d), params=t.params, task=task), t, "smt_head")
+        for d, task in zip(out_dims, spec.task_names)
+    ]
+    model = TemplateModel(
+        embedding=ebc, sparse_keys=[f.name for f in spec.features.sparse], dense_arch=dense_arch,
+        branches=branches, branch_names=names, over_arch=over, task_arch=task_arch, heads=heads,
+        task_names=spec.task_names, feature_transforms=feature_transforms,
+        pooled_transforms=pooled_transforms, output_transforms=output_transforms,
+    )
+    _verify_widths(model, spec, res, device)
+    return model
+
+
+def _verify_widths(model: TemplateModel, spec: ModelSpec, res: Resolution, device: Any) -> None:
+    """Runs a 2-example batch through the parts and checks each declared
+    width, so a plugin that lies about its output stops planning with its name."""
+    by_slot = {a.slot: a for a in res.active}
+    batch = example_batch(spec, 2, device)
+    with torch.no_grad():
+        feats = model.features(batch.dense, batch.sparse)
+        want = (2, len(spec.features.sparse) + (1 if spec.features.dense else 0), spec.embedding_dim)
+        if tuple(feats.shape) != want:
+            t = by_slot.get("dense_arch") if spec.features.dense else by_slot["embedding"]
+            raise PluginError(f"model {spec.name!r}: feature embeddings are {tuple(feats.shape)}, want (B, F, D) = {want}; "
+                              f"check the embedding techniques and {t.name!r} ({t.dist} {t.version})")
+        outs = {}
+        for a in res.slot("interaction"):
+            outs[a.name] = out = model.branches[a.name](feats)
+            declared = model.branches[a.name].out_dim
+            if tuple(out.shape) != (2, declared):
+                raise PluginError(f"technique {a.name!r} ({a.dist} {a.version}): its interaction branch declares "
+                                  f"out_dim {declared} but returns {tuple(out.shape)} for input {tuple(feats.shape)}")
+        hidden = model.over_arch(torch.cat([outs[n] for n in model.deep_branches], dim=1))
+        a = by_slot["over_arch"]
+        if tuple(hidden.shape) != (2, model.over_arch.out_dim):
+            raise PluginError(f"technique {a.name!r} ({a.dist} {a.version}): over arch declares out_dim "
+                              f"{model.over_arch.out_dim} but returns {tuple(hidden.shape)}")
+        towers = model.task_arch(hidden)
+        a = by_slot["task_arch"]
+        got = [tuple(t.shape) for t in towers]
+        if got != [(2, d) for d in model.task_arch.out_dims]:
+            raise PluginError(f"technique {a.name!r} ({a.dist} {a.version}): task arch declares out_dims "
+                              f"{model.task_arch.out_dims} but returns {got}")
+        logits = model(batch.dense, batch.sparse)
+        if tuple(logits.shape) != (2, len(spec.tasks)):
+            raise PluginError(f"model {spec.name!r}: logits are {tuple(logits.shape)}, want (B, T) = (2, {len(spec.tasks)}); "
+                              f"check the heads and output transforms")
+
+
+def build_loss(spec: ModelSpec, res: Resolution, spm: SmtPluginManager) -> LossFn:
+    """Runs the loss chain (built-ins first)."""
+    ctx = base_context(spec)
+    loss: Optional[LossFn] = None
+    for t in res.slot("loss"):
+        loss = spm.call(t.name, "smt_loss", ctx=ctx, params=t.params, loss=loss)
+        if not callable(loss):
+            raise PluginError(f"technique {t.name!r} ({t.dist} {t.version}): smt_loss() must return a callable")
+    if loss is None:
+        raise PluginError(f"model {spec.name!r} has no loss technique")
+    return loss
+
+
+def build_optimizers(spec: ModelSpec, res: Resolution, spm: SmtPluginManager, model: nn.Module) -> list[torch.optim.Optimizer]:
+    """The optimizer slot's optimizers (of every member of an ensemble, in
+    member order); checks they cover every parameter once."""
+    members = members_of(model)
+    if members != [model]:  # an ensemble
+        return [o for m in members for o in build_optimizers(spec, res, spm, m)]
+    (t,) = res.slot("optimizer")
+    opts = spm.call(t.name, "smt_optimizers", ctx=base_context(spec), params=t.params, model=model)
+    if not isinstance(opts, list) or not all(isinstance(o, torch.optim.Optimizer) for o in opts):
+        raise PluginError(f"technique {t.name!r} ({t.dist} {t.version}): smt_optimizers() must return a list of optimizers")
+    covered = [id(p) for o in opts for g in o.param_groups for p in g["params"]]
+    wanted = {id(p) for p in model.parameters() if p.requires_grad}
+    if len(covered) != len(set(covered)) or set(covered) != wanted:
+        raise PluginError(
+            f"technique {t.name!r} ({t.dist} {t.version}): optimizers must cover every trainable parameter "
+            f"exactly once ({len(set(covered))} of {len(wanted)} covered, {len(covered) - len(set(covered))} twice)"
+        )
+    return opts
+
+
+def example_batch(spec: ModelSpec, batch_size: int = 4, device: Any = "cpu"):
+    """A small deterministic batch shaped like the spec (for FLOPs, export, tests)."""
+    from smt_host.data.batch import Batch
+
+    g = torch.Generator().manual_seed(0)
+    keys = [f.name for f in spec.features.sparse]
+    values = torch.cat([torch.randint(0, f.vocab_size, (batch_size,), generator=g) for f in spec.features.sparse])
+    lengths = torch.ones(len(keys) * batch_size, dtype=torch.int32)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
+    dense = torch.rand(batch_size, len(spec.features.dense), generator=g)
+    labels = torch.zeros(batch_size, len(spec.tasks))
+    return Batch(dense, kjt, labels).to(device)

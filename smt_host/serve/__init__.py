@@ -1,0 +1,1 @@
+"""Serving: torch.export programs with their plan, and scoring with them."""

@@ -1,0 +1,158 @@
+"""Trained models for serving: ``torch.export`` programs that carry their
+plan, manifest and spec.
+
+``export_run(host, RUN_DIR)`` rebuilds the model of ``RUN_DIR/checkpoint.pt``
+from the checkpoint's plan (``Host.build``), loads its weights (one-process
+checkpoints, or the DCP shards of a distributed run), refuses a model whose
+manifest differs from the installed plugins (naming the difference), and
+exports ``forward(dense (B, Nd), sparse KJT) -> logits (B, T)`` with
+``torch.export`` (``strict=False``) with a dynamic batch size (B >= 2; one
+example is padded to two by :func:`run_exported`). The file saved with
+``torch.export.save`` holds ``plan.json``, ``manifest.json``, ``spec.json``
+and ``smt.json`` (host version, tasks, features) as extra files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from smt_host.errors import ExportError, ManifestMismatch
+from smt_host.model.plan import Manifest, ManifestEntry
+from smt_host.spec.converter import structure
+from smt_host.spec.schema import ModelSpec
+
+EXTRA_FILES = ("plan.json", "manifest.json", "spec.json", "smt.json")
+MAX_BATCH = 1 << 20
+
+
+def installed_manifest(host: Any, old: Manifest) -> Manifest:
+    """The manifest the installed plugins give the techniques of ``old``
+    (same parameters; a technique not installed is left out)."""
+    from smt_host.plugins import HOST_DIST
+
+    entries = []
+    for e in old.techniques:
+        reg = host.spm.techniques.get(e.technique)
+        if reg is not None:
+            entries.append(ManifestEntry(e.technique, reg.dist, reg.version, e.params))
+    return Manifest(host=host.spm.distributions[HOST_DIST], techniques=tuple(entries))
+
+
+def check_manifest(host: Any, saved: dict, where: str) -> Manifest:
+    """Raises ManifestMismatch naming every difference between the
+    checkpoint's manifest and the installed plugins."""
+    old = host.conv.structure(saved["manifest"], Manifest)
+    diff = old.diff(installed_manifest(host, old))
+    if diff:
+        raise ManifestMismatch(
+            f"{where}: cannot export model {saved.get('spec_name')!r}: it was trained under another plugin set: "
+            + "; ".join(diff)
+        )
+    return old
+
+
+def spec_of(host: Any, saved: dict, ecosystem: Optional[str] = None) -> ModelSpec:
+    """The checkpoint's model spec (``saved["spec"]``), else model
+    ``spec_name`` of ``ecosystem`` (default: the built-in one)."""
+    if "spec" in saved and ecosystem is None:
+        return structure(host.conv, saved["spec"], ModelSpec, "$.spec")
+    eco = host.load_ecosystem(ecosystem)
+    return eco.model(saved["spec_name"])
+
+
+def load_run(host: Any, run_dir: Path, ecosystem: Optional[str] = None) -> tuple[torch.nn.Module, Any, ModelSpec, dict]:
+    """(model in eval mode with the run's weights, plan, spec, checkpoint)."""
+    from smt_host.distributed.parallel import load_model_state
+    from smt_host.train import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    path = run_dir / ckpt.CHECKPOINT if run_dir.is_dir() else run_dir
+    if not path.exists():
+        raise ExportError(f"no checkpoint at {path} (train the model first: smt train ... --out DIR)")
+    saved = ckpt.load(path)
+    check_manifest(host, saved, str(path))
+    plan = host.plan_from_dict(saved["plan"])
+    spec = spec_of(host, saved, ecosystem)
+    model = host.build(plan, spec)
+    load_model_state(model, saved, path)
+    return model.eval(), plan, spec, saved
+
+
+def plain_kjt(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """The KJT as (keys, values, lengths[, weights]) only: the input layout
+    the exported program takes."""
+    return KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=kjt.weights_or_none())
+
+
+def export_model(model: torch.nn.Module, spec: ModelSpec, batch_size: Optional[int] = None) -> torch.export.ExportedProgram:
+    """``torch.export`` (strict=False) of ``model``: with ``batch_size`` None a
+    dynamic batch (2 .. 2**20) and number of sparse values; else static shapes
+    for that batch size (example batch of :func:`smt_host.template.example_batch`)."""
+    from torch.export import Dim
+
+    from smt_host.model.template import example_batch
+
+    model = model.eval()
+    b = example_batch(spec, batch_size or 8)
+    args = (b.dense, plain_kjt(b.sparse))
+    if batch_size is not None:
+        return torch.export.export(model, args, strict=False)
+    batch = Dim("batch", min=2, max=MAX_BATCH)
+    nv = Dim("values", min=1, max=MAX_BATCH * 64)
+    nkeys = len(spec.features.sparse)
+    weights = None if b.sparse.weights_or_none() is None else {0: nv}
+    dynamic = ({0: batch}, [{0: nv}, weights, {0: nkeys * batch}, None, None, None])
+    return torch.export.export(model, args, strict=False, dynamic_shapes=dynamic)
+
+
+def export_run(host: Any, run_dir: Path, out: Optional[Path] = None, ecosystem: Optional[str] = None) -> Path:
+    """Exports the run's model to ``out`` (default ``RUN_DIR/model.pt2``)."""
+    from smt_host.plugins import HOST_DIST
+
+    model, plan, spec, saved = load_run(host, run_dir, ecosystem)
+    program = export_model(model, spec)
+    run_dir = Path(run_dir)
+    out = Path(out) if out else (run_dir if run_dir.is_dir() else run_dir.parent) / "model.pt2"
+    info = {
+        "host": host.spm.distributions[HOST_DIST], "model": spec.name, "tasks": list(spec.task_names),
+        "dense": [f.name for f in spec.features.dense], "sparse": [f.name for f in spec.features.sparse],
+        "flops_per_example": plan.cost.flops,
+    }
+    extra = {
+        "plan.json": json.dumps(saved["plan"]),
+        "manifest.json": json.dumps(saved["manifest"]),
+        "spec.json": json.dumps(host.conv.unstructure(spec)),
+        "smt.json": json.dumps(info),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(out), extra_files=extra)
+    return out
+
+
+def load_exported(path: Path) -> tuple[torch.export.ExportedProgram, dict]:
+    """(program, {name: parsed JSON} of the extra files)."""
+    extra = {name: "" for name in EXTRA_FILES}
+    with torch.serialization.safe_globals([KeyedJaggedTensor]):  # the saved example inputs hold one
+        program = torch.export.load(str(path), extra_files=extra)
+    return program, {k.removesuffix(".json"): json.loads(v) for k, v in extra.items() if v}
+
+
+def run_exported(module: torch.nn.Module, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+    """Logits of the exported module; one example is padded to two (the
+    program's batch dimension starts at 2)."""
+    b = dense.shape[0]
+    if b == 1:
+        keys = sparse.keys()
+        lengths = sparse.lengths().repeat_interleave(2)
+        offs = sparse.offsets()
+        values = torch.cat([sparse.values()[int(offs[i]):int(offs[i + 1])].repeat(2) for i in range(len(keys))])
+        w = sparse.weights_or_none()
+        weights = None if w is None else torch.cat([w[int(offs[i]):int(offs[i + 1])].repeat(2) for i in range(len(keys))])
+        sparse = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
+        return module(dense.repeat(2, 1), sparse)[:1]
+    return module(dense, plain_kjt(sparse))

@@ -1,0 +1,1 @@
+"""Specs: the attrs classes (:mod:`.schema`), validators, the converter and TOML loading."""

@@ -1,0 +1,63 @@
+"""attrs validators for spec and parameter fields: each raises
+:class:`smt_host.errors.FieldValueError` naming the field."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+from smt_host.errors import FieldValueError
+
+
+def at_least(minimum: float):
+    """attrs validator: value >= minimum, message ``must be >= N, got X``."""
+
+    def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is None:
+            return
+        if not value >= minimum:
+            raise FieldValueError(attribute.name, f"must be >= {minimum}, got {value!r}")
+
+    return check
+
+
+def in_range(low: float, high: float):
+    """attrs validator: low <= value <= high."""
+
+    def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if not (low <= value <= high):
+            raise FieldValueError(attribute.name, f"must be in [{low}, {high}], got {value!r}")
+
+    return check
+
+
+def one_of(*choices: Any):
+    """attrs validator: value is one of the choices."""
+
+    def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            raise FieldValueError(attribute.name, f"must be one of {allowed}, got {value!r}")
+
+    return check
+
+
+def identifier(inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    """attrs validator: a non-empty name of letters, digits, ``_`` or ``-``."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", value or ""):
+        raise FieldValueError(attribute.name, f"must be a name of letters, digits, '_', '-', got {value!r}")
+
+
+def positive_widths(inst: Any, attribute: attrs.Attribute, value: tuple) -> None:
+    for i, w in enumerate(value):
+        if w < 1:
+            raise FieldValueError(attribute.name, f"every width must be >= 1, got {w!r} at [{i}]")
+
+
+
+def finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))
