@@ -59,6 +59,21 @@ def smt_techniques() -> list[Any]:
     """
 
 
+@_hookspec
+def smt_data_sources() -> "dict[str, Callable[[Any, Any], Any]]":
+    """Declare the data sources a plugin provides (a warehouse table, a stream...).
+
+    Fires once per plugin module, when the plugin manager loads it, like
+    :func:`smt_techniques`. A model spec picks a source by name
+    (``[models.X.data] source = "NAME"``).
+
+    Returns:
+        ``{name: factory}``; ``factory(model, ecosystem)`` returns a
+        :class:`smt_host.data.batch.DataSource` for that model spec and its
+        ecosystem. Names must be unique across all installed distributions.
+    """
+
+
 # ----------------------------------------------------------------- the slots
 
 

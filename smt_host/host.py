@@ -22,12 +22,11 @@ from smt_host.contexts import LossFn
 from smt_host.errors import PluginError
 from smt_host.model.plan import Plan, build_from_plan, make_plan, resolution_from_plan
 from smt_host.model.template import build_loss, build_optimizers
-from smt_host.plugins import SmtPluginManager, get_plugin_manager
+from smt_host.plugins import LIFECYCLE_HOOKS, SmtPluginManager, get_plugin_manager
 from smt_host.spec.converter import make_converter
 from smt_host.spec.loading import load_default_ecosystem, load_ecosystem
 from smt_host.spec.schema import EcosystemSpec, ModelSpec
 
-LIFECYCLE_HOOKS = ("smt_train_start", "smt_step_end", "smt_eval_end", "smt_before_test", "smt_train_end")
 
 
 class Host:

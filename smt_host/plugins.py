@@ -26,16 +26,19 @@ import attrs
 import pluggy
 
 import smt_host.hookspecs as hookspecs
-from smt_host.errors import PluginError
+from smt_host.errors import ConfigError, PluginError, SmtError
 from smt_host.technique import EXCLUSIVE_SLOTS, SLOT_HOOKS, SLOTS, TechniqueInfo, info_of
 
 HOST_DIST = "smt-host"
 ENTRY_POINT_GROUP = "smt"
 
+#: hooks a plugin module (not a technique) implements to declare what it provides
+PLUGIN_HOOKS = ("smt_techniques", "smt_data_sources")
 
-#: lifecycle hooks: what a technique raises there (e.g. KeyboardInterrupt to
-#: stop a run) reaches the trainer unchanged
-_PASS_THROUGH_HOOKS = frozenset({"smt_train_start", "smt_step_end", "smt_eval_end", "smt_before_test", "smt_train_end"})
+
+#: the training lifecycle hooks (a KeyboardInterrupt raised there stops a run;
+#: being a BaseException, it is never wrapped)
+LIFECYCLE_HOOKS = ("smt_train_start", "smt_step_end", "smt_eval_end", "smt_before_test", "smt_train_end")
 
 
 @attrs.frozen
@@ -65,6 +68,16 @@ class Registered:
         return self.dist == HOST_DIST
 
 
+@attrs.frozen
+class DataSourceRecord:
+    """One data source known to the host: ``factory(model, ecosystem) -> DataSource``."""
+
+    name: str
+    factory: Any
+    dist: str
+    version: str
+
+
 def _host_version() -> str:
     try:
         return md.version(HOST_DIST)
@@ -89,6 +102,8 @@ class SmtPluginManager:
         self.techniques: dict[str, Registered] = {}
         #: (dist, version, entry point name) of every loaded external plugin
         self.distributions: dict[str, str] = {HOST_DIST: _host_version()}
+        #: data source name -> who provides it (``smt_data_sources``)
+        self.data_sources: dict[str, DataSourceRecord] = {}
         self._callers: dict[tuple[str, str], Any] = {}
         self._plugin_dist: dict[int, tuple[str, str]] = {}
 
@@ -104,17 +119,38 @@ class SmtPluginManager:
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"{where}: bad hook: {exc}") from None
         self._plugin_dist[id(module)] = (dist, version)
-        impls = [i for i in self.pm.hook.smt_techniques.get_hookimpls() if i.plugin is module]
-        if not impls:
-            raise PluginError(f"{where}: implements no smt_techniques() hook, so it provides no technique")
+        provided = [h for h in PLUGIN_HOOKS if self._implements(module, h)]
+        if not provided:
+            raise PluginError(
+                f"{where}: implements none of {', '.join(h + '()' for h in PLUGIN_HOOKS)}, so it provides nothing"
+            )
+        if "smt_techniques" in provided:
+            for obj in self._declared(module, "smt_techniques", list, where):
+                self._register_technique(obj, dist=dist, version=version, plugin=name)
+        if "smt_data_sources" in provided:
+            for source, factory in self._declared(module, "smt_data_sources", dict, where).items():
+                if source in self.data_sources:
+                    other = self.data_sources[source].dist
+                    raise PluginError(f"{where}: data source {source!r} clashes with the one from {other}")
+                if not callable(factory):
+                    raise PluginError(f"{where}: data source {source!r} must be a callable factory(model, ecosystem)")
+                self.data_sources[source] = DataSourceRecord(source, factory, dist, version)
+
+    def _implements(self, plugin: Any, hook: str) -> bool:
+        return any(i.plugin is plugin for i in getattr(self.pm.hook, hook).get_hookimpls())
+
+    def _declared(self, module: Any, hook: str, kind: type, where: str) -> Any:
+        """What a plugin module's declaration hook returns, checked to be a ``kind``."""
+        (impl,) = [i for i in getattr(self.pm.hook, hook).get_hookimpls() if i.plugin is module]
         try:
-            objs = impls[0].function()
+            out = impl.function()
         except Exception as exc:  # noqa: BLE001 - report any plugin failure
-            raise PluginError(f"{where}: smt_techniques() raised {type(exc).__name__}: {exc}") from exc
-        if not isinstance(objs, (list, tuple)):
-            raise PluginError(f"{where}: smt_techniques() must return a list, got {type(objs).__name__}")
-        for obj in objs:
-            self._register_technique(obj, dist=dist, version=version, plugin=name)
+            raise PluginError(f"{where}: {hook}() raised {type(exc).__name__}: {exc}") from exc
+        if kind is list and isinstance(out, tuple):
+            out = list(out)
+        if not isinstance(out, kind):
+            raise PluginError(f"{where}: {hook}() must return a {kind.__name__}, got {type(out).__name__}")
+        return out
 
     def _register_technique(self, obj: Any, *, dist: str, version: str, plugin: str) -> None:
         where = f"plugin {plugin!r} from {dist} {version}"
@@ -170,18 +206,24 @@ class SmtPluginManager:
             self._callers[key] = caller
         try:
             results = caller(**kwargs)
-        except (KeyboardInterrupt, PluginError):
+        except SmtError:
             raise
+        except ValueError as exc:
+            ctx = kwargs.get("ctx")
+            spec = getattr(ctx, "spec", None)
+            if hook in LIFECYCLE_HOOKS or spec is None:
+                raise self._wrapped(technique, hook, exc) from exc
+            # a slot hook refusing its input: the spec's technique table is where to look
+            raise ConfigError([f"{exc} @ $.models.{spec.name}.techniques.{technique}"]) from exc
         except Exception as exc:
-            from smt_host.errors import CapacityError, ConfigError
-
-            if isinstance(exc, (ConfigError, CapacityError)) or hook in _PASS_THROUGH_HOOKS:
-                raise
-            reg = self.techniques[technique]
-            raise PluginError(
-                f"technique {technique!r} ({reg.dist} {reg.version}) failed in {hook}(): {type(exc).__name__}: {exc}"
-            ) from exc
+            raise self._wrapped(technique, hook, exc) from exc
         return results[0] if results else None
+
+    def _wrapped(self, technique: str, hook: str, exc: Exception) -> PluginError:
+        reg = self.techniques[technique]
+        return PluginError(
+            f"technique {technique!r} ({reg.dist} {reg.version}) failed in {hook}(): {type(exc).__name__}: {exc}"
+        )
 
     def implements(self, technique: str, hook: str) -> bool:
         obj = self.techniques[technique].obj
