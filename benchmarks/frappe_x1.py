@@ -166,7 +166,7 @@ def run_config(job: dict) -> dict:
     wall = time.perf_counter() - started
     final_valid = r.valid["click"]  # the best epoch's model is the saved one...
     if host.implements(plan, "smt_before_test"):  # ...unless a post-training fit changed it: measure that one
-        final = host.build(plan, spec)
+        final = host.build(plan, spec).model
         final.load_state_dict(ckpt.load(run_dir / ckpt.CHECKPOINT)["best_model"])
         final_valid = evaluate(final, data, "valid", spec.training.eval_batch_size, list(spec.task_names))["click"]
     result = {
@@ -247,7 +247,7 @@ def seed_ensemble(host, runs: list[dict], runs_dir: Path, overrides: dict, max_e
     logits: dict[str, list] = {"valid": [], "test": []}
     labels = {}
     for path in paths:
-        model = host.build(plan, spec)
+        model = host.build(plan, spec).model
         model.load_state_dict(ckpt.load(path)["best_model"])
         for split, out in logits.items():
             prob, label = predict(model, data, split, spec.training.eval_batch_size)

@@ -48,7 +48,7 @@ def main() -> None:
           f"torch threads {args.threads}; {args.iters} calls per cell\n")
     print(f"{'template':<12} {'FLOPs/ex':>12} {'mode':<9} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'us/ex p50':>10}")
     for name, plan in variants:
-        model = host.build(plan, spec).eval()
+        model = host.build(plan, spec).model.eval()
         for b in (1, 256):
             batch = example_batch(spec, b)
             sparse = plain_kjt(batch.sparse)

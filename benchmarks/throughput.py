@@ -124,9 +124,8 @@ def main(argv=None) -> int:
 
     plan = host.plan(spec, builtins_only=True)
     torch.manual_seed(0)
-    template = host.build(plan, spec)
-    loss_fn = host.loss(plan, spec)
-    t_opts = host.optimizers(plan, spec, template)
+    built = host.build(plan, spec)
+    template, loss_fn, t_opts = built.members[0], built.loss, built.optimizers
     arch = spec.arch
     hand = HandWritten([f.vocab_size for f in spec.features.sparse], spec.features.sparse[0].embedding_dim,
                        list(arch.over_arch), arch.task_width, arch.dropout, arch.batch_norm)

@@ -25,6 +25,11 @@ class TableSpec:
         pooling: ``"sum"`` or ``"mean"``.
         init_std: rows start from N(0, init_std^2); None: torchrec's default
             (uniform +-sqrt(1 / num_embeddings)).
+
+    Example:
+        >>> t = TableSpec(name="t_ad_id", feature_names=["ad_id"], num_embeddings=1000, embedding_dim=16)
+        >>> t.feature_names, t.pooling, t.bytes
+        (('ad_id',), 'sum', 64000)
     """
 
     name: str
@@ -45,8 +50,14 @@ class SlotContext:
     """What a slot hook is told about the model it builds a part for.
 
     Args:
-        model: the model spec (:class:`smt_host.config.ModelSpec`).
-        in_dim: width of the slot's input (0 where the input is (B, F, D)).
+        spec: the model spec (:class:`smt_host.spec.schema.ModelSpec`).
+        in_dim: the width of the slot's input, one meaning per slot:
+            dense_arch Nd (dense features); over_arch the summed out_dim of
+            the branches that feed it; task_arch H (the over-arch's
+            out_dim); heads H_t (this task's tower width); 0 for the slots
+            whose input is not a flat vector (embedding, interaction: the
+            input is (B, F, D), see ``num_features`` and ``embedding_dim``;
+            ensemble, loss, optimizer).
         num_features: F, features reaching the interaction slot.
         embedding_dim: D.
         num_dense: Nd, dense feature count.
@@ -55,7 +66,7 @@ class SlotContext:
         device: where to build parameters.
     """
 
-    model: "ModelSpec"
+    spec: "ModelSpec"
     in_dim: int = 0
     num_features: int = 0
     embedding_dim: int = 0
@@ -95,8 +106,9 @@ class TrainContext:
     """What lifecycle hooks see of a training run.
 
     Args:
-        model: the ``TemplateModel`` being trained.
-        plan: its :class:`smt_host.plan.Plan`.
+        model: the model being trained: the ensemble slot's module, whose
+            ``members`` are its template networks (one by default).
+        plan: its :class:`smt_host.model.plan.Plan`.
         spec: the model spec.
         out_dir: the run's output folder (a ``pathlib.Path``).
         data: the model's data source.
@@ -113,3 +125,9 @@ class TrainContext:
     data: Any = None
     resumed: bool = False
     state: dict = attrs.Factory(dict)
+
+    @property
+    def members(self) -> list:
+        """The template networks of ``model`` (``TemplateModel``), in order;
+        a technique that fits or reads weights loops over them."""
+        return list(self.model.members)

@@ -308,7 +308,7 @@ def smt_optimizers(
     """Optimizer slot (exclusive): parameters -> optimizers.
 
     Args:
-        ctx: ``ctx.model.training`` holds learning rates.
+        ctx: ``ctx.spec.training`` holds learning rates.
         params: this technique's parameters.
         model: the built ``TemplateModel``; ``model.embedding`` holds the
             tables, the rest are dense parameters.

@@ -18,10 +18,9 @@ import cattrs
 import torch
 from torch import nn
 
-from smt_host.contexts import LossFn
 from smt_host.errors import PluginError
-from smt_host.model.plan import Plan, build_from_plan, make_plan, resolution_from_plan
-from smt_host.model.template import build_loss, build_optimizers
+from smt_host.model.plan import Built, Plan, build_from_plan, make_plan
+from smt_host.model.template import build_optimizers
 from smt_host.plugins import LIFECYCLE_HOOKS, SmtPluginManager, get_plugin_manager
 from smt_host.spec.converter import make_converter
 from smt_host.spec.loading import load_default_ecosystem, load_ecosystem
@@ -36,8 +35,6 @@ class Host:
         self.spm = spm
         # built after the plugins registered, so their parameter classes are known
         self.conv: cattrs.Converter = make_converter()
-        # lifecycle hooks fire every training step: resolve a plan's techniques once
-        self._resolved: dict[int, tuple[Plan, Any]] = {}
 
     @classmethod
     def create(cls, **kwargs: Any) -> "Host":
@@ -74,27 +71,24 @@ class Host:
     # -------------------------------------------------------- plan, build
 
     def plan(self, spec: ModelSpec, **kwargs: Any) -> Plan:
-        """See :func:`smt_host.plan.make_plan` for ``kwargs``."""
+        """See :func:`smt_host.model.plan.make_plan` for ``kwargs``."""
         return make_plan(spec, self.spm, self.conv, **kwargs)
 
-    def build(self, plan: Plan, spec: ModelSpec, device: Any = "cpu") -> nn.Module:
+    def build(self, plan: Plan, spec: ModelSpec, device: Any = "cpu") -> Built:
+        """The model, loss, optimizers and resolution of ``plan``, resolved
+        once (refuses installed plugins that differ from the plan's manifest)."""
         return build_from_plan(plan, spec, self.spm, self.conv, device=device)
 
-    def loss(self, plan: Plan, spec: ModelSpec) -> LossFn:
-        return build_loss(spec, resolution_from_plan(plan, self.spm, self.conv), self.spm)
+    def optimizers(self, built: Built, spec: ModelSpec, model: nn.Module) -> list[torch.optim.Optimizer]:
+        """The optimizer slot's optimizers for ``model`` (the same network
+        after a wrapper replaced its parameters, e.g. sharded tables)."""
+        return build_optimizers(spec, built.resolution, self.spm, model)
 
-    def optimizers(self, plan: Plan, spec: ModelSpec, model: nn.Module) -> list[torch.optim.Optimizer]:
-        return build_optimizers(spec, resolution_from_plan(plan, self.spm, self.conv), self.spm, model)
-
-    def lifecycle(self, plan: Plan, hook: str, **kwargs: Any) -> None:
+    def lifecycle(self, built: Built, hook: str, **kwargs: Any) -> None:
         """Fires a lifecycle hook on every active technique, in plan order."""
         if hook not in LIFECYCLE_HOOKS:
             raise ValueError(f"unknown lifecycle hook {hook!r}")
-        cached = self._resolved.get(id(plan))
-        if cached is None or cached[0] is not plan:
-            cached = (plan, resolution_from_plan(plan, self.spm, self.conv))
-            self._resolved[id(plan)] = cached
-        for a in cached[1].active:
+        for a in built.resolution.active:
             self.spm.call(a.name, hook, params=a.params, **kwargs)
 
     def implements(self, plan: Plan, hook: str) -> bool:

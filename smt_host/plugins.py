@@ -26,7 +26,7 @@ import attrs
 import pluggy
 
 import smt_host.hookspecs as hookspecs
-from smt_host.errors import ConfigError, PluginError, SmtError
+from smt_host.errors import ConfigError, FieldValueError, PluginError, SmtError
 from smt_host.technique import EXCLUSIVE_SLOTS, SLOT_HOOKS, SLOTS, TechniqueInfo, info_of
 
 HOST_DIST = "smt-host"
@@ -206,15 +206,17 @@ class SmtPluginManager:
             self._callers[key] = caller
         try:
             results = caller(**kwargs)
-        except SmtError:
-            raise
-        except ValueError as exc:
-            ctx = kwargs.get("ctx")
-            spec = getattr(ctx, "spec", None)
+        except (FieldValueError, SmtError, ValueError) as exc:
+            spec = getattr(kwargs.get("ctx"), "spec", None)
+            if isinstance(exc, SmtError) and not isinstance(exc, FieldValueError):
+                raise
             if hook in LIFECYCLE_HOOKS or spec is None:
                 raise self._wrapped(technique, hook, exc) from exc
-            # a slot hook refusing its input: the spec's technique table is where to look
-            raise ConfigError([f"{exc} @ $.models.{spec.name}.techniques.{technique}"]) from exc
+            # a slot hook refusing its parameters: the spec's technique table is where to look
+            path = f"$.models.{spec.name}.techniques.{technique}"
+            if isinstance(exc, FieldValueError):
+                raise ConfigError([f"{exc.message} @ {path}.{exc.field}"]) from None
+            raise ConfigError([f"{exc} @ {path}"]) from None
         except Exception as exc:
             raise self._wrapped(technique, hook, exc) from exc
         return results[0] if results else None
@@ -285,8 +287,10 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "smt_host.builtins.over_arch",
     "smt_host.builtins.task_arch",
     "smt_host.builtins.heads",
+    "smt_host.builtins.ensemble",
     "smt_host.builtins.loss",
     "smt_host.builtins.optimizer",
+    "smt_host.builtins.data_sources",
 )
 
 

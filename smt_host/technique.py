@@ -5,8 +5,7 @@ A technique is a plain object (usually a class instance) carrying a
 the slot hooks of :mod:`smt_host.hookspecs` that its slot needs. The
 :func:`technique` class decorator attaches the info::
 
-    from smt_host.hookspecs import hookimpl
-from smt_host.technique import technique
+    from smt_host import hookimpl, technique
 
     @technique(name="dcnv2", slot="interaction", params=DCNv2Params)
     class DCNv2:
@@ -46,9 +45,9 @@ EXCLUSIVE_SLOTS: frozenset[str] = frozenset(
 )
 
 #: Exclusive slots that may stay empty: a model without dense features has
-#: no dense arch, and a model is one network unless an ensemble technique
-#: makes it several.
-OPTIONAL_SLOTS: frozenset[str] = frozenset({"dense_arch", "ensemble"})
+#: no dense arch. (A model is one network through the built-in ``single``
+#: ensemble technique unless another one makes it several.)
+OPTIONAL_SLOTS: frozenset[str] = frozenset({"dense_arch"})
 
 #: The hook each slot's techniques implement.
 SLOT_HOOKS: dict[str, str] = {
@@ -123,7 +122,15 @@ class TechniqueInfo:
             )
 
     def check_applies(self, model: Any) -> tuple[bool, str]:
-        """Returns (applies, reason-if-not)."""
+        """Returns (applies, reason-if-not).
+
+        Example:
+            >>> multi = TechniqueInfo(name="mmoe", slot="task_arch",
+            ...                       applies=lambda m: len(m.tasks) >= 2 or "needs 2+ tasks")
+            >>> from types import SimpleNamespace as Spec
+            >>> multi.check_applies(Spec(tasks=["click"])), multi.check_applies(Spec(tasks=["click", "buy"]))
+            ((False, 'needs 2+ tasks'), (True, ''))
+        """
         result = self.applies(model)
         if isinstance(result, str):
             return (result == "", result)
@@ -148,6 +155,18 @@ def technique(
     See :class:`TechniqueInfo` for the arguments. The class gets a
     ``smt_technique`` attribute; instantiate it and return the instance from
     your plugin's ``smt_techniques()`` hook.
+
+    Example:
+        >>> @technique(name="mean_pool", slot="interaction", priority=5)
+        ... class MeanPool:
+        ...     'Mean of the feature embeddings.'
+        >>> info = MeanPool.smt_technique
+        >>> info.name, info.slot, info.priority, info.default, info.description
+        ('mean_pool', 'interaction', 5, True, 'Mean of the feature embeddings.')
+        >>> technique(name="MeanPool", slot="interaction")
+        Traceback (most recent call last):
+        ...
+        ValueError: technique name 'MeanPool' must match [a-z][a-z0-9_]* (lower case, digits, underscores)
     """
     info = TechniqueInfo(
         name=name,

@@ -51,7 +51,7 @@ def saved_checkpoint(run_dir: Any) -> dict:
     from pathlib import Path
 
     return _checkpoint.load(Path(run_dir) / _checkpoint.CHECKPOINT)
-from smt_host.model.template import example_batch, members_of
+from smt_host.model.template import example_batch
 from smt_host.spec.loading import ecosystem_from_dict
 from smt_host.spec.schema import EcosystemSpec, ModelSpec
 
@@ -106,8 +106,8 @@ def check_model(host: Host, spec: ModelSpec, name: str) -> None:
     assert entries[0].slot == reg.info.slot, f"{where}: planned in slot {entries[0].slot!r}, declared {reg.info.slot!r}"
 
     batch = example_batch(spec, batch_size=16)
-    whole = host.build(plan, spec)
-    members = members_of(whole)
+    built = host.build(plan, spec)
+    whole, members = built.model, built.members
     model = members[0]  # 2. widths, of one template network (every member is built alike)
     feats = model.features(batch.dense, batch.sparse)
     assert feats.shape == (16, plan.widths["num_features"], plan.widths["embedding_dim"]), f"{where}: features {tuple(feats.shape)}"
@@ -128,32 +128,28 @@ def check_model(host: Host, spec: ModelSpec, name: str) -> None:
 
     # 3. gradients reach every parameter (each member's from its own loss, as the trainer does)
     labels = torch.bernoulli(torch.full((16, len(spec.tasks)), 0.3), generator=torch.Generator().manual_seed(1))
-    loss_fn = host.loss(plan, spec)
     for m in members:
-        mlogits = logits if members == [whole] else m(batch.dense, batch.sparse)
-        loss = loss_fn(LossInputs(logits=mlogits, labels=labels, batch=batch, model=m))
+        loss = built.loss(LossInputs(logits=m(batch.dense, batch.sparse), labels=labels, batch=batch, model=m))
         assert loss.dim() == 0 and torch.isfinite(loss), f"{where}: loss is {loss}"
         loss.backward()
     missing = [n for n, p in whole.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
     assert not missing, f"{where}: no (finite) gradient reaches {missing}"
-    host.optimizers(plan, spec, whole)  # covers every parameter exactly once (checked by the host)
+    assert built.optimizers, f"{where}: no optimizer"  # the host checked they cover every parameter once
 
     # 4. state dict round trip; 5. same seed, same model
     ref = _outputs(whole, batch)
-    again = host.build(plan, spec)
+    again = host.build(plan, spec).model
     twin = _outputs(again, batch)
-    other = host.build(attrs.evolve(plan, seed=plan.seed + 1), spec)
+    other = host.build(attrs.evolve(plan, seed=plan.seed + 1), spec).model
     other.load_state_dict(whole.state_dict())
     torch.testing.assert_close(_outputs(other, batch), ref, msg=lambda m: f"{where}: state dict round trip differs: {m}")
-    fresh = host.build(plan, spec)
+    fresh = host.build(plan, spec).model
     torch.testing.assert_close(_outputs(fresh, batch), twin, msg=lambda m: f"{where}: same seed, different outputs: {m}")
 
     # 6. FLOPs counted
     assert plan.cost.flops > 0, f"{where}: plan counts no FLOPs"
-    parts = {"interaction": lambda: model.branches[name], "dense_arch": lambda: model.dense_arch,
-             "over_arch": lambda: model.over_arch, "task_arch": lambda: model.task_arch, "heads": lambda: model.heads,
-             "ensemble": lambda: whole}
-    if reg.info.slot in parts and any(True for _ in parts[reg.info.slot]().parameters()):
+    part = model.parts().get((reg.info.slot, name))
+    if part is not None and any(True for _ in part.parameters()):
         # a part with weights does arithmetic: the plan must count it
         assert entries[0].flops > 0, f"{where}: the plan counts no FLOPs for the technique's own part"
 
@@ -190,6 +186,19 @@ def check_technique(name: str, *, host: Optional[Host] = None, ecosystem: Option
         checked.append(spec.name)
     assert checked, f"technique {name!r} applies to none of the models checked: {reasons}"
     return checked
+
+
+@pytest.fixture(autouse=True)
+def smt_one_thread():
+    """Autouse: one torch thread per test (tests often share a small
+    machine, and one thread keeps timings and reductions stable); the
+    previous count is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -58,7 +58,7 @@ def test_model_plans_trains_and_exports(host, model, tmp_path):
     result = train_model(host, spec, eco, tmp_path / model, plan=plan)
     assert result.steps == 5
     assert all(torch.isfinite(torch.tensor(m["logloss"])) for m in result.test.values())
-    trained = host.build(plan, spec)
+    trained = host.build(plan, spec).model
     batch = example_batch(spec, 8)
     exported = torch.export.export(trained.eval(), (batch.dense, batch.sparse), strict=False)
     with torch.no_grad():
@@ -99,7 +99,6 @@ def test_an_ensemble_of_networks_with_every_technique(host, tmp_path):
     """smt-deep-ensemble (off by default) enabled in a model that has every
     other applicable technique: each member carries them all, calibration
     fits one map per member, and the ensemble exports."""
-    from smt_host.model.template import members_of
     from smt_host.train.trainer import train_model
 
     eco = host.default_ecosystem()
@@ -115,8 +114,8 @@ def test_an_ensemble_of_networks_with_every_technique(host, tmp_path):
     result = train_model(host, spec, eco, tmp_path, plan=plan)
     assert result.steps == 5
     assert len(result.reports["calibration"]["members"]) == 2
-    trained = host.build(plan, spec)
-    assert len(members_of(trained)) == 2
+    trained = host.build(plan, spec).model
+    assert len(trained.members) == 2
     batch = example_batch(spec, 8)
     exported = torch.export.export(trained.eval(), (batch.dense, batch.sparse), strict=False)
     with torch.no_grad():

@@ -12,7 +12,7 @@ from smt_host.ecosystem.analysis import analyse, decide
 from smt_host.ecosystem.cells import matrix_cells, run_matrix
 from smt_host.ecosystem.lock import check_lock, locked_spec, make_lock
 from smt_host.ecosystem.reports import write_reports
-from smt_host.errors import LockError
+from smt_host.errors import ManifestMismatch
 from smt_host.host import Host
 
 
@@ -72,12 +72,15 @@ def test_lock_round_trip_and_mismatch(fake_dist, no_env, small_eco):
     spec, only = locked_spec(small_eco.model("tiny_multi"), lock)
     assert "meanpool" not in host.plan(spec, only=only).techniques()
     stale = {"version": 1, "models": {"tiny_ctr": [dict(entry, version="0.0.9")]}}
-    with pytest.raises(LockError) as err:
+    with pytest.raises(ManifestMismatch) as err:
         check_lock(stale, host)
-    assert str(err.value) == "tiny_ctr: technique 'meanpool' is locked at smt-meanpool 0.0.9, installed is smt-meanpool 0.1"
-    with pytest.raises(LockError) as err:
+    assert str(err.value) == ("model 'tiny_ctr': cannot train it as locked: it was made under another plugin set: "
+                              "technique 'meanpool': smt-meanpool 0.0.9 was used, smt-meanpool 0.1 is installed")
+    with pytest.raises(ManifestMismatch) as err:
         check_lock(lock, Host.create(load=""))
-    assert str(err.value) == "tiny_ctr: technique 'meanpool' (smt-meanpool 0.1) is locked but not installed"
+    assert str(err.value) == ("model 'tiny_ctr': cannot train it as locked: it was made under another plugin set: "
+                              "technique 'meanpool' (smt-meanpool 0.1) was used but is not active now "
+                              "(not installed, disabled or opted out)")
 
 
 def test_an_arm_over_the_budget_is_rejected_not_fatal(fake_dist, no_env, eco_one_model, tmp_path):

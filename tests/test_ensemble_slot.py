@@ -12,7 +12,7 @@ from torch import nn
 from smt_host import hookimpl, technique
 from smt_host.errors import PluginError
 from smt_host.host import Host
-from smt_host.model.template import TemplateModel, example_batch, members_of
+from smt_host.model.template import TemplateModel, example_batch
 from smt_host.testing import check_technique
 from smt_host.train.trainer import train_model
 
@@ -54,8 +54,8 @@ def test_members_are_whole_networks_initialised_apart(smt_tiny_ecosystem):
     host = ensemble_host()
     spec = smt_tiny_ecosystem.model("tiny_multi")
     plan = host.plan(spec)
-    model = host.build(plan, spec).eval()
-    a, b = members_of(model)
+    model = host.build(plan, spec).model.eval()
+    a, b = model.members
     assert isinstance(a, TemplateModel) and isinstance(b, TemplateModel)
     assert a.state_dict().keys() == b.state_dict().keys()
     assert not torch.equal(next(a.over_arch.parameters()), next(b.over_arch.parameters()))
@@ -74,10 +74,10 @@ def test_off_by_default_means_enabled_per_model(smt_tiny_ecosystem):
     host = ensemble_host(default=False)
     spec = smt_tiny_ecosystem.model("tiny_ctr")
     plan = host.plan(spec)
-    assert plan.slot("ensemble") == [] and "members" not in plan.widths
+    assert [e.technique for e in plan.slot("ensemble")] == ["single"] and plan.widths["members"] == 1
     assert [(s.name, s.reason) for s in plan.skipped if s.name == "avg"] == [("avg", "off by default")]
     on = attrs.evolve(spec, techniques={**spec.techniques, "avg": True})
-    assert len(members_of(host.build(host.plan(on), on))) == 2
+    assert len(host.build(host.plan(on), on).members) == 2
 
 
 @pytest.mark.parametrize("make, what", [
@@ -103,7 +103,7 @@ def test_wrong_logits_shape_is_named(smt_tiny_ecosystem):
 
     with pytest.raises(PluginError) as err:
         ensemble_host(lambda build: Sum([build(), build()])).plan(smt_tiny_ecosystem.model("tiny_multi"))
-    assert str(err.value) == ("technique 'avg' (<extra> 0): the ensemble returns (2, 4) for 2 examples, "
+    assert str(err.value) == ("technique 'avg' (<extra> 0): the model returns (2, 4) for 2 examples, "
                               "want logits (B, T) = (2, 2)")
 
 
@@ -122,6 +122,7 @@ def test_each_member_learns_as_if_trained_alone(small_eco, tmp_path):
 
     single = ckpt.load(tmp_path / "alone" / ckpt.CHECKPOINT)["model"]
     ens = ckpt.load(tmp_path / "both" / ckpt.CHECKPOINT)["model"]
+    single = {k[len("members.0."):]: v for k, v in single.items()}  # a model of one member
     member0 = {k[len("members.0."):]: v for k, v in ens.items() if k.startswith("members.0.")}
     member1 = {k[len("members.1."):]: v for k, v in ens.items() if k.startswith("members.1.")}
     assert member0.keys() == single.keys() == member1.keys()
@@ -135,7 +136,7 @@ def test_distributed_training_of_an_ensemble_is_refused(small_eco, tmp_path):
 
     with pytest.raises(TrainingError) as err:
         train_model(ensemble_host(), small_eco.model("tiny_ctr"), small_eco, tmp_path, parallel=types.SimpleNamespace())
-    assert str(err.value) == ("tiny_ctr: distributed training of an ensemble (avg, <extra>) is not supported yet; "
+    assert str(err.value) == ("tiny_ctr: distributed training of a model of 2 networks (avg, <extra>) is not supported yet; "
                               "train it in one process, or opt out @ $.models.tiny_ctr.techniques.avg")
 
 

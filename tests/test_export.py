@@ -76,7 +76,7 @@ def test_export_refuses_another_plugin_set(run, tmp_path):
     assert out.returncode == 2
     host_version = saved["manifest"]["host"]
     assert out.stderr.strip().splitlines()[-1] == (
-        f"error: {bad / 'checkpoint.pt'}: cannot export model 'tiny_ctr': it was trained under another plugin set: "
+        f"error: {bad / 'checkpoint.pt'}: cannot export model 'tiny_ctr': it was made under another plugin set: "
         f"technique 'adam_adagrad': smt-host 0.0.1 was used, smt-host {host_version} is installed"
     )
     assert not (bad / "model.pt2").exists()

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from conftest import GOOD_PLUGIN
 
-from smt_host.errors import PluginError
+from smt_host.errors import CapacityError, ConfigError, PluginError
 from smt_host.host import Host
 from smt_host.plugins import get_plugin_manager
 
-BUILTIN_ORDER = ["embedding_bag", "mlp_dense", "flat", "mlp_over", "shared_bottom", "linear_head", "bce", "adam_adagrad"]
+BUILTIN_ORDER = ["embedding_bag", "mlp_dense", "flat", "mlp_over", "shared_bottom", "linear_head", "single", "bce", "adam_adagrad"]
 
 
 def test_builtins_register_first_in_slot_order(no_env):
@@ -149,6 +149,7 @@ def test_exact_order_of_hook_calls(no_env):
     build_loss(spec, res, host.spm)
     build_optimizers(spec, res, host.spm, model)
     assert calls == [
+        ("smt_ensemble", ["technique:single"]),  # its build() makes the member: the hooks below
         ("smt_embedding_tables", ["technique:embedding_bag"]),
         ("smt_dense_arch", ["technique:mlp_dense"]),
         ("smt_interaction", ["technique:flat"]),
@@ -198,12 +199,40 @@ Mean.smt_train_end = hookimpl(lambda self, ctx: EVENTS.append(("end", None, None
 
 def test_an_exception_inside_a_slot_hook_names_the_technique(fake_dist, no_env):
     src = GOOD_PLUGIN.format(name="raiser").replace(
-        "return MeanBranch(ctx.embedding_dim, params.width)", "raise ValueError('width too odd')")
+        "return MeanBranch(ctx.embedding_dim, params.width)", "raise RuntimeError('kernel missing')")
     fake_dist("smt-raiser", "0.2", {"raiser": "raiser_plugin"}, {"raiser_plugin": src})
     host = Host.create()
     with pytest.raises(PluginError) as err:
         host.plan(host.default_ecosystem().model("feed_ctr"))
-    assert str(err.value) == "technique 'raiser' (smt-raiser 0.2) failed in smt_interaction(): ValueError: width too odd"
+    assert str(err.value) == "technique 'raiser' (smt-raiser 0.2) failed in smt_interaction(): RuntimeError: kernel missing"
+
+
+@pytest.mark.parametrize("raised, message", [
+    ("ValueError('width too odd')", "width too odd @ $.models.feed_ctr.techniques.raiser"),
+    ("FieldValueError('width', 'must be even, got 3')", "must be even, got 3 @ $.models.feed_ctr.techniques.raiser.width"),
+])
+def test_a_value_error_in_a_slot_hook_gets_the_spec_path(fake_dist, no_env, raised, message):
+    """A slot hook that refuses its parameters raises ValueError (or the
+    field's FieldValueError); the host adds where in the spec to look."""
+    src = GOOD_PLUGIN.format(name="raiser").replace(
+        "return MeanBranch(ctx.embedding_dim, params.width)",
+        f"from smt_host import FieldValueError\n        raise {raised}")
+    fake_dist("smt-raiser", "0.2", {"raiser": "raiser_plugin"}, {"raiser_plugin": src})
+    host = Host.create()
+    with pytest.raises(ConfigError) as err:
+        host.plan(host.default_ecosystem().model("feed_ctr"))
+    assert str(err.value) == message
+
+
+def test_an_smt_error_in_a_hook_passes_unchanged(fake_dist, no_env):
+    src = GOOD_PLUGIN.format(name="raiser").replace(
+        "return MeanBranch(ctx.embedding_dim, params.width)",
+        "from smt_host import CapacityError\n        raise CapacityError('too costly')")
+    fake_dist("smt-raiser", "0.2", {"raiser": "raiser_plugin"}, {"raiser_plugin": src})
+    host = Host.create()
+    with pytest.raises(CapacityError) as err:
+        host.plan(host.default_ecosystem().model("feed_ctr"))
+    assert str(err.value) == "too costly"
 
 
 def test_a_string_for_a_list_is_refused():

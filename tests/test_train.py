@@ -21,9 +21,9 @@ def _first_step_loss(host, spec, eco):
     from smt_host.data import open_source
 
     plan = host.plan(spec)
-    model = host.build(plan, spec)
+    model = host.build(plan, spec).members[0]
     batch = next(open_source(spec, eco).batches("train", 256, shuffle=True, seed=spec.training.seed, epoch=1))
-    loss = host.loss(plan, spec)(LossInputs(logits=model(batch.dense, batch.sparse), labels=batch.labels, batch=batch, model=model))
+    loss = host.build(plan, spec).loss(LossInputs(logits=model(batch.dense, batch.sparse), labels=batch.labels, batch=batch, model=model))
     return plan, loss.item()
 
 
@@ -132,7 +132,7 @@ def test_checkpoint_from_another_plugin_set_is_refused(fake_dist, no_env, small_
     with pytest.raises(ManifestMismatch) as err:
         train_model(Host.create(), spec, small_eco, tmp_path / "run", resume=True)
     assert str(err.value) == (
-        f"{tmp_path / 'run' / 'checkpoint.pt'}: checkpoint was made under another plugin set: "
+        f"{tmp_path / 'run' / 'checkpoint.pt'}: cannot resume: it was made under another plugin set: "
         "technique 'meanpool' (smt-meanpool 0.4) is active now but was not used"
     )
 
@@ -185,10 +185,11 @@ def test_arch_batch_norm_and_table_weight_decay_reach_the_model(no_env, small_ec
     spec = attrs.evolve(spec, arch=attrs.evolve(spec.arch, batch_norm=True),
                         training=attrs.evolve(spec.training, weight_decay=1e-5, embedding_weight_decay=0.05))
     plan = host.plan(spec)
-    model = host.build(plan, spec)
+    built = host.build(plan, spec)
+    model = built.members[0]
     norms = [m for m in model.over_arch.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     assert [n.num_features for n in norms] == list(spec.arch.over_arch)
-    dense, tables = host.optimizers(plan, spec, model)
+    dense, tables = built.optimizers
     assert dense.param_groups[0]["weight_decay"] == 1e-5
     assert tables.param_groups[0]["weight_decay"] == 0.05
     assert {id(p) for p in tables.param_groups[0]["params"]} == {id(p) for p in model.embedding.parameters()}
@@ -197,11 +198,11 @@ def test_arch_batch_norm_and_table_weight_decay_reach_the_model(no_env, small_ec
 def test_embedding_init_std_sets_the_tables_initial_distribution(no_env, small_eco):
     host = Host.create(load="")
     spec = small_eco.model("tiny_ctr")
-    default = host.build(host.plan(spec), spec)
+    default = host.build(host.plan(spec), spec).members[0]
     for name, ebc in default.embedding.embedding_bags.items():
         bound = (1.0 / ebc.num_embeddings) ** 0.5  # torchrec's uniform default
         assert float(ebc.weight.abs().max()) <= bound and float(ebc.weight.std()) > bound / 4, name
     spec = attrs.evolve(spec, features=attrs.evolve(spec.features, embedding_init_std=1e-3))
-    normal = host.build(host.plan(spec), spec)
+    normal = host.build(host.plan(spec), spec).members[0]
     weights = torch.cat([e.weight.flatten() for e in normal.embedding.embedding_bags.values()])
     assert 0.9e-3 < float(weights.std()) < 1.1e-3 and abs(float(weights.mean())) < 1e-4, weights.std()

@@ -52,7 +52,7 @@ def test_wide_output_is_added_to_the_heads_logits(smt_tiny_ecosystem, model):
     host = wide_host()
     spec = smt_tiny_ecosystem.model(model)
     plan = host.plan(spec)
-    m = host.build(plan, spec).eval()
+    m = host.build(plan, spec).members[0].eval()
     assert (m.deep_branches, m.logit_branches) == (["flat"], ["lr_wide"])
     assert plan.widths["interaction"] == m.branches["flat"].out_dim  # the wide part does not widen the over-arch
     (entry,) = [e for e in plan.entries if e.technique == "lr_wide"]

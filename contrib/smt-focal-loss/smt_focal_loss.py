@@ -98,7 +98,7 @@ class FocalLoss:
     def smt_loss(self, ctx: SlotContext, params: FocalLossParams, loss: Optional[LossFn]) -> LossFn:
         if loss is None:
             raise ValueError("focal_loss corrects the built-in bce loss, but the loss chain is empty")
-        weights = torch.tensor([t.weight for t in ctx.model.tasks])
+        weights = torch.tensor([t.weight for t in ctx.spec.tasks])
 
         def focal(inputs: LossInputs) -> torch.Tensor:
             bce = F.binary_cross_entropy_with_logits(inputs.logits, inputs.labels, reduction="none").mean(dim=0)

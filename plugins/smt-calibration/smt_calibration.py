@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smt_host import SlotContext, TrainContext, at_least, hookimpl, members_of, one_of, technique
+from smt_host import SlotContext, TrainContext, at_least, hookimpl, one_of, technique
 
 #: the identity knots span this logit range (probabilities 1e-13 .. 1 - 1e-13)
 IDENTITY_RANGE = 30.0
@@ -232,10 +232,10 @@ def _metrics(logits: torch.Tensor, labels: torch.Tensor, tasks: list[str], base_
 
 def fit_on_valid(ctx: TrainContext, params: "CalibrationParams", name: str = "calibration",
                  model: Optional[nn.Module] = None) -> dict:
-    """Fits ``model.output_transforms[name]`` (default model: ``ctx.model``)
-    on ctx.data's valid split; returns (and stores in ``ctx.state[name]``)
+    """Fits ``model.output_transforms[name]`` of one template network
+    (default: the model's first member) on ctx.data's valid split; returns
     the valid metrics before and after, per task, with the fitted map."""
-    model = ctx.model if model is None else model
+    model = ctx.members[0] if model is None else model
     calibrator: Calibrator = model.output_transforms[name]
     tasks = list(ctx.spec.task_names)
     calibrator.reset()
@@ -251,7 +251,6 @@ def fit_on_valid(ctx: TrainContext, params: "CalibrationParams", name: str = "ca
         if calibrator.method == "platt":
             entry["a"], entry["b"] = float(calibrator.scale[i]), float(calibrator.bias[i])
         report["tasks"][t] = entry
-    ctx.state[name] = report
     return report
 
 
@@ -267,11 +266,8 @@ class Calibration:
     def smt_before_test(self, ctx: TrainContext, params: CalibrationParams) -> None:
         """Fits the map on valid; in an ensemble, each member's own map on
         that member's logits (``ctx.state["calibration"]["members"]``)."""
-        members = members_of(ctx.model)
-        if members == [ctx.model]:
-            fit_on_valid(ctx, params)
-        else:
-            ctx.state["calibration"] = {"members": [fit_on_valid(ctx, params, model=m) for m in members]}
+        reports = [fit_on_valid(ctx, params, model=m) for m in ctx.members]
+        ctx.state["calibration"] = {"members": reports}
 
 
 @hookimpl

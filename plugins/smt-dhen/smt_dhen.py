@@ -377,10 +377,9 @@ class DHEN:
     @hookimpl
     def smt_interaction(self, ctx: SlotContext, params: DHENParams) -> nn.Module:
         if "self_attention" in params.modules and ctx.embedding_dim % params.attention_heads:
-            raise ConfigError([
-                f"must divide the embedding dim D={ctx.embedding_dim}, got {params.attention_heads} "
-                f"@ $.models.{ctx.model.name}.techniques.dhen.attention_heads"
-            ])
+            raise FieldValueError(
+                "attention_heads", f"must divide the embedding dim D={ctx.embedding_dim}, got {params.attention_heads}"
+            )
         return DHENInteraction(ctx.num_features, ctx.embedding_dim, params, device=ctx.device)
 
 

@@ -60,7 +60,7 @@ def embedding_l2(model: Any, sparse: KeyedJaggedTensor, *, unique: bool = False)
         >>> from smt_host import Host, example_batch
         >>> host = Host.create(load="")
         >>> spec = host.default_ecosystem().model("feed_ctr")
-        >>> model = host.build(host.plan(spec), spec)
+        >>> model = host.build(host.plan(spec), spec).members[0]
         >>> embedding_l2(model, example_batch(spec).sparse).dim()
         0
     """

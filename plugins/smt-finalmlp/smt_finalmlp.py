@@ -272,13 +272,10 @@ def context_indices(ctx: SlotContext, names: Sequence[str], field: str) -> Optio
     output last); None for an empty list (all features)."""
     if not names:
         return None
-    order = [f.name for f in ctx.model.features.sparse]
+    order = [f.name for f in ctx.spec.features.sparse]
     unknown = [n for n in names if n not in order]
     if unknown:
-        raise ConfigError([
-            f"names no sparse feature of the model: {unknown}; the model has {order} "
-            f"@ $.models.{ctx.model.name}.techniques.finalmlp.{field}"
-        ])
+        raise FieldValueError(field, f"names no sparse feature of the model: {unknown}; the model has {order}")
     return [order.index(n) for n in names]
 
 

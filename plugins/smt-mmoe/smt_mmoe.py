@@ -101,7 +101,7 @@ class MMoETechnique:
         return MMoE(
             ctx.in_dim, num_tasks=len(ctx.tasks), num_experts=params.num_experts,
             expert_widths=params.expert_widths,
-            tower_width=params.tower_width or ctx.model.arch.task_width, device=ctx.device,
+            tower_width=params.tower_width or ctx.spec.arch.task_width, device=ctx.device,
         )
 
 

@@ -178,7 +178,7 @@ class PLETechnique:
             ctx.in_dim, num_tasks=len(ctx.tasks), num_levels=params.num_levels,
             num_shared=params.num_shared_experts, num_per_task=params.num_task_experts,
             expert_widths=params.expert_widths,
-            tower_width=params.tower_width or ctx.model.arch.task_width, device=ctx.device,
+            tower_width=params.tower_width or ctx.spec.arch.task_width, device=ctx.device,
         )
 
 

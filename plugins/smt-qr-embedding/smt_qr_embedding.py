@@ -189,7 +189,7 @@ class QREmbedding:
 
     @hookimpl
     def smt_embedding_tables(self, ctx: SlotContext, params: QRParams, tables: list[TableSpec]) -> list[TableSpec]:
-        split = split_features(ctx.model, params)
+        split = split_features(ctx.spec, params)
         out: list[TableSpec] = []
         for t in tables:
             mine = [f for f in t.feature_names if f in split]
@@ -212,11 +212,11 @@ class QREmbedding:
 
     @hookimpl
     def smt_feature_transform(self, ctx: SlotContext, params: QRParams) -> nn.Module:
-        return QRFeatureTransform(split_features(ctx.model, params))
+        return QRFeatureTransform(split_features(ctx.spec, params))
 
     @hookimpl
     def smt_pooled_transform(self, ctx: SlotContext, params: QRParams) -> nn.Module:
-        return QRPooledTransform(list(split_features(ctx.model, params)), params.op)
+        return QRPooledTransform(list(split_features(ctx.spec, params)), params.op)
 
 
 @hookimpl

@@ -1,4 +1,5 @@
-"""``smt new-plugin``: generate a plugin distribution from a slot template.
+"""Generate a plugin distribution from a slot template (the logic behind
+``smt new-plugin``, whose command is :mod:`smt_host.cli.authoring`).
 
 The generated folder ``smt-<name>/`` is a complete, installable distribution
 that passes its own tests with no edit: ``pyproject.toml`` (entry point in
@@ -24,26 +25,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-import click
-
 from smt_host.errors import ScaffoldError
-from smt_host.technique import EXCLUSIVE_SLOTS, SLOTS
+from smt_host.technique import SLOTS
 
 #: a plugin name: lower case letters and digits, single - or _ between words
 NAME_RE = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*")
 
 
 def _builtin_technique_names() -> set[str]:
-    import importlib
+    from smt_host.plugins import get_plugin_manager
 
-    from smt_host.plugins import BUILTIN_MODULES
-    from smt_host.technique import info_of
-
-    names = set()
-    for mod in BUILTIN_MODULES:
-        for obj in importlib.import_module(mod).smt_techniques():
-            names.add(info_of(obj).name)
-    return names
+    return {name for name, record in get_plugin_manager(load="").techniques.items() if record.builtin}
 
 
 def names_for(name: str) -> dict[str, str]:
@@ -117,38 +109,3 @@ def new_plugin(name: str, slot: str, directory: Optional[Path] = None) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     return folder
-
-
-_SLOT_HELP = ", ".join(f"{s}{'*' if s in EXCLUSIVE_SLOTS else ''}" for s in SLOTS) + (
-    " (* exclusive: one technique per model; generated with priority=10 so it replaces the built-in)"
-)
-
-
-@click.command("new-plugin")
-@click.argument("name")
-@click.option("--slot", "-s", required=True, metavar="SLOT",
-              help=f"The slot the technique fills: {_SLOT_HELP}.")
-@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder to create smt-NAME/ in (default: the current folder).")
-def new_plugin_cmd(name: str, slot: str, directory: Optional[Path]) -> None:
-    """Generate a plugin distribution smt-NAME/ for one technique.
-
-    NAME is the plugin's short name (e.g. masknet or focal-loss): the
-    distribution is smt-NAME, the module smt_NAME and the technique NAME
-    with '-' turned into '_'. The folder holds pyproject.toml (entry point
-    in group "smt"), the module with a working skeleton of the slot's
-    technique (its docstring gives the slot's shapes), README.md and tests
-    wired to the conformance kit. It passes its tests unedited:
-
-    \b
-        smt new-plugin masknet --slot interaction
-        pip install ./smt-masknet && pytest smt-masknet
-    """
-    try:
-        folder = new_plugin(name, slot, directory)
-    except ScaffoldError as exc:
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(2) from None
-    n = names_for(name)
-    click.echo(f"created {folder}/ ({n['dist']}: technique {n['technique']!r}, slot {slot!r})")
-    click.echo(f"next: edit {folder / (n['module'] + '.py')}, then: pip install {folder} && pytest {folder}")

@@ -16,7 +16,7 @@ class MLPDense:
 
     @hookimpl
     def smt_dense_arch(self, ctx: SlotContext) -> nn.Module:
-        widths = list(ctx.model.arch.dense_arch) + [ctx.embedding_dim]
+        widths = list(ctx.spec.arch.dense_arch) + [ctx.embedding_dim]
         return MLP(ctx.in_dim, widths, device=ctx.device)
 
 

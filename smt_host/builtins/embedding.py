@@ -21,9 +21,9 @@ class EmbeddingBag:
                 num_embeddings=f.vocab_size,
                 embedding_dim=f.embedding_dim,
                 pooling=f.pooling,
-                init_std=ctx.model.features.embedding_init_std,
+                init_std=ctx.spec.features.embedding_init_std,
             )
-            for f in ctx.model.features.sparse
+            for f in ctx.spec.features.sparse
         ]
         return list(tables) + made
 

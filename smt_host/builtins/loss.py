@@ -16,7 +16,7 @@ class BCE:
 
     @hookimpl
     def smt_loss(self, ctx: SlotContext, loss: LossFn | None) -> LossFn:
-        weights = torch.tensor([t.weight for t in ctx.model.tasks])
+        weights = torch.tensor([t.weight for t in ctx.spec.tasks])
 
         def bce(inputs: LossInputs) -> torch.Tensor:
             per_task = F.binary_cross_entropy_with_logits(

@@ -30,7 +30,7 @@ class AdamAdagrad:
 
     @hookimpl
     def smt_optimizers(self, ctx: SlotContext, params: OptimizerParams, model: nn.Module) -> list[torch.optim.Optimizer]:
-        tr = ctx.model.training
+        tr = ctx.spec.training
         table_params = [p for p in model.embedding.parameters() if p.requires_grad]
         table_ids = {id(p) for p in table_params}
         dense = [p for p in model.parameters() if p.requires_grad and id(p) not in table_ids]

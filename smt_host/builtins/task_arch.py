@@ -43,7 +43,7 @@ class SharedBottomTechnique:
 
     @hookimpl
     def smt_task_arch(self, ctx: SlotContext) -> nn.Module:
-        return SharedBottom(ctx.in_dim, len(ctx.tasks), ctx.model.arch.task_width, device=ctx.device)
+        return SharedBottom(ctx.in_dim, len(ctx.tasks), ctx.spec.arch.task_width, device=ctx.device)
 
 
 @hookimpl

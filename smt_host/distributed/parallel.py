@@ -202,11 +202,11 @@ class Parallel:
         from torchrec.distributed.types import ShardingEnv
 
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        kernel = "fused" if _fuse_table_optimizer(model.embedding, optimizers) else "dense"
+        kernel = "fused" if _fuse_table_optimizer(model.members[0].embedding, optimizers) else "dense"
         self.kernel = kernel
         planner = EmbeddingShardingPlanner(
             topology=Topology(world_size=self.world_size, compute_device=self.device.type),
-            constraints=_table_constraints(model.embedding, kernel, self.sharding_types),
+            constraints=_table_constraints(model.members[0].embedding, kernel, self.sharding_types),
         )
         sharders = table_sharders()
         self.sharding_plan = planner.collective_plan(model, sharders, self.pg)
@@ -229,7 +229,7 @@ class Parallel:
 
     @staticmethod
     def inner(model: nn.Module) -> nn.Module:
-        """The TemplateModel inside DMP (its ``embedding`` is sharded)."""
+        """The model inside DMP (its members' ``embedding`` is sharded)."""
         return getattr(model, "module", model)
 
     def load_full_state(self, dmp: nn.Module, full: dict) -> None:

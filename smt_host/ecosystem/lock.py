@@ -17,17 +17,15 @@ def make_lock(matrix: dict) -> dict:
 
 
 def check_lock(lock: dict, host: Any) -> None:
-    """Raises LockError when a locked technique is missing or its version differs."""
-    problems = []
+    """Raises ManifestMismatch when the installed plugins differ from what
+    the lock recorded for any model (:meth:`Manifest.check`, the comparison
+    that build, resume and export use too)."""
+    from smt_host.model.plan import Manifest, ManifestEntry, installed_manifest
+
     for model, entries in lock.get("models", {}).items():
-        for e in entries:
-            reg = host.spm.techniques.get(e["technique"])
-            if reg is None:
-                problems.append(f"{model}: technique {e['technique']!r} ({e['dist']} {e['version']}) is locked but not installed")
-            elif (reg.dist, reg.version) != (e["dist"], e["version"]):
-                problems.append(f"{model}: technique {e['technique']!r} is locked at {e['dist']} {e['version']}, installed is {reg.dist} {reg.version}")
-    if problems:
-        raise LockError("; ".join(problems))
+        recorded = Manifest(host="", techniques=tuple(
+            ManifestEntry(e["technique"], e["dist"], e["version"], e.get("params")) for e in entries))
+        recorded.check(installed_manifest(host.spm, recorded), f"model {model!r}", "cannot train it as locked")
 
 
 def locked_spec(spec: ModelSpec, lock: dict) -> tuple[ModelSpec, frozenset[str]]:

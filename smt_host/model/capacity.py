@@ -25,11 +25,14 @@ class Cost:
     """Serving cost of one model.
 
     Args:
-        flops: FLOPs per example of a forward pass.
+        flops: FLOPs per example of a forward pass (every member).
         dense_params: parameters outside the embedding tables.
         embedding_params: rows x dims of all tables.
         embedding_bytes: float32 bytes of all tables.
-        parts: FLOPs per example by top-level part (``branches.dcnv2``, ``over_arch``...).
+        parts: FLOPs per example by ``"slot:technique"``: each part of the
+            first member (:meth:`TemplateModel.parts`), and the ensemble
+            slot's technique with what the model costs beyond that member
+            (0 for one network).
     """
 
     flops: float
@@ -39,38 +42,41 @@ class Cost:
     parts: dict[str, float] = attrs.Factory(dict)
 
 
-def measure(model: nn.Module, spec: ModelSpec) -> Cost:
-    """Counts FLOPs per example and parameters of a built model.
+def measure(model: nn.Module, spec: ModelSpec, combiner: str = "") -> Cost:
+    """Counts FLOPs per example and parameters of a built model (a module
+    with ``members``, see :func:`smt_host.model.template.build_model`).
 
-    ``parts`` are a ``TemplateModel``'s; for an ensemble they are its first
-    member's, plus ``ensemble``: the FLOPs of the other members and the
-    combination (the total less one member).
+    ``combiner`` names the ensemble slot's technique, whose part is the
+    model's FLOPs beyond its first member.
     """
-    from smt_host.model.template import example_batch, members_of
+    from smt_host.model.template import example_batch
 
     batch = example_batch(spec, FLOP_BATCH)
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False, depth=3)
+    counter = FlopCounterMode(display=False, depth=None)
     with torch.no_grad(), counter:
         model(batch.dense, batch.sparse)
     model.train(was_training)
-    parts: dict[str, float] = {}
-    for name, counts in counter.get_flop_counts().items():
-        pieces = name.split(".")
-        if len(pieces) == 2 and pieces[0] != "Global":
-            key = pieces[1]
-        elif len(pieces) == 3 and pieces[1] in ("branches", "heads"):
-            key = f"{pieces[1]}.{pieces[2]}"
-        else:
-            continue
-        parts[key] = parts.get(key, 0.0) + sum(counts.values()) / FLOP_BATCH
+    # keys are "<root class>.<qualified name>"; the root itself is "<root class>"
+    counts = {
+        (name.split(".", 1)[1] if "." in name else ""): sum(c.values()) / FLOP_BATCH
+        for name, c in counter.get_flop_counts().items() if name != "Global"
+    }
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def flops_of(module: nn.Module) -> float:
+        name = names[id(module)]
+        if name in counts:
+            return counts[name]
+        return sum(flops_of(child) for child in module.children())  # a container that is not called itself
+
     flops = counter.get_total_flops() / FLOP_BATCH
-    members = members_of(model)
-    if members != [model]:
-        first = measure(members[0], spec)
-        parts = {**first.parts, "ensemble": flops - first.flops}
-    tables = [p for m in members for p in m.embedding.parameters()]
+    first = model.members[0]
+    parts = {f"{slot}:{technique}": flops_of(module) for (slot, technique), module in first.parts().items()}
+    if combiner:
+        parts[f"ensemble:{combiner}"] = flops - flops_of(first)
+    tables = [p for m in model.members for p in m.embedding.parameters()]
     emb = sum(p.numel() for p in tables)
     total = sum(p.numel() for p in model.parameters())
     return Cost(

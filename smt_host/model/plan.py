@@ -18,7 +18,7 @@ from torch import nn
 from smt_host.errors import CapacityError, ConfigError, ManifestMismatch
 from smt_host.model.capacity import Cost, measure, neutral_scale
 from smt_host.model.resolve import Active, Resolution, Skipped, resolve
-from smt_host.model.template import base_context, build_model, members_of
+from smt_host.model.template import base_context, build_loss, build_model, build_optimizers
 from smt_host.plugins import SmtPluginManager
 from smt_host.spec.converter import structure
 from smt_host.spec.schema import ModelSpec
@@ -52,6 +52,18 @@ class Manifest:
 
     host: str
     techniques: tuple[ManifestEntry, ...]
+
+    def check(self, current: "Manifest", where: str, doing: str) -> None:
+        """Raises :class:`ManifestMismatch` naming every difference from
+        ``self`` (what a plan, checkpoint, export or lock recorded) to
+        ``current`` (what is installed, or what a run now plans): the one
+        comparison behind build, resume, export and ``--locked``.
+
+        ``where`` names the file or model, ``doing`` what cannot be done
+        (``"cannot resume"``...)."""
+        diff = self.diff(current)
+        if diff:
+            raise ManifestMismatch(f"{where}: {doing}: it was made under another plugin set: " + "; ".join(diff))
 
     def diff(self, current: "Manifest") -> list[str]:
         """Differences from ``self`` (e.g. a checkpoint's) to ``current``."""
@@ -137,6 +149,8 @@ def make_plan(
     budget = spec.capacity.budget if budget is ... else budget
     tolerance = spec.capacity.tolerance
 
+    combiner = res.slot("ensemble")[0].name
+
     def flops_at(scale: float) -> float:
         return measure(build_model(spec, res, spm, width_scale=scale, seed=seed), spec).flops
 
@@ -153,11 +167,8 @@ def make_plan(
             scale = neutral_scale(flops_at, target, tolerance).scale
         except CapacityError as exc:
             smallest = build_model(spec, res, spm, width_scale=1 / 64, seed=seed)
-            parts = measure(smallest, spec).parts
-            costly = sorted(
-                ((parts.get(f"branches.{a.name}", 0.0), a) for a in _external(res)),
-                key=lambda x: -x[0],
-            )
+            parts = measure(smallest, spec, combiner).parts
+            costly = sorted(((parts.get(f"{a.slot}:{a.name}", 0.0), a) for a in _external(res)), key=lambda x: -x[0])
             named = "; ".join(f"{a.name} ({a.dist} {a.version}) needs {f:,.0f} FLOPs per example" for f, a in costly if f > 0)
             raise CapacityError(
                 f"model {spec.name!r} cannot meet its capacity budget: {exc}"
@@ -166,39 +177,25 @@ def make_plan(
             ) from None
 
     built = build_model(spec, res, spm, width_scale=scale, seed=seed)
-    cost = measure(built, spec)
-    members = members_of(built)
-    model = members[0]  # widths and per-technique FLOPs are one member's
+    cost = measure(built, spec, combiner)
+    parts = built.members[0].parts()  # widths and per-technique FLOPs are one member's
     entries = []
     for a in res.active:
-        out_dim = None
-        flops = 0.0
-        if a.slot == "interaction":
-            out_dim = model.branches[a.name].out_dim
-            flops = cost.parts.get(f"branches.{a.name}", 0.0)
-        elif a.slot == "dense_arch" and model.dense_arch is not None:
-            out_dim, flops = model.dense_arch.out_dim, cost.parts.get("dense_arch", 0.0)
-        elif a.slot == "over_arch":
-            out_dim, flops = model.over_arch.out_dim, cost.parts.get("over_arch", 0.0)
-        elif a.slot == "task_arch":
-            flops = cost.parts.get("task_arch", 0.0)
-        elif a.slot == "heads":
-            flops = sum(v for k, v in cost.parts.items() if k.startswith("heads."))
-        elif a.slot == "ensemble":
-            flops = cost.parts.get("ensemble", 0.0)
+        out_dim = getattr(parts.get((a.slot, a.name)), "out_dim", None)
+        flops = cost.parts.get(f"{a.slot}:{a.name}", 0.0)
         entries.append(PlanEntry(a.slot, a.name, a.dist, a.version, _params_dict(conv, a.params), out_dim, flops))
     ctx = base_context(spec)
+    first = built.members[0]
     widths = {
         "embedding_dim": ctx.embedding_dim,
         "num_features": ctx.num_features,
         "num_dense": ctx.num_dense,
-        "interaction": sum(model.branches[n].out_dim for n in model.deep_branches),
-        "over_arch": model.over_arch.out_dim,
-        "task_arch": list(model.task_arch.out_dims),
-        "tables": len(model.embedding.embedding_bag_configs()),
+        "interaction": sum(parts[("interaction", n)].out_dim for n in first.deep_branches),
+        "over_arch": parts[("over_arch", res.slot("over_arch")[0].name)].out_dim,
+        "task_arch": list(parts[("task_arch", res.slot("task_arch")[0].name)].out_dims),
+        "tables": len(first.embedding.embedding_bag_configs()),
+        "members": len(built.members),
     }
-    if built is not model:
-        widths["members"] = len(members)
     capacity = CapacityReport(mode=mode, budget=target, achieved=cost.flops, scale=scale, tolerance=tolerance)
     return Plan(
         model=spec.name, entries=tuple(entries), skipped=res.skipped, widths=widths, cost=cost,
@@ -206,33 +203,63 @@ def make_plan(
     )
 
 
+def installed_manifest(spm: SmtPluginManager, recorded: Manifest) -> Manifest:
+    """The manifest the installed plugins give the techniques of ``recorded``
+    (same parameters; a technique that is not installed is left out)."""
+    from smt_host.plugins import HOST_DIST
+
+    entries = tuple(
+        ManifestEntry(e.technique, spm.techniques[e.technique].dist, spm.techniques[e.technique].version, e.params)
+        for e in recorded.techniques if e.technique in spm.techniques
+    )
+    return Manifest(host=spm.distributions[HOST_DIST], techniques=entries)
+
+
 def resolution_from_plan(plan: Plan, spm: SmtPluginManager, conv: cattrs.Converter) -> Resolution:
-    """Rebuilds the resolution from a plan's entries, refusing a plugin set
-    that differs from the plan's manifest."""
-    problems = []
+    """The resolution a plan records, refusing installed plugins that differ
+    from the plan's manifest (:meth:`Manifest.check`)."""
+    plan.manifest.check(installed_manifest(spm, plan.manifest), f"model {plan.model!r}", "cannot build its plan")
     active = []
     for e in plan.entries:
-        reg = spm.techniques.get(e.technique)
-        if reg is None:
-            problems.append(f"technique {e.technique!r} ({e.dist} {e.version}) is not installed")
-            continue
-        if (reg.dist, reg.version) != (e.dist, e.version):
-            problems.append(f"technique {e.technique!r}: plan has {e.dist} {e.version}, installed is {reg.dist} {reg.version}")
-            continue
+        reg = spm.techniques[e.technique]
         params = None
         if reg.info.params is not None:
             params = structure(conv, e.params or {}, reg.info.params, f"$.plan.{e.technique}")
         active.append(Active(e.technique, e.slot, e.dist, e.version, params))
-    if problems:
-        raise ManifestMismatch(f"plan of model {plan.model!r} was made with another plugin set: " + "; ".join(problems))
     return Resolution(model=plan.model, active=tuple(active), skipped=plan.skipped)
 
 
-def build_from_plan(plan: Plan, spec: ModelSpec, spm: SmtPluginManager, conv: cattrs.Converter, device: Any = "cpu") -> nn.Module:
-    """The model a plan describes (same seed: same weights): a
-    ``TemplateModel``, or an ensemble of them (see ``smt_ensemble``)."""
+@attrs.frozen
+class Built:
+    """What a plan builds, resolved once: the model (a module with
+    ``members``, each a ``TemplateModel``), its loss, its optimizers (every
+    member's, in member order) and the resolution the lifecycle hooks use.
+
+    Example:
+        >>> from smt_host import Host
+        >>> host = Host.create(load="")
+        >>> spec = host.default_ecosystem().model("feed_ctr")
+        >>> built = host.build(host.plan(spec), spec)
+        >>> len(built.model.members), [type(o).__name__ for o in built.optimizers]
+        (1, ['Adam', 'Adagrad'])
+    """
+
+    model: nn.Module
+    loss: Any
+    optimizers: list
+    resolution: Resolution
+
+    @property
+    def members(self) -> list[nn.Module]:
+        return list(self.model.members)
+
+
+def build_from_plan(plan: Plan, spec: ModelSpec, spm: SmtPluginManager, conv: cattrs.Converter, device: Any = "cpu") -> Built:
+    """The model a plan describes (same seed: same weights), with its loss
+    and optimizers."""
     res = resolution_from_plan(plan, spm, conv)
-    return build_model(spec, res, spm, width_scale=plan.capacity.scale, device=device, seed=plan.seed)
+    model = build_model(spec, res, spm, width_scale=plan.capacity.scale, device=device, seed=plan.seed)
+    return Built(model, build_loss(spec, res, spm), build_optimizers(spec, res, spm, model), res)
 
 
 def plan_to_dict(plan: Plan, conv: cattrs.Converter) -> dict:

@@ -58,9 +58,15 @@ class TemplateModel(nn.Module):
         dense_arch: Optional[nn.Module], branches: Sequence[nn.Module], branch_names: Sequence[str],
         over_arch: nn.Module, task_arch: nn.Module, heads: Sequence[nn.Module], task_names: Sequence[str],
         feature_transforms: Sequence[nn.Module] = (), pooled_transforms: Sequence[nn.Module] = (),
-        output_transforms: Optional[dict[str, nn.Module]] = None,
+        output_transforms: Optional[dict[str, nn.Module]] = None, part_names: Optional[dict[str, str]] = None,
+        transform_names: Sequence[tuple[str, str]] = (),
     ) -> None:
         super().__init__()
+        #: technique of each exclusive part ("dense_arch", "over_arch", "task_arch", "heads"),
+        #: and the slot of each output transform's technique ("output:<name>")
+        self.part_names = dict(part_names or {})
+        #: (slot, technique) of each feature transform then each pooled transform, in order
+        self.transform_names = list(transform_names)
         self.feature_transforms = nn.ModuleList(feature_transforms)
         self.embedding = embedding
         self.pooled_transforms = nn.ModuleList(pooled_transforms)
@@ -74,6 +80,35 @@ class TemplateModel(nn.Module):
         self.task_arch = task_arch
         self.heads = nn.ModuleDict(dict(zip(task_names, heads)))
         self.task_names = list(task_names)
+
+    def parts(self) -> dict[tuple[str, str], nn.Module]:
+        """The module each technique built, by ``(slot, technique)``: the
+        embedding transforms, the dense arch, each interaction branch, the
+        over-arch, the task arch, the heads (a ``ModuleDict``, one per task)
+        and each output transform. Capacity counts FLOPs by part and the
+        plan reads widths from here, never by attribute name.
+
+        Example:
+            >>> from smt_host import Host
+            >>> host = Host.create(load="")
+            >>> spec = host.default_ecosystem().model("feed_ctr")
+            >>> net = host.build(host.plan(spec), spec).model.members[0]
+            >>> sorted(slot for slot, _ in net.parts())
+            ['dense_arch', 'heads', 'interaction', 'over_arch', 'task_arch']
+        """
+        out: dict[tuple[str, str], nn.Module] = {}
+        transforms = [*self.feature_transforms, *self.pooled_transforms]
+        for (slot, name), module in zip(self.transform_names, transforms):
+            out[(slot, name)] = module
+        if self.dense_arch is not None:
+            out[("dense_arch", self.part_names["dense_arch"])] = self.dense_arch
+        for name, branch in self.branches.items():
+            out[("interaction", name)] = branch
+        for slot, module in (("over_arch", self.over_arch), ("task_arch", self.task_arch), ("heads", self.heads)):
+            out[(slot, self.part_names[slot])] = module
+        for name, module in self.output_transforms.items():
+            out[(self.part_names.get(f"output:{name}", "training"), name)] = module
+        return out
 
     def features(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """(B, F, D): pooled sparse embeddings, then the dense arch's output."""
@@ -131,7 +166,7 @@ def _module(result: Any, technique: Active, hook: str) -> nn.Module:
 def base_context(spec: ModelSpec, device: Any = "cpu", width_scale: float = 1.0) -> SlotContext:
     num_dense = len(spec.features.dense)
     return SlotContext(
-        model=spec, embedding_dim=spec.embedding_dim, num_dense=num_dense,
+        spec=spec, embedding_dim=spec.embedding_dim, num_dense=num_dense,
         num_features=len(spec.features.sparse) + (1 if num_dense else 0),
         tasks=spec.task_names, width_scale=width_scale, device=device,
     )
@@ -148,18 +183,18 @@ def build_tables(spm: SmtPluginManager, res: Resolution, ctx: SlotContext) -> li
             )
         tables = out
     served = [f for tb in tables for f in tb.feature_names]
-    want = [f.name for f in ctx.model.features.sparse]
+    want = [f.name for f in ctx.spec.features.sparse]
     if len(served) != len(set(served)) or (sorted(served) != sorted(want) and not any(
         spm.implements(t.name, "smt_pooled_transform") for t in res.slot("embedding")
     )):
         raise PluginError(
-            f"embedding slot of model {ctx.model.name!r}: tables serve features {sorted(served)}, "
+            f"embedding slot of model {ctx.spec.name!r}: tables serve features {sorted(served)}, "
             f"but the model's sparse features are {sorted(want)} (each needs exactly one table, "
             f"unless a technique maps them with smt_feature_transform/smt_pooled_transform)"
         )
     bad = [tb.name for tb in tables if tb.embedding_dim != ctx.embedding_dim]
     if bad:
-        raise PluginError(f"embedding slot of model {ctx.model.name!r}: tables {bad} are not {ctx.embedding_dim} wide (D)")
+        raise PluginError(f"embedding slot of model {ctx.spec.name!r}: tables {bad} are not {ctx.embedding_dim} wide (D)")
     return tables
 
 
@@ -180,16 +215,13 @@ def build_model(
     spec: ModelSpec, res: Resolution, spm: SmtPluginManager, *, width_scale: float = 1.0,
     device: Any = "cpu", seed: Optional[int] = None,
 ) -> nn.Module:
-    """Builds the model a resolution describes (seeded for determinism): one
-    ``TemplateModel``, or, when an ensemble technique is active, the module
-    it returns around several (see ``smt_ensemble``)."""
+    """Builds the model a resolution describes (seeded for determinism): the
+    module of the ensemble slot's technique, holding its template networks as
+    ``members`` (one, for the built-in ``single``; see ``smt_ensemble``)."""
     if seed is not None:
         torch.manual_seed(seed)
     ctx = base_context(spec, device, width_scale)
-    ensemble = res.slot("ensemble")
-    if not ensemble:
-        return _build_member(spec, res, spm, ctx, device)
-    (t,) = ensemble
+    (t,) = res.slot("ensemble")
     built: list[TemplateModel] = []
 
     def build() -> TemplateModel:
@@ -212,15 +244,9 @@ def build_model(
         logits = model(batch.dense, batch.sparse)
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, len(spec.tasks)):
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise PluginError(f"technique {t.name!r} ({t.dist} {t.version}): the ensemble returns {shape} for 2 examples, "
+        raise PluginError(f"technique {t.name!r} ({t.dist} {t.version}): the model returns {shape} for 2 examples, "
                           f"want logits (B, T) = (2, {len(spec.tasks)})")
     return model
-
-
-def members_of(model: nn.Module) -> list[TemplateModel]:
-    """The template networks of a built model: the model itself, or the
-    ``members`` of an ensemble (see ``smt_ensemble``)."""
-    return [model] if isinstance(model, TemplateModel) else list(model.members)
 
 
 def _build_member(spec: ModelSpec, res: Resolution, spm: SmtPluginManager, ctx: SlotContext, device: Any) -> TemplateModel:
@@ -236,6 +262,8 @@ def _build_member(spec: ModelSpec, res: Resolution, spm: SmtPluginManager, ctx: 
         _module(spm.call(t.name, "smt_pooled_transform", ctx=ctx, params=t.params), t, "smt_pooled_transform")
         for t in emb if spm.implements(t.name, "smt_pooled_transform")
     ]
+    transform_names = [(t.slot, t.name) for hook in ("smt_feature_transform", "smt_pooled_transform")
+                       for t in emb if spm.implements(t.name, hook)]
     output_transforms = {
         t.name: _module(spm.call(t.name, "smt_output_transform", ctx=ctx, params=t.params), t, "smt_output_transform")
         for t in res.active if spm.implements(t.name, "smt_output_transform")
@@ -287,6 +315,9 @@ def _build_member(spec: ModelSpec, res: Resolution, spm: SmtPluginManager, ctx: 
         branches=branches, branch_names=names, over_arch=over, task_arch=task_arch, heads=heads,
         task_names=spec.task_names, feature_transforms=feature_transforms,
         pooled_transforms=pooled_transforms, output_transforms=output_transforms,
+        part_names={**{slot: res.slot(slot)[0].name for slot in ("dense_arch", "over_arch", "task_arch", "heads")
+                       if res.slot(slot)}, **{f"output:{t.name}": t.slot for t in res.active if t.name in output_transforms}},
+        transform_names=transform_names,
     )
     _verify_widths(model, spec, res, device)
     return model
@@ -342,11 +373,13 @@ def build_loss(spec: ModelSpec, res: Resolution, spm: SmtPluginManager) -> LossF
 
 
 def build_optimizers(spec: ModelSpec, res: Resolution, spm: SmtPluginManager, model: nn.Module) -> list[torch.optim.Optimizer]:
-    """The optimizer slot's optimizers (of every member of an ensemble, in
-    member order); checks they cover every parameter once."""
-    members = members_of(model)
-    if members != [model]:  # an ensemble
-        return [o for m in members for o in build_optimizers(spec, res, spm, m)]
+    """The optimizer slot's optimizers of every member, in member order
+    (each ``TemplateModel`` learns as if trained alone); checks they cover
+    every parameter once."""
+    return [o for member in model.members for o in _member_optimizers(spec, res, spm, member)]
+
+
+def _member_optimizers(spec: ModelSpec, res: Resolution, spm: SmtPluginManager, model: nn.Module) -> list[torch.optim.Optimizer]:
     (t,) = res.slot("optimizer")
     opts = spm.call(t.name, "smt_optimizers", ctx=base_context(spec), params=t.params, model=model)
     if not isinstance(opts, list) or not all(isinstance(o, torch.optim.Optimizer) for o in opts):

@@ -21,8 +21,8 @@ from typing import Any, Optional
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from smt_host.errors import ExportError, ManifestMismatch
-from smt_host.model.plan import Manifest, ManifestEntry
+from smt_host.errors import ExportError
+from smt_host.model.plan import Manifest, installed_manifest
 from smt_host.spec.converter import structure
 from smt_host.spec.schema import ModelSpec
 
@@ -30,30 +30,12 @@ EXTRA_FILES = ("plan.json", "manifest.json", "spec.json", "smt.json")
 MAX_BATCH = 1 << 20
 
 
-def installed_manifest(host: Any, old: Manifest) -> Manifest:
-    """The manifest the installed plugins give the techniques of ``old``
-    (same parameters; a technique not installed is left out)."""
-    from smt_host.plugins import HOST_DIST
-
-    entries = []
-    for e in old.techniques:
-        reg = host.spm.techniques.get(e.technique)
-        if reg is not None:
-            entries.append(ManifestEntry(e.technique, reg.dist, reg.version, e.params))
-    return Manifest(host=host.spm.distributions[HOST_DIST], techniques=tuple(entries))
-
-
 def check_manifest(host: Any, saved: dict, where: str) -> Manifest:
     """Raises ManifestMismatch naming every difference between the
     checkpoint's manifest and the installed plugins."""
-    old = host.conv.structure(saved["manifest"], Manifest)
-    diff = old.diff(installed_manifest(host, old))
-    if diff:
-        raise ManifestMismatch(
-            f"{where}: cannot export model {saved.get('spec_name')!r}: it was trained under another plugin set: "
-            + "; ".join(diff)
-        )
-    return old
+    recorded = host.conv.structure(saved["manifest"], Manifest)
+    recorded.check(installed_manifest(host.spm, recorded), where, f"cannot export model {saved.get('spec_name')!r}")
+    return recorded
 
 
 def spec_of(host: Any, saved: dict, ecosystem: Optional[str] = None) -> ModelSpec:
@@ -78,7 +60,7 @@ def load_run(host: Any, run_dir: Path, ecosystem: Optional[str] = None) -> tuple
     check_manifest(host, saved, str(path))
     plan = host.plan_from_dict(saved["plan"])
     spec = spec_of(host, saved, ecosystem)
-    model = host.build(plan, spec)
+    model = host.build(plan, spec).model
     load_model_state(model, saved, path)
     return model.eval(), plan, spec, saved
 
@@ -92,7 +74,7 @@ def plain_kjt(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
 def export_model(model: torch.nn.Module, spec: ModelSpec, batch_size: Optional[int] = None) -> torch.export.ExportedProgram:
     """``torch.export`` (strict=False) of ``model``: with ``batch_size`` None a
     dynamic batch (2 .. 2**20) and number of sparse values; else static shapes
-    for that batch size (example batch of :func:`smt_host.template.example_batch`)."""
+    for that batch size (example batch of :func:`smt_host.model.template.example_batch`)."""
     from torch.export import Dim
 
     from smt_host.model.template import example_batch

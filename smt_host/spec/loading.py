@@ -30,6 +30,13 @@ def ecosystem_from_dict(data: Mapping[str, Any], *, source: Optional[str] = None
 
     A file holding one model (a top-level ``[model]`` table) becomes an
     ecosystem of that model.
+
+    Example:
+        >>> eco = ecosystem_from_dict({"model": {
+        ...     "name": "ctr", "tasks": [{"name": "click"}],
+        ...     "features": {"sparse": [{"name": "ad_id", "vocab_size": 100, "embedding_dim": 8}]}}})
+        >>> list(eco.models), eco.model("ctr").task_names
+        (['ctr'], ('click',))
     """
     conv = conv or make_converter()
     data = dict(data)

@@ -12,7 +12,20 @@ from smt_host.errors import FieldValueError
 
 
 def at_least(minimum: float):
-    """attrs validator: value >= minimum, message ``must be >= N, got X``."""
+    """attrs validator: value >= minimum, message ``must be >= N, got X``
+    (None passes: an optional field left unset).
+
+    Example:
+        >>> @attrs.frozen
+        ... class Params:
+        ...     width: int = attrs.field(default=4, validator=at_least(1))
+        >>> Params(8).width
+        8
+        >>> Params(0)
+        Traceback (most recent call last):
+        ...
+        smt_host.errors.FieldValueError: must be >= 1, got 0 @ .width
+    """
 
     def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         if value is None:
@@ -24,7 +37,17 @@ def at_least(minimum: float):
 
 
 def in_range(low: float, high: float):
-    """attrs validator: low <= value <= high."""
+    """attrs validator: low <= value <= high.
+
+    Example:
+        >>> @attrs.frozen
+        ... class Params:
+        ...     dropout: float = attrs.field(default=0.0, validator=in_range(0.0, 1.0))
+        >>> Params(1.5)
+        Traceback (most recent call last):
+        ...
+        smt_host.errors.FieldValueError: must be in [0.0, 1.0], got 1.5 @ .dropout
+    """
 
     def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         if not (low <= value <= high):
@@ -34,7 +57,17 @@ def in_range(low: float, high: float):
 
 
 def one_of(*choices: Any):
-    """attrs validator: value is one of the choices."""
+    """attrs validator: value is one of the choices.
+
+    Example:
+        >>> @attrs.frozen
+        ... class Params:
+        ...     pooling: str = attrs.field(default="sum", validator=one_of("sum", "mean"))
+        >>> Params("max")
+        Traceback (most recent call last):
+        ...
+        smt_host.errors.FieldValueError: must be one of 'sum', 'mean', got 'max' @ .pooling
+    """
 
     def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         if value not in choices:

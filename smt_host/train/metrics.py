@@ -13,14 +13,27 @@ import torch
 
 
 def logloss(pred: torch.Tensor, label: torch.Tensor, eps: float = 1e-7) -> float:
-    """Mean binary cross-entropy of probabilities ``pred`` (N,) against 0/1 ``label`` (N,)."""
+    """Mean binary cross-entropy of probabilities ``pred`` (N,) against 0/1
+    ``label`` (N,), in nats; ``pred`` is clamped to [eps, 1 - eps].
+
+    Example:
+        >>> round(logloss(torch.tensor([0.9, 0.2]), torch.tensor([1, 0])), 6)  # -(ln 0.9 + ln 0.8) / 2
+        0.164252
+    """
     p = pred.double().clamp(eps, 1 - eps)
     y = label.double()
     return float(-(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean())
 
 
 def entropy(rate: float, eps: float = 1e-7) -> float:
-    """Binary entropy (nats) of a base rate."""
+    """Binary entropy (nats) of a base rate: the logloss of predicting it.
+
+    Example:
+        >>> entropy(0.5) == math.log(2)
+        True
+        >>> round(entropy(0.1), 6)
+        0.325083
+    """
     p = min(max(rate, eps), 1 - eps)
     return -(p * math.log(p) + (1 - p) * math.log(1 - p))
 
@@ -54,7 +67,17 @@ def auc(pred: torch.Tensor, label: torch.Tensor) -> float:
 
 
 def binary_metrics(pred: torch.Tensor, label: torch.Tensor, base_rate: float) -> dict[str, float]:
-    """``{"ne", "logloss", "auc", "calibration", "positives", "examples"}`` of one task."""
+    """``{"ne", "logloss", "auc", "calibration", "positives", "examples"}`` of one task.
+
+    ``base_rate`` is the training split's positive rate (NE's denominator);
+    calibration uses this split's own mean label.
+
+    Example:
+        >>> label = torch.tensor([1.0, 0.0, 0.0, 0.0])
+        >>> m = binary_metrics(torch.full((4,), 0.25), label, base_rate=0.25)
+        >>> round(m["ne"], 6), m["calibration"], m["auc"], m["positives"], m["examples"]
+        (1.0, 1.0, 0.5, 1, 4)
+    """
     ll = logloss(pred, label)
     mean_label = float(label.double().mean())
     return {

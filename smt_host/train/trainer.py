@@ -19,10 +19,9 @@ import torch
 from smt_host.contexts import LossInputs, TrainContext
 from smt_host.data import open_source
 from smt_host.data.batch import DataSource
-from smt_host.errors import ManifestMismatch, TrainingError
+from smt_host.errors import TrainingError
 from smt_host.host import Host
 from smt_host.model.plan import Manifest, Plan
-from smt_host.model.template import members_of
 from smt_host.spec.schema import EcosystemSpec, ModelSpec
 from smt_host.train import checkpoint as ckpt
 from smt_host.train.metrics import binary_metrics
@@ -150,29 +149,38 @@ def train_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tr = spec.training
-    data = data or open_source(spec, eco)
+    data = data or open_source(spec, eco, host.spm.data_sources)
     plan = plan or host.plan(spec)
-    model = host.build(plan, spec)
+    built = host.build(plan, spec)
+    model, opts = built.model, built.optimizers
     inner, gather = model, None
     if parallel is None:
         from smt_host.distributed.launch import launched
         from smt_host.distributed.parallel import Parallel
 
         parallel = Parallel.from_env() if launched() else None
-    members = members_of(model)
-    ensemble = members != [model]
+    members = built.members
     if parallel is not None:
-        if ensemble:
-            (t,) = plan.slot("ensemble")
-            raise TrainingError(f"{spec.name}: distributed training of an ensemble ({t.technique}, {t.dist}) is not "
-                                f"supported yet; train it in one process, or opt out @ $.models.{spec.name}.techniques.{t.technique}")
+        if len(members) > 1:
+            (t,) = [e for e in plan.entries if e.slot == "ensemble"]
+            raise TrainingError(f"{spec.name}: distributed training of a model of {len(members)} networks ({t.technique}, "
+                                f"{t.dist}) is not supported yet; train it in one process, or opt out "
+                                f"@ $.models.{spec.name}.techniques.{t.technique}")
         if resume and (out_dir / ckpt.CHECKPOINT).exists():
             raise TrainingError(f"{spec.name}: --resume of a distributed run is not supported")
-        model = parallel.wrap(model, host.optimizers(plan, spec, model))  # DistributedModelParallel
+        model = parallel.wrap(model, opts)  # DistributedModelParallel
         inner, gather, data = parallel.inner(model), parallel.gather, parallel.shard_data(data)
+        members = list(inner.members)
+        opts = host.optimizers(built, spec, inner)  # over the sharded tables
+
+    def member_logits(batch: Any) -> list[torch.Tensor]:
+        """Each member's logits: each learns from its own loss, as if trained alone."""
+        if parallel is not None:  # one member (checked above), called through the DMP wrapper
+            return [model(batch.dense, batch.sparse)]
+        return [m(batch.dense, batch.sparse) for m in members]
+
     state_copy = _state_copy if parallel is None else parallel.state_copy
-    loss_fn = host.loss(plan, spec)
-    opts = host.optimizers(plan, spec, inner)
+    loss_fn = built.loss
     tasks = list(spec.task_names)
     ctx = TrainContext(model=inner, plan=plan, spec=spec, out_dir=out_dir, data=data)
 
@@ -181,10 +189,7 @@ def train_model(
     path = out_dir / ckpt.CHECKPOINT
     if resume and path.exists():
         saved = ckpt.load(path)
-        old = host.conv.structure(saved["manifest"], Manifest)
-        diff = old.diff(plan.manifest)
-        if diff:
-            raise ManifestMismatch(f"{path}: checkpoint was made under another plugin set: " + "; ".join(diff))
+        host.conv.structure(saved["manifest"], Manifest).check(plan.manifest, str(path), "cannot resume")
         model.load_state_dict(saved["model"])
         for opt, s in zip(opts, saved["optimizers"]):
             opt.load_state_dict(s)
@@ -213,7 +218,7 @@ def train_model(
             path,
         )
 
-    host.lifecycle(plan, "smt_train_start", ctx=ctx)
+    host.lifecycle(built, "smt_train_start", ctx=ctx)
     started = time.perf_counter()
     seen = 0
     task_id = None
@@ -229,11 +234,8 @@ def train_model(
         if progress is not None:
             task_id = progress.add_task(f"{spec.name} epoch {epoch}/{tr.epochs}", total=n_batches)
         for batch in data.batches("train", tr.batch_size, shuffle=True, seed=tr.seed, epoch=epoch, max_batches=tr.max_steps_per_epoch):
-            if not ensemble:
-                loss = loss_fn(LossInputs(logits=model(batch.dense, batch.sparse), labels=batch.labels, batch=batch, model=inner))
-            else:  # an ensemble: each member learns from its own loss, as if trained alone
-                loss = sum(loss_fn(LossInputs(logits=m(batch.dense, batch.sparse), labels=batch.labels, batch=batch, model=m))
-                           for m in members)
+            loss = sum(loss_fn(LossInputs(logits=logits, labels=batch.labels, batch=batch, model=m))
+                       for m, logits in zip(members, member_logits(batch)))
             value = float(loss.detach()) / len(members)
             if not math.isfinite(value):
                 kept = f"the last good checkpoint (epoch {state['epoch']}) is kept at {path}" if path.exists() else "no checkpoint was written yet"
@@ -248,11 +250,11 @@ def train_model(
                 o.step()
             state["step"] += 1
             seen += len(batch)
-            host.lifecycle(plan, "smt_step_end", ctx=ctx, step=state["step"], loss=value)
+            host.lifecycle(built, "smt_step_end", ctx=ctx, step=state["step"], loss=value)
             if progress is not None:
                 progress.update(task_id, advance=1, description=f"{spec.name} epoch {epoch}/{tr.epochs} loss {value:.4f}")
         valid = evaluate(model, data, "valid", tr.eval_batch_size, tasks, gather)
-        host.lifecycle(plan, "smt_eval_end", ctx=ctx, split="valid", epoch=epoch, metrics=valid)
+        host.lifecycle(built, "smt_eval_end", ctx=ctx, split="valid", epoch=epoch, metrics=valid)
         score = _score(valid, tr.early_stop_metric)
         state["epoch"] = epoch
         state["history"].append({"epoch": epoch, "valid": valid})
@@ -279,11 +281,11 @@ def train_model(
     test_before_fit = None
     if host.implements(plan, "smt_before_test"):
         test_before_fit = evaluate(model, data, "test", tr.eval_batch_size, tasks, gather)
-        host.lifecycle(plan, "smt_before_test", ctx=ctx)
+        host.lifecycle(built, "smt_before_test", ctx=ctx)
         best_state = state_copy(model)  # post-training fits are part of the saved model
     test = evaluate(model, data, "test", tr.eval_batch_size, tasks, gather)
-    host.lifecycle(plan, "smt_eval_end", ctx=ctx, split="test", epoch=0, metrics=test)
-    host.lifecycle(plan, "smt_train_end", ctx=ctx, metrics=test)
+    host.lifecycle(built, "smt_eval_end", ctx=ctx, split="test", epoch=0, metrics=test)
+    host.lifecycle(built, "smt_train_end", ctx=ctx, metrics=test)
     best_valid = max(state["history"], key=lambda h: _score(h["valid"], tr.early_stop_metric))["valid"] if state["history"] else {}
     result = RunResult(
         model=spec.name, test=test, valid=best_valid, history=state["history"], epochs=state["epoch"],

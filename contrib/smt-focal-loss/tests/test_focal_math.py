@@ -41,7 +41,7 @@ def spec_with(techniques: dict, weights=(1.0, 0.5)):
 
 def chain_loss(host, spec) -> torch.Tensor:
     plan = host.plan(spec)
-    return host.loss(plan, spec)(LossInputs(logits=LOGITS, labels=LABELS, batch=None, model=None))
+    return host.build(plan, spec).loss(LossInputs(logits=LOGITS, labels=LABELS, batch=None, model=None))
 
 
 @pytest.mark.parametrize("gamma, alpha", [(2.0, None), (1.0, 0.25), (0.0, None), (3.5, 0.75)])

@@ -137,7 +137,7 @@ def test_parameter_validation_names_the_path(eco, override, message):
 
 def test_the_calibrator_is_the_models_output_transform(host, eco):
     spec = eco.model("feed_ctr_cvr")
-    model = host.build(host.plan(spec), spec)
+    model = host.build(host.plan(spec), spec).members[0]
     assert isinstance(model.output_transforms["calibration"], Calibrator)
     assert model.output_transforms["calibration"].num_tasks == 2
     assert "output_transforms.calibration.scale" in model.state_dict()
@@ -149,13 +149,14 @@ def test_before_test_fits_on_valid_and_reports_before_and_after(host, method, tm
     eco = tiny_ecosystem()
     spec = attrs.evolve(eco.model("tiny_multi"), techniques={"calibration": {"method": method}})
     plan = host.plan(spec)
-    model = host.build(plan, spec)
+    built = host.build(plan, spec)
+    model = built.members[0]
     with torch.no_grad():  # a badly miscalibrated model: +2 on every logit
         for head in model.heads.values():
             head.linear.bias.add_(2.0)
-    ctx = TrainContext(model=model, plan=plan, spec=spec, out_dir=tmp_path, data=open_source(spec, eco))
-    host.lifecycle(plan, "smt_before_test", ctx=ctx)
-    report = ctx.state["calibration"]
+    ctx = TrainContext(model=built.model, plan=plan, spec=spec, out_dir=tmp_path, data=open_source(spec, eco))
+    host.lifecycle(built, "smt_before_test", ctx=ctx)
+    (report,) = ctx.state["calibration"]["members"]
     assert report["method"] == method and report["split"] == "valid" and report["examples"] == 500
     assert set(report["tasks"]) == {"click", "conversion"}
     assert report["tasks"]["click"]["before"]["calibration"] > 2  # the tiny valid split has clicks
@@ -168,8 +169,8 @@ def test_before_test_fits_on_valid_and_reports_before_and_after(host, method, tm
         assert entry["after"]["logloss"] < entry["before"]["logloss"]
     assert bool(model.output_transforms["calibration"].fitted)
     # fitting again starts from the identity, not from the last fit
-    host.lifecycle(plan, "smt_before_test", ctx=ctx)
-    again = ctx.state["calibration"]["tasks"]["click"]
+    host.lifecycle(built, "smt_before_test", ctx=ctx)
+    again = ctx.state["calibration"]["members"][0]["tasks"]["click"]
     assert abs(again["before"]["calibration"] - report["tasks"]["click"]["before"]["calibration"]) < 1e-6
 
 
@@ -180,8 +181,8 @@ def test_the_saved_checkpoint_holds_the_fitted_calibrator(host, tmp_path):
     spec = eco.model("tiny_ctr")
     result = train_model(host, spec, eco, tmp_path)
     saved = saved_checkpoint(tmp_path)["model"]
-    assert bool(saved["output_transforms.calibration.fitted"])
-    assert float(saved["output_transforms.calibration.scale"][0]) != 1.0
+    assert bool(saved["members.0.output_transforms.calibration.fitted"])
+    assert float(saved["members.0.output_transforms.calibration.scale"][0]) != 1.0
     assert "click" in result.test
 
 

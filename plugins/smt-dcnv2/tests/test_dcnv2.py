@@ -167,7 +167,7 @@ def test_params_reach_the_branch(host, eco):
     plan = host.plan(spec)
     (entry,) = [e for e in plan.entries if e.technique == "dcnv2"]
     assert entry.params == {"num_layers": 2, "low_rank": 16, "num_experts": 2}
-    model = host.build(plan, spec)
+    model = host.build(plan, spec).members[0]
     cross = model.branches["dcnv2"].cross
     assert type(cross).__name__ == "LowRankMixtureCrossNet"
     assert (cross._num_layers, cross._low_rank, cross._num_experts) == (2, 16, 2)
@@ -202,7 +202,7 @@ def test_plan_counts_the_cross_flops(host, eco):
     assert (entry.slot, entry.dist, entry.version, entry.out_dim) == ("interaction", "smt-dcnv2", "0.1.0", n)
     # three full-rank layers: an (N, N) matrix-vector product each, 2 N^2 FLOPs
     assert entry.flops == 3 * 2 * n * n
-    branch = host.build(plan, spec).branches["dcnv2"]
+    branch = host.build(plan, spec).members[0].branches["dcnv2"]
     assert sum(p.numel() for p in branch.parameters()) == 3 * (n * n + n)
     base = host.plan(spec, without=frozenset({"dcnv2"}))
     assert plan.widths["interaction"] == base.widths["interaction"] + n
@@ -223,7 +223,7 @@ def test_opt_out_and_disable(host, eco):
 def test_gradients_reach_every_branch_parameter(host, eco, model, value):
     spec = with_params(eco.model(model), value)
     plan = host.plan(spec)
-    net = host.build(plan, spec)
+    net = host.build(plan, spec).members[0]
     batch = example_batch(spec, batch_size=8)
     logits = net(batch.dense, batch.sparse)
     assert logits.shape == (8, len(spec.tasks))

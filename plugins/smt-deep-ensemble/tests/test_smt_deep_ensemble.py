@@ -8,7 +8,7 @@ import torch
 from smt_deep_ensemble import DeepEnsemble
 from torch import nn
 
-from smt_host import ConfigError, Host, TemplateModel, example_batch, members_of
+from smt_host import ConfigError, Host, TemplateModel, example_batch
 from smt_host.testing import listed_techniques, saved_checkpoint, train_model
 
 pytest_plugins = ["smt_host.testing"]
@@ -60,9 +60,9 @@ def test_members_parameter(host):
 
 def test_logits_are_the_members_mean(host):
     spec = enable(host.default_ecosystem().model("feed_ctr_cvr"), members=3)
-    model = host.build(host.plan(spec), spec).eval()
+    model = host.build(host.plan(spec), spec).model.eval()
     assert isinstance(model, DeepEnsemble)
-    members = members_of(model)
+    members = list(model.members)
     assert len(members) == 3 and all(isinstance(m, TemplateModel) for m in members)
     batch = example_batch(spec, 8)
     with torch.no_grad():
@@ -95,7 +95,7 @@ def test_a_short_run_learns_and_saves_every_member(host, tmp_path):
     assert result.test["click"]["auc"] > 0.62, result.test  # a broken ensemble (members untrained) stays near 0.5
     saved = saved_checkpoint(tmp_path)
     assert {k.split(".")[1] for k in saved["best_model"]} == {"0", "1"}
-    assert len(saved["optimizers"]) == 2 * len(host.optimizers(result.plan, spec, members_of(host.build(result.plan, spec))[0]))
+    assert len(saved["optimizers"]) == len(host.build(result.plan, spec).optimizers) == 2 * 2  # Adam + Adagrad per member
 
 
 def test_a_capacity_budget_shrinks_every_member(host):
@@ -105,5 +105,5 @@ def test_a_capacity_budget_shrinks_every_member(host):
     plan = host.plan(spec)
     assert plan.capacity.mode == "baseline" and plan.capacity.scale < 1
     assert abs(plan.cost.flops - base) <= 0.02 * base
-    a, b = members_of(host.build(plan, spec))
+    a, b = host.build(plan, spec).members
     assert a.over_arch.out_dim == b.over_arch.out_dim < host.plan(enable(host.default_ecosystem().model("feed_ctr"))).widths["over_arch"]

@@ -263,14 +263,14 @@ def test_default_ecosystem_model_trains_through_the_branch(host, eco, model):
     assert entry.out_dim == 4 * 4 * spec.embedding_dim
     assert entry.flops > 0 and plan.cost.parts["branches.dhen"] == entry.flops
 
-    model_ = host.build(plan, spec)
+    model_ = host.build(plan, spec).members[0]
     branch = model_.branches["dhen"]
     assert isinstance(branch, DHENInteraction) and branch.out_dim == entry.out_dim
     batch = example_batch(spec, batch_size=8)
     logits = model_(batch.dense, batch.sparse)
     assert logits.shape == (8, len(spec.tasks))
     labels = torch.bernoulli(torch.full((8, len(spec.tasks)), 0.5), generator=torch.Generator().manual_seed(0))
-    host.loss(plan, spec)(LossInputs(logits=logits, labels=labels, batch=batch, model=model_)).backward()
+    host.build(plan, spec).loss(LossInputs(logits=logits, labels=labels, batch=batch, model=model_)).backward()
     named = dict(branch.named_parameters())
     assert named, "the branch has no parameters"
     no_grad = [n for n, p in named.items() if p.grad is None or not torch.isfinite(p.grad).all()]
@@ -281,7 +281,7 @@ def test_default_ecosystem_model_trains_through_the_branch(host, eco, model):
 
 def test_default_ecosystem_model_exports(host, eco):
     spec = eco.model("feed_ctr")
-    model = host.build(host.plan(spec), spec).eval()
+    model = host.build(host.plan(spec), spec).members[0].eval()
     batch = example_batch(spec, batch_size=4)
     exported = torch.export.export(model, (batch.dense, batch.sparse), strict=False)
     with torch.no_grad():

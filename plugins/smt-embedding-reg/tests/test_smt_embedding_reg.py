@@ -59,13 +59,13 @@ def test_total_loss_is_base_loss_plus_the_term_by_hand(host, eco, unique):
     spec = eco.model("feed_ctr_cvr")
     spec = attrs.evolve(spec, techniques={"embedding_reg": {"weight": 0.01, "unique": unique}})
     plan = host.plan(spec)
-    model = host.build(plan, spec)
+    model = host.build(plan, spec).members[0]
     batch = example_batch(spec, batch_size=64)  # ids repeat in small vocabularies
     labels = torch.bernoulli(torch.full((64, 2), 0.3), generator=torch.Generator().manual_seed(0))
     inputs = LossInputs(logits=model(batch.dense, batch.sparse), labels=labels, batch=batch, model=model)
-    total = host.loss(plan, spec)(inputs)
+    total = host.build(plan, spec).loss(inputs)
     base_plan = host.plan(attrs.evolve(spec, techniques={"embedding_reg": False}))
-    base = host.loss(base_plan, spec)(inputs)
+    base = host.build(base_plan, spec).loss(inputs)
     hand = _by_hand(model, batch, unique)
     assert hand > 0
     torch.testing.assert_close(total.double(), base.double() + 0.01 * hand, rtol=1e-5, atol=1e-6)
@@ -75,14 +75,14 @@ def test_total_loss_is_base_loss_plus_the_term_by_hand(host, eco, unique):
 
 def test_unique_counts_repeated_rows_once(host, eco):
     spec = eco.model("feed_ctr")
-    model = host.build(host.plan(spec), spec)
+    model = host.build(host.plan(spec), spec).members[0]
     batch = example_batch(spec, batch_size=64)
     assert embedding_l2(model, batch.sparse, unique=True) < embedding_l2(model, batch.sparse)
 
 
 def test_gradient_reaches_only_looked_up_rows(host, eco):
     spec = eco.model("feed_ctr")
-    model = host.build(host.plan(spec), spec)
+    model = host.build(host.plan(spec), spec).members[0]
     batch = example_batch(spec, batch_size=8)
     embedding_l2(model, batch.sparse).backward()
     weight = model.embedding.embedding_bags["t_user_id"].weight
@@ -96,11 +96,11 @@ def test_gradient_reaches_only_looked_up_rows(host, eco):
 def test_zero_weight_leaves_the_loss_unchanged(host, eco):
     spec = attrs.evolve(eco.model("feed_ctr"), techniques={"embedding_reg": {"weight": 0.0}})
     plan = host.plan(spec)
-    model = host.build(plan, spec)
+    model = host.build(plan, spec).members[0]
     batch = example_batch(spec, batch_size=8)
     inputs = LossInputs(logits=model(batch.dense, batch.sparse), labels=torch.ones(8, 1), batch=batch, model=model)
     base = host.loss(host.plan(attrs.evolve(spec, techniques={"embedding_reg": False})), spec)(inputs)
-    torch.testing.assert_close(host.loss(plan, spec)(inputs), base)
+    torch.testing.assert_close(host.build(plan, spec).loss(inputs), base)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -184,7 +184,7 @@ def test_params_reach_the_branch(host, eco):
     assert entry.out_dim == 16
     assert {k: list(v) if isinstance(v, tuple) else v for k, v in entry.params.items()} == value | {
         "gate_hidden": 64, "gate1_context": [], "gate2_context": [], "to_logits": False}
-    branch = host.build(plan, spec).branches["finalmlp"]
+    branch = host.build(plan, spec).members[0].branches["finalmlp"]
     assert (branch.stream1.out_dim, branch.stream2.out_dim, branch.fusion.num_heads) == (32, 48, 8)
     assert not any(isinstance(m, FeatureGate) for m in branch.modules())
     assert sum(isinstance(m, nn.Dropout) for m in branch.modules()) == 3
@@ -195,7 +195,7 @@ def test_gate_context_names_features(host, eco):
     model = eco.model("feed_ctr")
     names = [f.name for f in model.features.sparse]
     spec = with_params(model, {"gate1_context": [names[2]], "gate2_context": [names[0], names[1]]})
-    branch = host.build(host.plan(spec), spec).branches["finalmlp"]
+    branch = host.build(host.plan(spec), spec).members[0].branches["finalmlp"]
     assert (branch.gate1.context, branch.gate2.context) == ([2], [0, 1])
     assert branch.gate1.mlp.in_dim == model.embedding_dim
 
@@ -205,7 +205,7 @@ def test_gate_context_unknown_feature_names_the_path(host, eco):
     names = [f.name for f in model.features.sparse]
     spec = with_params(model, {"gate2_context": ["nope"]})
     with pytest.raises(ConfigError) as err:
-        host.build(host.plan(spec), spec)
+        host.build(host.plan(spec), spec).members[0]
     assert str(err.value) == (f"names no sparse feature of the model: ['nope']; the model has {names} "
                               "@ $.models.feed_ctr.techniques.finalmlp.gate2_context")
 
@@ -240,7 +240,7 @@ def test_plan_counts_the_branch_flops(host, eco):
     streams = 2 * (n * 128 + 128 * 64) + 2 * n * 128
     fusion = 2 * 64 * 32 + 2 * 128 * 32 + 2 * 4 * 16 * 32 * 32 + 2 * 4 * 32 * 32
     assert entry.flops == gates + streams + fusion
-    branch = host.build(plan, spec).branches["finalmlp"]
+    branch = host.build(plan, spec).members[0].branches["finalmlp"]
     weights = 2 * (n * 64 + 64 + 64 * n + n) + (n * 128 + 128 + 128 * 64 + 64) + (n * 128 + 128) + (64 * 32 + 32 + 128 * 32 + 4 * 16 * 32 * 32)
     assert sum(p.numel() for p in branch.parameters()) == weights
     base = host.plan(spec, without=frozenset({"finalmlp"}))
@@ -261,7 +261,7 @@ def test_opt_out_and_disable(host, eco):
 def test_gradients_reach_every_branch_parameter(host, eco, model, value):
     spec = with_params(eco.model(model), value)
     plan = host.plan(spec)
-    net = host.build(plan, spec)
+    net = host.build(plan, spec).members[0]
     batch = example_batch(spec, batch_size=8)
     logits = net(batch.dense, batch.sparse)
     assert logits.shape == (8, len(spec.tasks))
@@ -293,7 +293,7 @@ def test_to_logits_gives_one_logit_per_task_added_to_the_logits(host, eco, model
     plan = host.plan(spec)
     (entry,) = [e for e in plan.entries if e.technique == "finalmlp"]
     assert entry.out_dim == len(base.tasks)
-    built = host.build(plan, spec).eval()
+    built = host.build(plan, spec).members[0].eval()
     assert built.logit_branches == ["finalmlp"] and "finalmlp" not in built.deep_branches
     assert plan.widths["interaction"] == sum(built.branches[n].out_dim for n in built.deep_branches)
     batch = example_batch(spec, 4)

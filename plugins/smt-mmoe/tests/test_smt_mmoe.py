@@ -69,7 +69,7 @@ def test_parameter_validation_names_the_path(eco, override, message):
 def test_overrides_reach_the_module(host, eco):
     spec = attrs.evolve(eco.model("feed_ctr_cvr"), techniques={"mmoe": {"num_experts": 3, "expert_widths": [32, 24], "tower_width": 16}})
     plan = host.plan(spec)
-    model = host.build(plan, spec)
+    model = host.build(plan, spec).members[0]
     assert isinstance(model.task_arch, MMoE)
     assert len(model.task_arch.experts) == 3
     assert model.task_arch.out_dims == (16, 16)
@@ -121,12 +121,12 @@ def test_bad_constructor_arguments_raise_value_error():
 def test_build_forward_backward(host, eco):
     spec = eco.model("feed_ctr_cvr")
     plan = host.plan(spec)
-    model = host.build(plan, spec)
+    model = host.build(plan, spec).members[0]
     batch = example_batch(spec, batch_size=8)
     logits = model(batch.dense, batch.sparse)
     assert logits.shape == (8, 2)
     labels = torch.tensor([[1.0, 0.0]] * 8)
-    loss = host.loss(plan, spec)(LossInputs(logits=logits, labels=labels, batch=batch, model=model))
+    loss = host.build(plan, spec).loss(LossInputs(logits=logits, labels=labels, batch=batch, model=model))
     loss.backward()
     for name, p in model.task_arch.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name

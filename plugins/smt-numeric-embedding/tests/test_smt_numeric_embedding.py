@@ -65,7 +65,7 @@ def test_plan_and_widths(host, eco):
     assert (e.technique, e.out_dim) == ("numeric_embedding", 16)
     assert e.params == {"num_frequencies": 16, "sigma": 0.1, "feature_dim": 16}
     assert e.flops > 0
-    model = host.build(plan, spec)
+    model = host.build(plan, spec).members[0]
     assert isinstance(model.dense_arch, PeriodicEmbedding)
     assert model.dense_arch.frequencies.shape == (3, 16)
 
@@ -128,11 +128,11 @@ def test_bad_inputs_raise_value_error():
 def test_build_forward_backward(host, eco):
     spec = eco.model("video_install")
     plan = host.plan(spec)
-    model = host.build(plan, spec)
+    model = host.build(plan, spec).members[0]
     batch = example_batch(spec, batch_size=8)
     logits = model(batch.dense, batch.sparse)
     assert logits.shape == (8, 1)
-    loss = host.loss(plan, spec)(LossInputs(logits=logits, labels=torch.ones(8, 1), batch=batch, model=model))
+    loss = host.build(plan, spec).loss(LossInputs(logits=logits, labels=torch.ones(8, 1), batch=batch, model=model))
     loss.backward()
     for name, p in model.dense_arch.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name

@@ -208,12 +208,12 @@ def test_bad_constructor_arguments_raise_value_error():
 def test_build_forward_backward(host, eco):
     spec = eco.model("feed_ctr_cvr")
     plan = host.plan(spec)
-    model = host.build(plan, spec)
+    model = host.build(plan, spec).members[0]
     assert isinstance(model.task_arch, PLE)
     batch = example_batch(spec, batch_size=8)
     logits = model(batch.dense, batch.sparse)
     assert logits.shape == (8, 2)
-    loss = host.loss(plan, spec)(LossInputs(logits=logits, labels=torch.ones(8, 2), batch=batch, model=model))
+    loss = host.build(plan, spec).loss(LossInputs(logits=logits, labels=torch.ones(8, 2), batch=batch, model=model))
     loss.backward()
     for name, p in model.task_arch.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name

@@ -57,7 +57,7 @@ def test_tables_are_split_and_memory_shrinks(host, eco):
     spec = eco.model("feed_ctr")
     plan = host.plan(spec)
     base = host.plan(spec, builtins_only=True)
-    model = host.build(plan, spec)
+    model = host.build(plan, spec).members[0]
     rows = {c.name: (c.num_embeddings, tuple(c.feature_names)) for c in model.embedding.embedding_bag_configs()}
     m_user, m_ad = math.ceil(math.sqrt(20000)), math.ceil(math.sqrt(4000))
     assert (m_user, m_ad) == (142, 64)
@@ -75,7 +75,7 @@ def test_tables_are_split_and_memory_shrinks(host, eco):
 
 def test_num_collisions_override(host, eco):
     spec = attrs.evolve(eco.model("feed_ctr"), techniques={"qr_embedding": {"num_collisions": 4, "min_vocab": 5000}})
-    model = host.build(host.plan(spec), spec)
+    model = host.build(host.plan(spec), spec).members[0]
     rows = {c.name: c.num_embeddings for c in model.embedding.embedding_bag_configs()}
     assert (rows["t_user_id__q"], rows["t_user_id__r"], rows["t_ad_id"]) == (5000, 4, 4000)
 
@@ -108,7 +108,7 @@ def test_multi_valued_features_keep_their_lengths():
 @pytest.mark.parametrize("op", ["mult", "add"])
 def test_embedding_of_an_id_is_the_combination_of_its_rows(host, eco, op):
     spec = attrs.evolve(eco.model("feed_ctr"), techniques={"qr_embedding": {"op": op}})
-    model = host.build(host.plan(spec), spec)
+    model = host.build(host.plan(spec), spec).members[0]
     batch = example_batch(spec, batch_size=8)
     ids = batch.sparse["user_id"].values()
     sparse = batch.sparse
@@ -127,7 +127,7 @@ def test_embedding_of_an_id_is_the_combination_of_its_rows(host, eco, op):
 def test_combined_embeddings_start_with_the_spec_init_std(host, eco, op):
     spec = attrs.evolve(eco.model("feed_ctr"), techniques={"qr_embedding": {"op": op}})
     spec = attrs.evolve(spec, features=attrs.evolve(spec.features, embedding_init_std=1e-3))
-    model = host.build(host.plan(spec), spec)
+    model = host.build(host.plan(spec), spec).members[0]
     q = model.embedding.embedding_bags["t_user_id__q"].weight
     r = model.embedding.embedding_bags["t_user_id__r"].weight
     ids = torch.arange(20000)
@@ -161,11 +161,11 @@ def test_parameter_validation_names_the_path(eco, override, message):
 def test_build_forward_backward_and_export(host, eco):
     spec = eco.model("feed_ctr_cvr")
     plan = host.plan(spec)
-    model = host.build(plan, spec)
+    model = host.build(plan, spec).members[0]
     batch = example_batch(spec, batch_size=8)
     logits = model(batch.dense, batch.sparse)
     assert logits.shape == (8, 2)
-    loss = host.loss(plan, spec)(LossInputs(logits=logits, labels=torch.ones(8, 2), batch=batch, model=model))
+    loss = host.build(plan, spec).loss(LossInputs(logits=logits, labels=torch.ones(8, 2), batch=batch, model=model))
     loss.backward()
     for name in ("t_user_id__q", "t_user_id__r", "t_ad_id__q", "t_ad_id__r"):
         assert model.embedding.embedding_bags[name].weight.grad.abs().sum() > 0, name

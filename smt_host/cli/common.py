@@ -1,0 +1,74 @@
+"""What the ``smt`` commands share: the host (with its header line), the
+ecosystem and TARGETS, the console, and the note an interrupt prints.
+
+Errors are not handled here: a command raises an :class:`~smt_host.errors.SmtError`
+(or ``click.UsageError``) and the one handler of :mod:`smt_host.cli.main`
+reports it. Nothing here imports torch at module level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+
+    from smt_host.host import Host
+    from smt_host.spec.schema import EcosystemSpec, ModelSpec
+
+#: key in ``click.Context.meta`` (shared by every context of one command
+#: line) of the note the handler prints after ``error: interrupted``
+INTERRUPT_NOTE = "smt.interrupt_note"
+
+
+def console(stderr: bool = False) -> Console:
+    """A rich console that does not colour numbers and never wraps lines hard."""
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def make_host(quiet: bool = False) -> Host:
+    """The host with the installed plugins; unless ``quiet``, prints its
+    header (host and plugin versions) on stderr, so ``--json`` output stays
+    clean. Raises PluginError for a plugin that cannot be used."""
+    from smt_host.host import Host
+
+    host = Host.create()
+    if not quiet:
+        click.echo(host.spm.header(), err=True)
+    return host
+
+
+def load_ecosystem(host: Host, path: str | None) -> EcosystemSpec:
+    """The ecosystem at ``path`` (a TOML file or folder), or the built-in one."""
+    return host.load_ecosystem(path)
+
+
+def load_targets(host: Host, targets: tuple[str, ...], ecosystem: str | None) -> tuple[EcosystemSpec, list[ModelSpec]]:
+    """TARGETS: spec files/folders (each an ecosystem) or model names of the
+    ecosystem (default: the built-in one)."""
+    files = [t for t in targets if t.endswith(".toml") or Path(t).is_dir()]
+    names = [t for t in targets if t not in files]
+    if files and ecosystem:
+        raise click.UsageError("give spec files as TARGETS or --ecosystem, not both")
+    if len(files) > 1:
+        raise click.UsageError("give one ecosystem file or folder at a time")
+    eco = load_ecosystem(host, files[0] if files else ecosystem)
+    if not names:
+        return eco, list(eco.models.values())
+    return eco, [eco.model(n) for n in names]
+
+
+def on_interrupt(note: Callable[[], str] | None) -> None:
+    """Attach to the running command what an interrupt should add to
+    ``error: interrupted`` (computed when it happens); ``None`` clears it."""
+    ctx = click.get_current_context()
+    if note is None:
+        ctx.meta.pop(INTERRUPT_NOTE, None)
+    else:
+        ctx.meta[INTERRUPT_NOTE] = note
