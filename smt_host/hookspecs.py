@@ -145,8 +145,9 @@ def smt_output_transform(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
     the model is built; the modules run in that order at the end of
     ``forward`` and are part of the saved and exported model. A technique
     may fit its module's parameters or buffers later (e.g. calibration
-    fitted on validation in :func:`smt_train_end`); it is reached as
-    ``model.output_transforms[<technique name>]``.
+    fitted on validation in :func:`smt_before_test`); it is reached as
+    ``member.output_transforms[<technique name>]`` of each template network
+    (``ctx.members`` in the lifecycle hooks).
 
     Args:
         ctx: ``ctx.tasks`` are the T task names.
@@ -252,10 +253,12 @@ def smt_head(ctx: "SlotContext", params: Any, task: str) -> "torch.nn.Module":
 
 @_hookspec
 def smt_ensemble(ctx: "SlotContext", params: Any, build: "Callable[[], torch.nn.Module]") -> "torch.nn.Module":
-    """Ensemble slot (exclusive, optional): several template networks as one model.
+    """Ensemble slot (exclusive): the template networks of a model, and how they combine.
 
-    Without an ensemble technique a model is one ``TemplateModel``. The
-    active ensemble technique instead calls ``build()`` once per member: each
+    Every model is built through this slot. The built-in ``single`` calls
+    ``build()`` once and returns its network as the only member; an ensemble
+    technique (e.g. ``smt-deep-ensemble``) takes precedence where a model
+    enables it. The technique calls ``build()`` once per member: each
     call returns a new, independently initialised ``TemplateModel`` with
     every other technique of the plan in it (its own tables, branches,
     over-arch, heads). It returns a module that holds them as
@@ -267,7 +270,7 @@ def smt_ensemble(ctx: "SlotContext", params: Any, build: "Callable[[], torch.nn.
     that member's logits, summed over members), so members learn as
     independent models would (a deep ensemble, not one wide network);
     optimizers are built per member, and lifecycle hooks see the whole
-    module as ``ctx.model`` (use ``smt_host.template.members_of``). Early
+    module as ``ctx.model`` and its networks as ``ctx.members``. Early
     stopping and the saved best weights follow the combined model.
 
     Args:
@@ -310,8 +313,9 @@ def smt_optimizers(
     Args:
         ctx: ``ctx.spec.training`` holds learning rates.
         params: this technique's parameters.
-        model: the built ``TemplateModel``; ``model.embedding`` holds the
-            tables, the rest are dense parameters.
+        model: one template network (``TemplateModel``; the hook fires once
+            per member); ``model.embedding`` holds the tables, the rest are
+            dense parameters.
 
     Returns:
         a list of optimizers that together cover every trainable parameter
@@ -373,7 +377,10 @@ def smt_before_test(ctx: "TrainContext", params: Any) -> None:
     metrics from before these fits (``test_before_fit``).
 
     Args:
-        ctx: the training context (``ctx.model`` holds the best weights).
+        ctx: the training context (``ctx.model`` holds the best weights;
+            loop over ``ctx.members`` to fit each template network). Weight
+            changes made here reach the test metrics, the checkpoint and
+            the export.
         params: this technique's parameters.
     """
 

@@ -42,7 +42,7 @@ LIFECYCLE_HOOKS = ("smt_train_start", "smt_step_end", "smt_eval_end", "smt_befor
 
 
 @attrs.frozen
-class Registered:
+class TechniqueRecord:
     """One technique known to the host.
 
     Args:
@@ -99,7 +99,7 @@ class SmtPluginManager:
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager("smt")
         self.pm.add_hookspecs(hookspecs)
-        self.techniques: dict[str, Registered] = {}
+        self.techniques: dict[str, TechniqueRecord] = {}
         #: (dist, version, entry point name) of every loaded external plugin
         self.distributions: dict[str, str] = {HOST_DIST: _host_version()}
         #: data source name -> who provides it (``smt_data_sources``)
@@ -183,7 +183,7 @@ class SmtPluginManager:
                 f"{', '.join(foreign)}, the hook of another slot (it would never be called)"
             )
         self._plugin_dist[id(obj)] = (dist, version)
-        self.techniques[info.name] = Registered(info=info, obj=obj, dist=dist, version=version, plugin=plugin)
+        self.techniques[info.name] = TechniqueRecord(info=info, obj=obj, dist=dist, version=version, plugin=plugin)
 
     def check_pending(self) -> None:
         """Raises PluginError for hook implementations that match no hook."""
@@ -242,7 +242,7 @@ class SmtPluginManager:
         """
         regs = [self.techniques[n] for n in names]
 
-        def key(r: Registered) -> tuple:
+        def key(r: TechniqueRecord) -> tuple:
             slot_index = SLOTS.index(r.info.slot)
             if r.info.slot in EXCLUSIVE_SLOTS:
                 return (slot_index, -r.info.priority, r.builtin, r.name)
@@ -265,7 +265,7 @@ class SmtPluginManager:
                 raise PluginError(f"order constraints ('after') form a cycle among: {cycle}")
         return result
 
-    def all_ordered(self) -> list[Registered]:
+    def all_ordered(self) -> list[TechniqueRecord]:
         return [self.techniques[n] for n in self.ordered(self.techniques)]
 
     # ----------------------------------------------------------- listing

@@ -12,10 +12,12 @@ Under ``torchrun`` (``TORCHELASTIC_RUN_ID`` / ``RANK`` + ``WORLD_SIZE`` set)
 * the process group is gloo on CPU, NCCL when CUDA is available (each rank
   on ``cuda:LOCAL_RANK``);
 * the shards come from torchrec's ``EmbeddingShardingPlanner`` over a
-  ``Topology(world_size, compute_device)``; the tables use the ``dense``
-  compute kernel so the plan's own optimizer (e.g. Adagrad on tables, Adam on
-  the rest) updates them exactly as in one process; dense parameters are
-  data-parallel (DDP inside DMP);
+  ``Topology(world_size, compute_device)``. When the tables' optimizer is
+  one FBGEMM fuses into the backward pass (SGD, Adagrad, Adam) the tables
+  use the ``fused`` kernel with that optimizer's settings and may be sharded
+  table-, row- or column-wise; otherwise the ``dense`` kernel, and the
+  plan's own optimizer updates them as in one process (see
+  :meth:`Parallel.wrap`). Dense parameters are data-parallel (DDP inside DMP);
 * every rank reads a disjoint, contiguous slice of every global batch, so
   the global batch equals the one-process batch (DDP averages dense
   gradients, torchrec divides table gradients by the world size);
@@ -28,7 +30,7 @@ Under ``torchrun`` (``TORCHELASTIC_RUN_ID`` / ``RANK`` + ``WORLD_SIZE`` set)
   :func:`load_model_state` loads either kind into one process.
 
 Not supported (yet): ``--resume`` of a distributed run (optimizer state is not
-written to DCP), the fused (FBGEMM-optimizer) kernels.
+written to DCP), and models of more than one network (an ensemble).
 
 Planning for a large topology without allocating any table::
 

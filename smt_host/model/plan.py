@@ -17,7 +17,7 @@ from torch import nn
 
 from smt_host.errors import CapacityError, ConfigError, ManifestMismatch
 from smt_host.model.capacity import Cost, measure, neutral_scale
-from smt_host.model.resolve import Active, Resolution, Skipped, resolve
+from smt_host.model.resolve import ActiveTechnique, Resolution, SkippedTechnique, resolve
 from smt_host.model.template import base_context, build_loss, build_model, build_optimizers
 from smt_host.plugins import SmtPluginManager
 from smt_host.spec.converter import structure
@@ -101,7 +101,7 @@ class Plan:
 
     model: str
     entries: tuple[PlanEntry, ...]
-    skipped: tuple[Skipped, ...]
+    skipped: tuple[SkippedTechnique, ...]
     widths: dict[str, Any]
     cost: Cost
     capacity: CapacityReport
@@ -128,7 +128,7 @@ def _manifest(spm: SmtPluginManager, res: Resolution, conv: cattrs.Converter) ->
     )
 
 
-def _external(res: Resolution) -> list[Active]:
+def _external(res: Resolution) -> list[ActiveTechnique]:
     from smt_host.plugins import HOST_DIST
 
     return [a for a in res.active if a.dist != HOST_DIST]
@@ -225,7 +225,7 @@ def resolution_from_plan(plan: Plan, spm: SmtPluginManager, conv: cattrs.Convert
         params = None
         if reg.info.params is not None:
             params = structure(conv, e.params or {}, reg.info.params, f"$.plan.{e.technique}")
-        active.append(Active(e.technique, e.slot, e.dist, e.version, params))
+        active.append(ActiveTechnique(e.technique, e.slot, e.dist, e.version, params))
     return Resolution(model=plan.model, active=tuple(active), skipped=plan.skipped)
 
 

@@ -12,7 +12,7 @@ import attrs
 import cattrs
 
 from smt_host.errors import ConfigError, PluginError
-from smt_host.plugins import Registered, SmtPluginManager
+from smt_host.plugins import TechniqueRecord, SmtPluginManager
 from smt_host.spec.converter import structure
 from smt_host.spec.schema import ModelSpec
 from smt_host.technique import EXCLUSIVE_SLOTS, OPTIONAL_SLOTS, SLOTS
@@ -24,7 +24,7 @@ def distribution_hint(technique: str) -> str:
 
 
 @attrs.frozen
-class Active:
+class ActiveTechnique:
     """A technique chosen for a slot, with its structured parameters."""
 
     name: str
@@ -35,7 +35,7 @@ class Active:
 
 
 @attrs.frozen
-class Skipped:
+class SkippedTechnique:
     """A technique not used by the model, and why (``reason``):
     ``opted out``, ``not applicable: ...``, ``off by default``,
     ``shadowed by NAME``, ``built-ins only``."""
@@ -48,13 +48,13 @@ class Skipped:
 
 @attrs.frozen
 class Resolution:
-    """Active techniques in host order, and the skipped ones."""
+    """The active techniques in host order, and the skipped ones."""
 
     model: str
-    active: tuple[Active, ...]
-    skipped: tuple[Skipped, ...]
+    active: tuple[ActiveTechnique, ...]
+    skipped: tuple[SkippedTechnique, ...]
 
-    def slot(self, slot: str) -> list[Active]:
+    def slot(self, slot: str) -> list[ActiveTechnique]:
         return [a for a in self.active if a.slot == slot]
 
     def names(self) -> list[str]:
@@ -82,7 +82,7 @@ def _check_configured(spec: ModelSpec, spm: SmtPluginManager) -> None:
         raise ConfigError(errors)
 
 
-def structure_params(conv: cattrs.Converter, reg: Registered, value: Any, path: str) -> Any:
+def structure_params(conv: cattrs.Converter, reg: TechniqueRecord, value: Any, path: str) -> Any:
     """The technique's parameters from a spec value (True/None: defaults)."""
     cls = reg.info.params
     table = value if isinstance(value, dict) else {}
@@ -119,25 +119,25 @@ def resolve(
         PluginError: requirements or conflicts between techniques fail.
     """
     _check_configured(spec, spm)
-    chosen: list[Active] = []
-    skipped: list[Skipped] = []
-    candidates: dict[str, list[tuple[Registered, bool]]] = {s: [] for s in SLOTS}
+    chosen: list[ActiveTechnique] = []
+    skipped: list[SkippedTechnique] = []
+    candidates: dict[str, list[tuple[TechniqueRecord, bool]]] = {s: [] for s in SLOTS}
     for reg in spm.all_ordered():
         name, info = reg.name, reg.info
         path = f"$.models.{spec.name}.techniques.{name}"
         value = _override(spec, name)
         explicit = value is True or isinstance(value, dict)
         if not reg.builtin and builtins_only:
-            skipped.append(Skipped(name, info.slot, reg.dist, "built-ins only"))
+            skipped.append(SkippedTechnique(name, info.slot, reg.dist, "built-ins only"))
             continue
         if name in without or (only is not None and not reg.builtin and name not in only):
-            skipped.append(Skipped(name, info.slot, reg.dist, "left out"))
+            skipped.append(SkippedTechnique(name, info.slot, reg.dist, "left out"))
             continue
         if value is False:
-            skipped.append(Skipped(name, info.slot, reg.dist, "opted out"))
+            skipped.append(SkippedTechnique(name, info.slot, reg.dist, "opted out"))
             continue
         if not info.default and not explicit:
-            skipped.append(Skipped(name, info.slot, reg.dist, "off by default"))
+            skipped.append(SkippedTechnique(name, info.slot, reg.dist, "off by default"))
             continue
         ok, why = info.check_applies(spec)
         if info.slot == "dense_arch" and not spec.features.dense:
@@ -145,7 +145,7 @@ def resolve(
         if not ok:
             if explicit:
                 raise ConfigError([f"technique {name!r} is enabled but does not apply to this model: {why} @ {path}"])
-            skipped.append(Skipped(name, info.slot, reg.dist, f"not applicable: {why}"))
+            skipped.append(SkippedTechnique(name, info.slot, reg.dist, f"not applicable: {why}"))
             continue
         candidates[info.slot].append((reg, explicit))
 
@@ -161,12 +161,12 @@ def resolve(
             winner = picked[0] if picked else regs[0][0]
             for r, _ in regs:
                 if r is not winner:
-                    skipped.append(Skipped(r.name, slot, r.dist, f"shadowed by {winner.name}"))
+                    skipped.append(SkippedTechnique(r.name, slot, r.dist, f"shadowed by {winner.name}"))
             regs = [(winner, True)]
         for reg, _ in regs:
             path = f"$.models.{spec.name}.techniques.{reg.name}"
             params = structure_params(conv, reg, _override(spec, reg.name), path)
-            chosen.append(Active(reg.name, slot, reg.dist, reg.version, params))
+            chosen.append(ActiveTechnique(reg.name, slot, reg.dist, reg.version, params))
 
     names = {a.name for a in chosen}
     for a in chosen:

@@ -25,7 +25,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from smt_host.contexts import LossFn, SlotContext, TableSpec
 from smt_host.errors import ConfigError, PluginError
-from smt_host.model.resolve import Active, Resolution
+from smt_host.model.resolve import ActiveTechnique, Resolution
 from smt_host.plugins import SmtPluginManager
 from smt_host.spec.schema import ModelSpec
 
@@ -144,7 +144,7 @@ def adds_to_logits(branch: nn.Module) -> bool:
     return getattr(branch, "to_logits", False) is True
 
 
-def _out_dim(module: Any, technique: Active, hook: str) -> int:
+def _out_dim(module: Any, technique: ActiveTechnique, hook: str) -> int:
     width = getattr(module, "out_dim", None)
     if not isinstance(width, int) or width < 1:
         raise PluginError(
@@ -154,7 +154,7 @@ def _out_dim(module: Any, technique: Active, hook: str) -> int:
     return width
 
 
-def _module(result: Any, technique: Active, hook: str) -> nn.Module:
+def _module(result: Any, technique: ActiveTechnique, hook: str) -> nn.Module:
     if not isinstance(result, nn.Module):
         raise PluginError(
             f"technique {technique.name!r} ({technique.dist} {technique.version}): {hook}() must return an "
