@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from smt_host.data import data_dir, open_source, source_names
+from smt_host.data import data_dir, open_source
 from smt_host.data.chunks import RowFaults
 from smt_host.data.readers import FileSource
 from smt_host.data.tabular import fnv1a64
 from smt_host.errors import ConfigError, DataFormatError
+from smt_host.plugins import HOST_DIST, get_plugin_manager
 from smt_host.spec.loading import ecosystem_from_dict, load_ecosystem
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "real"
@@ -86,8 +87,10 @@ def assert_same_batches(a, b) -> None:
         assert torch.equal(x.dense, y.dense)
 
 
-def test_sources_registered() -> None:
-    assert {"libfm", "criteo", "csv", "parquet", "synthetic"} <= set(source_names())
+def test_builtin_sources_come_from_the_plugin_manager() -> None:
+    sources = get_plugin_manager(load="").data_sources
+    assert sorted(sources) == ["criteo", "csv", "libfm", "parquet", "synthetic"]
+    assert {r.dist for r in sources.values()} == {HOST_DIST}
 
 
 def test_fnv1a64_known_vectors() -> None:
@@ -497,18 +500,84 @@ def test_csv_skip_malformed_and_line_numbers(tmp_path: Path, caplog) -> None:
 def test_bad_options_are_config_errors(tmp_path: Path) -> None:
     path = tmp_path / "ok.libfm"
     path.write_text(GOOD)
-    with pytest.raises(ConfigError, match=r"unknown option 'trian' for source 'libfm'.* @ \$\.models\.m\.data\.options$"):
+    with pytest.raises(ConfigError, match=r"^extra fields found \(trian\) @ \$\.models\.m\.data\.options$"):
         open_model("libfm", {"trian": str(path), "fields": FIELDS}, ["a", "b"])
     with pytest.raises(ConfigError, match=r"data file not found: .*nope\.libfm .*@ \$\.models\.m\.data\.options\.train$"):
         open_model("libfm", {"train": str(tmp_path / "nope.libfm"), "fields": FIELDS}, ["a", "b"])
-    with pytest.raises(ConfigError, match=r"sparse feature 'c' has no field"):
+    with pytest.raises(ConfigError, match=r"^sparse feature 'c' has no field; fields are a, b @ \$\.models\.m\.data\.options\.fields$"):
         open_model("libfm", {"train": str(path), "fields": FIELDS}, ["a", "c"])
     with pytest.raises(ConfigError, match=r"field 'a' spans 10 ids but the feature's vocab_size is 5"):
         open_model("libfm", {"train": str(path), "fields": FIELDS}, [{"name": "a", "vocab_size": 5}, "b"])
-    with pytest.raises(ConfigError, match=r"fractions summing to 1"):
+    with pytest.raises(ConfigError, match=r"fractions summing to 1 .*got \[0\.5, 0\.1\] @ \$\.models\.m\.data\.options\.split$"):
         open_model("csv", {"file": str(path), "split": [0.5, 0.1]}, ["a"])
-    with pytest.raises(ConfigError, match=r"must be one of hash, mod, int, got 'onehot'"):
+    with pytest.raises(ConfigError, match=r"^must be one of 'hash', 'mod', 'int', got 'onehot' @ \$\.models\.m\.data\.options\.encode$"):
         open_model("csv", {"train": str(path), "encode": "onehot"}, ["a"])
+
+
+def errors_of(source: str, options: dict, sparse=("a", "b")) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        open_model(source, options, list(sparse))
+    return exc.value.errors
+
+
+def test_options_are_structured_with_paths(tmp_path: Path) -> None:
+    path = str(tmp_path / "ok.libfm")
+    Path(path).write_text(GOOD)
+    opts = "$.models.m.data.options"
+    assert errors_of("libfm", {"train": path}) == [f"required field missing @ {opts}.fields"]
+    assert errors_of("libfm", {"train": path, "fields": [
+        {"name": "a", "start": -1, "end": 9}, {"name": "b", "start": 10}, {"name": "c", "start": 3, "end": 1},
+        {"name": "d", "start": 0, "end": 1, "x": 1}, "e",
+    ]}) == [
+        f"must be >= 0, got -1 @ {opts}.fields[0].start",
+        f"give one of 'end' (inclusive) or 'size' @ {opts}.fields[1].end",
+        f"must be >= start (3), got 1 @ {opts}.fields[2].end",
+        f"extra fields found (x) @ {opts}.fields[3]",
+        f"expected a table with keys name, start, end, size, got 'e' @ {opts}.fields[4]",
+    ]
+    assert errors_of("libfm", {"train": path, "fields": [{"name": "a", "start": 0, "size": 10}, {"name": "b", "start": 9, "end": 19}]}) == [
+        f"field ranges overlap: 'a' 0-9 and 'b' 9-19 @ {opts}.fields"]
+    assert errors_of("libfm", {"train": [path, 3], "fields": FIELDS}) == [
+        f"expected a file path or a list of them, got [{path!r}, 3] @ {opts}.train"]
+    assert errors_of("libfm", {"train": path, "fields": FIELDS, "streaming": "yes"}) == [
+        f'must be true, false or "auto", got \'yes\' @ {opts}.streaming']
+    assert errors_of("libfm", {"train": path, "fields": FIELDS, "chunk_rows": 0}) == [f"must be >= 1, got 0 @ {opts}.chunk_rows"]
+    assert errors_of("libfm", {"fields": FIELDS}) == [f"required field missing (give 'train', or 'file' with 'split') @ {opts}.train"]
+    assert errors_of("libfm", {"train": path, "split": [1, 0], "fields": FIELDS}) == [
+        f"'split' needs 'file' (one file split by fraction) @ {opts}.split"]
+    assert errors_of("libfm", {"file": path, "train": path, "fields": FIELDS}) == [
+        f"give either 'file' with 'split' or 'train', not both @ {opts}.file"]
+    assert errors_of("parquet", {"train": path, "delimiter": ";"}, ["a"]) == [f"extra fields found (delimiter) @ {opts}"]
+    assert errors_of("csv", {"train": path, "features": {"a": {"encode": "x"}, "b": "s", "c": {"col": "a"}}}) == [
+        f"must be one of 'hash', 'mod', 'int', got 'x' @ {opts}.features.a.encode",
+        f"expected a table with keys column, encode, separator, transform, got 's' @ {opts}.features.b",
+        f"extra fields found (col) @ {opts}.features.c",
+    ]
+    assert errors_of("csv", {"train": path, "features": {"zz": {}}}) == [f"no feature named 'zz' in the model @ {opts}.features.zz"]
+    assert errors_of("csv", {"train": path, "labels": {"buy": "y"}}) == [f"no task named 'buy' in the model @ {opts}.labels.buy"]
+    assert errors_of("criteo", {"train": path, "column_names": "label"}) == [
+        f"expected a list, got the string 'label' @ {opts}.column_names"]
+    assert errors_of("csv", {"train": path, "delimiter": ";;"}) == [f"must be one character, got ';;' @ {opts}.delimiter"]
+
+
+def test_option_defaults_per_source(tmp_path: Path) -> None:
+    from smt_host.data.readers import CriteoOptions, CsvOptions, parse_options
+
+    path = tmp_path / "d.csv"
+    path.write_text(HEADER + ROWS)
+    model, eco = make_model("criteo", {"train": str(path)}, ["a"])
+    o = parse_options(model, eco, "criteo")
+    assert isinstance(o, CriteoOptions) and o.train == (str(path),) and o.streaming == "auto"
+    assert (o.transform, o.delimiter, o.header, o.encode) == ("log1p", None, None, "hash")
+    assert o.column_names[:2] == ("label", "I1") and len(o.column_names) == 40
+    o = parse_options(model, eco, "csv")
+    assert type(o) is CsvOptions and (o.transform, o.delimiter, o.header, o.column_names) == ("none", ",", True, None)
+    src = open_model(
+        "csv", {"file": str(path), "split": [0.5, 0.5], "features": {"x": {"transform": "log1p"}}},
+        ["a", {"name": "n", "vocab_size": 5}], ["x"], ({"name": "click", "label": "label"},),
+    )
+    assert src.fractions == (0.5, 0.5, 0.0) and src.files == {"file": (path,)}
+    assert src.fmt.dense[0].transform == "log1p" and src.fmt.sparse[0].encode == "hash"
 
 
 def test_schema_file(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """File data sources: ``libfm``, ``criteo``, ``csv`` and ``parquet``.
 
-Each is registered with :func:`smt_host.data.register_source` on import and
-built from a model spec's ``[data.options]``::
+Declared by the built-in plugin module :mod:`smt_host.builtins.data_sources`
+(hook ``smt_data_sources``); each is built by :func:`open_file_source` from
+a model spec's ``[data.options]``::
 
     [model.data]
     source = "libfm"
@@ -11,12 +12,20 @@ built from a model spec's ``[data.options]``::
     test = "frappe/frappe.test.libfm.gz"
     fields = [{ name = "user", start = 0, end = 956 }, ...]
 
-Options shared by every source:
+The options are structured by the host's converter into the frozen attrs
+class of the source (:data:`OPTIONS`), so a bad value or an unknown key is a
+:class:`~smt_host.errors.ConfigError` at ``$.models.<m>.data.options.<key>``
+like any other spec error. The checks that need the model (field names
+against sparse features, vocab sizes, tasks, file existence) follow.
 
-* ``train`` / ``valid`` / ``test``: a file or a list of files per split; or
-  ``file`` (file or list) with ``split = [0.8, 0.1, 0.1]`` (train/valid/test
-  fractions; each row goes to a split by a fixed hash of its line number and
-  ``split_seed``, so the split is deterministic and needs no second pass).
+:class:`FileOptions`, shared by every file source:
+
+* ``train`` / ``valid`` / ``test``: a file or a list of files per split
+  (``train`` required); or
+* ``file`` (a file or a list) with ``split = [train, valid, test]``
+  fractions summing to 1 (the test one may be left out, meaning 0); each row
+  goes to a split by a fixed hash of its line number and ``split_seed``
+  (default 0), so the split is deterministic and needs no second pass.
   Relative paths resolve against :func:`smt_host.data.data_dir`.
 * ``schema``: a TOML file whose keys are merged under the inline options
   (resolved against the data folder, then the spec file's folder).
@@ -26,56 +35,67 @@ Options shared by every source:
   (default 512; a ``.gz`` counts 4 times its size).
 * ``shuffle_buffer``: rows shuffled together when streaming (default 262144).
 * ``skip_malformed``: skip malformed rows instead of raising
-  :class:`DataFormatError`; the counts are in ``source.skipped`` (by file
-  name) and logged as a warning.
-* ``chunk_rows``: rows per chunk read (libFM lines, Parquet batch rows).
+  :class:`DataFormatError` (default false); the counts are in
+  ``source.skipped`` (by file name) and logged as a warning.
+* ``chunk_rows``: rows per chunk read (libFM lines, Parquet batch rows;
+  default 65536).
 
-libfm: ``fields`` (name, start, end inclusive or size), one per sparse
-feature (more fields are allowed and dropped). csv/criteo/parquet: see
-:mod:`smt_host.data.tabular`; options ``features = { NAME = { column,
-encode, separator, transform } }``, ``labels = { TASK = "column" }`` and the
-defaults ``encode`` ("hash"), ``transform`` ("none"; "log1p" for criteo),
-``separator`` ("^"); CSV only: ``delimiter``, ``header``, ``column_names``,
-``block_bytes``. ``criteo`` reads raw Criteo TSV (no header, columns
-``label, I1..I13, C1..C26``) or a CSV with a header, sniffing which.
+:class:`LibfmOptions` (``libfm``) adds ``fields``: a list of
+:class:`LibfmField` ``{ name, start, end }`` (``end`` inclusive, or ``size``
+instead), one per sparse feature (more fields are allowed and dropped).
+
+:class:`TabularOptions` (``parquet``; see :mod:`smt_host.data.tabular`)
+adds the defaults ``encode`` ("hash", "mod" or "int"), ``transform``
+("none" or "log1p") and ``separator`` ("^", between the items of a
+sequence cell); ``features = { NAME = { column, encode, separator,
+transform } }`` (:class:`ColumnOptions`, each key overriding the default
+for one feature; ``column`` defaults to the feature's name) and ``labels =
+{ TASK = "column" }`` (default: the task's label name).
+
+:class:`CsvOptions` (``csv``) adds ``delimiter`` (default ","), ``header``
+(default true), ``column_names`` (of a file without header) and
+``block_bytes`` (bytes per read block, default 4 MiB).
+
+:class:`CriteoOptions` (``criteo``) is ``csv`` with the defaults of raw
+Criteo TSV: ``transform = "log1p"``, the delimiter and header sniffed from
+the first line (so a CSV with a header works too) and ``column_names =
+label, I1..I13, C1..C26``.
 """
 
 from __future__ import annotations
 
 import functools
 import tomllib
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, NewType
 
+import attrs
+import cattrs
 import numpy as np
 import torch
+from cattrs.errors import AttributeValidationNote, ClassValidationError
 
-from smt_host.data import data_dir, register_source
+from smt_host.data import data_dir
 from smt_host.data.batch import Batch, TensorSplit
 from smt_host.data.chunks import Chunk, RowFaults, concat_splits, log, make_split, rebatch, split_of_lines, take_rows
 from smt_host.data.libfm import Field, LibfmFormat
 from smt_host.data.tabular import ENCODINGS, TRANSFORMS, DenseColumn, SparseColumn, TabularFormat
-from smt_host.errors import ConfigError, DataFormatError
+from smt_host.errors import ConfigError, DataFormatError, FieldValueError
+from smt_host.spec.converter import make_converter, structure
+from smt_host.spec.validators import at_least, one_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from smt_host.spec.schema import EcosystemSpec, ModelSpec
 
-__all__ = ["DataFormatError", "FileSource", "CRITEO_COLUMNS", "open_file_source"]
+__all__ = [
+    "CRITEO_COLUMNS", "OPTIONS", "ColumnOptions", "CriteoOptions", "CsvOptions", "DataFormatError", "FileOptions",
+    "FileSource", "LibfmField", "LibfmOptions", "TabularOptions", "open_file_source", "parse_options",
+]
 
 SPLITS = ("train", "valid", "test")
 CRITEO_COLUMNS: tuple[str, ...] = ("label",) + tuple(f"I{i}" for i in range(1, 14)) + tuple(f"C{i}" for i in range(1, 27))
-
-_COMMON = {
-    "train", "valid", "test", "file", "split", "split_seed", "schema", "streaming", "stream_above_mb",
-    "shuffle_buffer", "skip_malformed", "chunk_rows",
-}
-_OPTIONS = {
-    "libfm": _COMMON | {"fields"},
-    "csv": _COMMON | {"delimiter", "header", "column_names", "block_bytes", "encode", "transform", "separator", "features", "labels"},
-    "parquet": _COMMON | {"encode", "transform", "separator", "features", "labels"},
-}
-_OPTIONS["criteo"] = _OPTIONS["csv"]
-
 
 class FileSource:
     """A :class:`~smt_host.data.batch.DataSource` over files.
@@ -90,7 +110,7 @@ class FileSource:
 
     def __init__(
         self, fmt: Any, task_names: Sequence[str], files: Mapping[str, Sequence[Path]], *,
-        fractions: Optional[Sequence[float]] = None, split_seed: int = 0, streaming: bool = False,
+        fractions: Sequence[float] | None = None, split_seed: int = 0, streaming: bool = False,
         skip_malformed: bool = False, shuffle_buffer: int = 262_144,
     ) -> None:
         self.fmt = fmt
@@ -104,7 +124,7 @@ class FileSource:
         self.skipped: dict[str, int] = {}
         self._warned: set[str] = set()
         self._loaded: dict[str, TensorSplit] = {}
-        self._base_rates: Optional[torch.Tensor] = None
+        self._base_rates: torch.Tensor | None = None
         self._counts: dict[str, int] = {}
 
     @property
@@ -179,7 +199,7 @@ class FileSource:
 
     def batches(
         self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-        epoch: int = 0, max_batches: Optional[int] = None,
+        epoch: int = 0, max_batches: int | None = None,
     ) -> Iterator[Batch]:
         """Batches of ``split``; shuffled in memory by (seed, epoch), or within
         a buffer of ``shuffle_buffer`` rows when streaming."""
@@ -218,208 +238,421 @@ class FileSource:
 
 # ---------------------------------------------------------------- options
 
+#: one file path or a list of them (a bare string becomes a 1-tuple)
+FilePaths = NewType("FilePaths", tuple[str, ...])
+#: ``true``, ``false`` or ``"auto"``
+Streaming = bool | Literal["auto"]
 
-class _Opts:
-    """Options of one model's source, with errors that name their path."""
 
-    def __init__(self, model: "ModelSpec", eco: "EcosystemSpec", kind: str) -> None:
-        self.model = model
-        self.kind = kind
-        self.prefix = f"$.models.{model.name}.data.options"
-        self.source = eco.source
-        raw = dict(model.data.options)
-        if "schema" in raw:
-            schema = self._schema(raw["schema"], eco)
-            raw = {**schema, **raw}
-        unknown = sorted(set(raw) - _OPTIONS[kind])
-        if unknown:
-            self.fail(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for source "
-                      f"{kind!r}; known: {', '.join(sorted(_OPTIONS[kind]))}", "")
-        self.raw = raw
+def _as_paths(value: Any) -> Any:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    return value  # refused by _check_paths, as written
 
-    def fail(self, message: str, key: str) -> None:
-        raise ConfigError([f"{message} @ {self.prefix}{'.' + key if key else ''}"], self.source)
 
-    def get(self, key: str, default: Any, types: tuple[type, ...]) -> Any:
-        value = self.raw.get(key, default)
-        if value is not default and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
-            self.fail(f"expected {' or '.join(t.__name__ for t in types)}, got {value!r}", key)
-        return value
+def _check_paths(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, tuple):
+        raise FieldValueError(attribute.name, f"expected a file path or a list of them, got {value!r}")
+    if not value:
+        raise FieldValueError(attribute.name, "expected at least one file")
 
-    def _schema(self, value: Any, eco: "EcosystemSpec") -> dict:
-        if not isinstance(value, str):
-            self.fail(f"expected a path to a TOML file, got {value!r}", "schema")
-        p = Path(value).expanduser()
-        candidates = [p] if p.is_absolute() else [data_dir() / p]
-        if not p.is_absolute() and eco.source:
-            spec = Path(eco.source)
-            candidates.append((spec if spec.is_dir() else spec.parent) / p)
-        for c in candidates:
-            if c.is_file():
-                with open(c, "rb") as f:
-                    try:
-                        data = tomllib.load(f)
-                    except tomllib.TOMLDecodeError as exc:
-                        self.fail(f"invalid TOML in schema {c}: {exc}", "schema")
-                data.pop("schema", None)
-                return data
-        self.fail(f"schema file not found (looked at {', '.join(map(str, candidates))})", "schema")
-        return {}
 
-    def path(self, value: Any, key: str) -> list[Path]:
-        values = value if isinstance(value, list) else [value]
-        out = []
-        for v in values:
-            if not isinstance(v, str):
-                self.fail(f"expected a file path or a list of them, got {value!r}", key)
-            p = Path(v).expanduser()
-            p = p if p.is_absolute() else data_dir() / p
-            if not p.is_file():
-                self.fail(f"data file not found: {p} (set SMT_DATA_DIR; data folder is {data_dir()})", key)
-            out.append(p)
-        if not out:
-            self.fail("expected at least one file", key)
+def _paths_field() -> Any:
+    return attrs.field(default=None, converter=_as_paths, validator=_check_paths)
+
+
+def _check_split(inst: Any, attribute: attrs.Attribute, value: tuple[float, ...] | None) -> None:
+    if value is not None and (len(value) not in (2, 3) or min(value) < 0 or abs(sum(value) - 1.0) > 1e-6):
+        raise FieldValueError(
+            attribute.name, f"expected [train, valid, test] fractions summing to 1 (each >= 0; the test one "
+            f"may be left out), got {list(value)!r}",
+        )
+
+
+def _check_streaming(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not (isinstance(value, bool) or value == "auto"):
+        raise FieldValueError(attribute.name, f"must be true, false or \"auto\", got {value!r}")
+
+
+def _one_char(inst: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and len(value) != 1:
+        raise FieldValueError(attribute.name, f"must be one character, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class FileOptions:
+    """Options shared by every file source.
+
+    Attributes:
+        train: file(s) of the train split (required unless ``file`` is given).
+        valid: file(s) of the validation split.
+        test: file(s) of the test split.
+        file: file(s) cut into the three splits by ``split`` (instead of
+            ``train``/``valid``/``test``).
+        split: ``[train, valid, test]`` fractions of ``file``, summing to 1
+            (two: the test fraction is 0).
+        split_seed: seed of the row-to-split hash.
+        schema: a TOML file of options merged under the inline ones (read
+            before structuring; relative to the data folder, then to the
+            spec file's folder).
+        streaming: ``True`` (read from disk on every pass), ``False`` (load
+            each split once) or ``"auto"`` (stream above ``stream_above_mb``).
+        stream_above_mb: size in MiB above which ``"auto"`` streams (a
+            ``.gz`` file counts 4 times its size).
+        shuffle_buffer: rows shuffled together when streaming.
+        skip_malformed: skip malformed rows (counted in
+            ``FileSource.skipped``) instead of raising DataFormatError.
+        chunk_rows: rows per chunk read (libFM lines, Parquet batch rows).
+    """
+
+    train: FilePaths | None = _paths_field()
+    valid: FilePaths | None = _paths_field()
+    test: FilePaths | None = _paths_field()
+    file: FilePaths | None = _paths_field()
+    split: tuple[float, ...] | None = attrs.field(default=None, validator=_check_split)
+    split_seed: int = 0
+    schema: str | None = None
+    streaming: Streaming = attrs.field(default="auto", validator=_check_streaming)
+    stream_above_mb: float = attrs.field(default=512, validator=at_least(0))
+    shuffle_buffer: int = attrs.field(default=262_144, validator=at_least(1))
+    skip_malformed: bool = False
+    chunk_rows: int = attrs.field(default=65_536, validator=at_least(1))
+
+    @property
+    def fractions(self) -> tuple[float, float, float] | None:
+        """``split`` as three fractions (None without ``split``)."""
+        if self.split is None:
+            return None
+        return tuple(float(x) for x in self.split) + (0.0,) * (3 - len(self.split))  # type: ignore[return-value]
+
+
+@attrs.frozen(kw_only=True)
+class LibfmField:
+    """One libFM field: the global ids ``start..end`` (inclusive).
+
+    Attributes:
+        name: the field's name (a sparse feature of the model reads the
+            field of its name).
+        start: its first global id (>= 0).
+        end: its last global id, inclusive; or give
+        size: the number of ids instead (``end = start + size - 1``).
+    """
+
+    name: str
+    start: int = attrs.field(validator=at_least(0))
+    end: int | None = None
+    size: int | None = attrs.field(default=None, validator=at_least(1))
+
+    def __attrs_post_init__(self) -> None:
+        if (self.end is None) == (self.size is None):
+            raise FieldValueError("end", "give one of 'end' (inclusive) or 'size'")
+        if self.last < self.start:
+            raise FieldValueError("end", f"must be >= start ({self.start}), got {self.end!r}")
+
+    @property
+    def last(self) -> int:
+        return self.end if self.end is not None else self.start + self.size - 1  # type: ignore[operator]
+
+
+def _check_fields(inst: Any, attribute: attrs.Attribute, value: tuple[LibfmField, ...]) -> None:
+    if not value:
+        raise FieldValueError(attribute.name, "must list at least one field ({ name, start, end })")
+    by_start = sorted(value, key=lambda f: f.start)
+    for a, b in zip(by_start, by_start[1:]):
+        if b.start <= a.last:
+            raise FieldValueError(
+                attribute.name, f"field ranges overlap: {a.name!r} {a.start}-{a.last} and {b.name!r} {b.start}-{b.last}"
+            )
+    names = [f.name for f in value]
+    if len(set(names)) != len(names):
+        raise FieldValueError(attribute.name, f"field names repeat: {names}")
+
+
+@attrs.frozen(kw_only=True)
+class LibfmOptions(FileOptions):
+    """Options of the ``libfm`` source: :class:`FileOptions` and
+
+    Attributes:
+        fields: the declared fields (ranges must not overlap, names must not
+            repeat); each sparse feature of the model needs the field of its
+            name, no larger than its ``vocab_size``; other fields are read,
+            checked and dropped.
+    """
+
+    fields: tuple[LibfmField, ...] = attrs.field(validator=_check_fields)
+
+
+@attrs.frozen
+class ColumnOptions:
+    """How one feature reads its column (``[data.options.features.NAME]``);
+    each unset key takes the source's default.
+
+    Attributes:
+        column: the column to read (default: the feature's name).
+        encode: sparse ids: "hash", "mod" or "int".
+        separator: between the items of a sequence cell.
+        transform: dense values: "none" or "log1p".
+    """
+
+    column: str | None = None
+    encode: str | None = attrs.field(default=None, validator=attrs.validators.optional(one_of(*ENCODINGS)))
+    separator: str | None = None
+    transform: str | None = attrs.field(default=None, validator=attrs.validators.optional(one_of(*TRANSFORMS)))
+
+
+@attrs.frozen(kw_only=True)
+class TabularOptions(FileOptions):
+    """Options of the ``parquet`` source and base of the CSV ones:
+    :class:`FileOptions` and
+
+    Attributes:
+        encode: how sparse cells become ids: "hash" (FNV-1a 64 into
+            ``1..vocab_size-1``), "mod" (integer modulo ``vocab_size``) or
+            "int" (integer in ``[0, vocab_size)``).
+        transform: dense values: "none" or "log1p".
+        separator: between the items of a sequence cell.
+        features: per-feature overrides, feature name -> :class:`ColumnOptions`
+            (each name must be a feature of the model).
+        labels: task name -> label column (default: the task's label name;
+            each name must be a task of the model).
+    """
+
+    encode: str = attrs.field(default="hash", validator=one_of(*ENCODINGS))
+    transform: str = attrs.field(default="none", validator=one_of(*TRANSFORMS))
+    separator: str = "^"
+    features: dict[str, ColumnOptions] = attrs.Factory(dict)
+    labels: dict[str, str] = attrs.Factory(dict)
+
+
+@attrs.frozen(kw_only=True)
+class CsvOptions(TabularOptions):
+    """Options of the ``csv`` source: :class:`TabularOptions` and
+
+    Attributes:
+        delimiter: one character (None: sniffed, tab if the first line has
+            one, else comma).
+        header: whether the first line names the columns (None: yes unless
+            its first cell is a number).
+        column_names: the columns of a file without header.
+        block_bytes: bytes per block read.
+    """
+
+    delimiter: str | None = attrs.field(default=",", validator=_one_char)
+    header: bool | None = True
+    column_names: tuple[str, ...] | None = None
+    block_bytes: int = attrs.field(default=1 << 22, validator=at_least(1))
+
+
+@attrs.frozen(kw_only=True)
+class CriteoOptions(CsvOptions):
+    """Options of the ``criteo`` source: :class:`CsvOptions` with the
+    defaults of raw Criteo TSV (no header, columns ``label, I1..I13,
+    C1..C26``), which also read a Criteo CSV with a header.
+
+    Attributes:
+        transform: "log1p".
+        delimiter: sniffed (None).
+        header: sniffed (None).
+        column_names: :data:`CRITEO_COLUMNS`.
+    """
+
+    transform: str = attrs.field(default="log1p", validator=one_of(*TRANSFORMS))
+    delimiter: str | None = attrs.field(default=None, validator=_one_char)
+    header: bool | None = None
+    column_names: tuple[str, ...] | None = CRITEO_COLUMNS
+
+
+#: the options class of each file source
+OPTIONS: dict[str, type[FileOptions]] = {
+    "libfm": LibfmOptions, "criteo": CriteoOptions, "csv": CsvOptions, "parquet": TabularOptions,
+}
+
+
+def _tables_only(cls: type, inner: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """``inner`` (the converter's hook for ``cls``), refusing a value that is
+    not a table with a message naming the keys."""
+    keys = ", ".join(a.name for a in attrs.fields(cls))
+
+    def hook(value: Any, t: Any) -> Any:
+        if not isinstance(value, Mapping):
+            problem = ValueError(f"expected a table with keys {keys}, got {value!r}")
+            raise ClassValidationError(f"While structuring {cls.__name__}", [problem], cls)
+        return inner(value, t)
+
+    return hook
+
+
+def _is_str_table(t: Any) -> bool:
+    return typing.get_origin(t) is dict and typing.get_args(t)[:1] == (str,)
+
+
+def _str_table(t: Any, conv: cattrs.Converter) -> Callable[[Any, Any], dict]:
+    """``dict[str, X]`` whose errors name the key as a path step
+    (``features.price.encode``, like ``models.<m>``)."""
+    item_type = typing.get_args(t)[1]
+
+    def hook(value: Any, _t: Any) -> dict:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"expected a table, got {value!r}")
+        out, errors = {}, []
+        for key, item in value.items():
+            try:
+                out[key] = conv.structure(item, item_type)
+            except Exception as exc:  # noqa: BLE001 - gathered and reported by path
+                exc.__notes__ = [*getattr(exc, "__notes__", []), AttributeValidationNote(f"key {key!r}", key, item_type)]
+                errors.append(exc)
+        if errors:
+            raise ClassValidationError(f"While structuring {t}", errors, dict)
         return out
 
-    def files(self) -> tuple[dict[str, list[Path]], Optional[tuple[float, ...]]]:
-        if "file" in self.raw:
-            clash = [k for k in SPLITS if k in self.raw]
-            if clash:
-                self.fail(f"give either 'file' with 'split' or {', '.join(map(repr, clash))}, not both", "file")
-            split = self.raw.get("split")
-            if (not isinstance(split, list) or len(split) not in (2, 3)
-                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in split)
-                    or abs(sum(split) - 1.0) > 1e-6):
-                self.fail(f"'file' needs split = [train, valid, test] fractions summing to 1, got {split!r}", "split")
-            fr = tuple(float(x) for x in split) + ((0.0,) if len(split) == 2 else ())
-            return {"file": self.path(self.raw["file"], "file")}, fr
-        if "split" in self.raw:
-            self.fail("'split' needs 'file' (one file split by fraction)", "split")
-        if "train" not in self.raw:
-            self.fail("required option missing: 'train' (or 'file' with 'split')", "train")
-        return {k: self.path(self.raw[k], k) for k in SPLITS if k in self.raw}, None
-
-    def streaming(self, files: Mapping[str, Sequence[Path]]) -> bool:
-        value = self.raw.get("streaming", "auto")
-        if isinstance(value, bool):
-            return value
-        if value != "auto":
-            self.fail(f"must be true, false or \"auto\", got {value!r}", "streaming")
-        limit = self.get("stream_above_mb", 512, (int, float))
-        size = sum(p.stat().st_size * (4 if p.suffix == ".gz" else 1) for ps in files.values() for p in ps)
-        return size > limit * 2**20
+    return hook
 
 
-# ---------------------------------------------------------------- formats
+@functools.cache
+def _converter() -> cattrs.Converter:
+    conv = make_converter()
+    conv.register_structure_hook(FilePaths, lambda value, _t: value)  # checked by the field's converter/validator
+    conv.register_structure_hook(Streaming, lambda value, _t: value)
+    conv.register_structure_hook_factory(_is_str_table, _str_table)
+    for cls in (LibfmField, ColumnOptions):
+        conv.register_structure_hook(cls, _tables_only(cls, conv.get_structure_hook(cls)))
+    return conv
 
 
-def _libfm_format(o: _Opts) -> LibfmFormat:
-    model = o.model
+def _fail(model: ModelSpec, eco: EcosystemSpec, message: str, key: str = "") -> typing.NoReturn:
+    raise ConfigError([f"{message} @ $.models.{model.name}.data.options{'.' + key if key else ''}"], eco.source)
+
+
+def _schema(model: ModelSpec, eco: EcosystemSpec, value: Any) -> dict:
+    """The options of a schema file (``schema = "..."``)."""
+    if not isinstance(value, str):
+        _fail(model, eco, f"expected a path to a TOML file, got {value!r}", "schema")
+    p = Path(value).expanduser()
+    candidates = [p] if p.is_absolute() else [data_dir() / p]
+    if not p.is_absolute() and eco.source:
+        spec = Path(eco.source)
+        candidates.append((spec if spec.is_dir() else spec.parent) / p)
+    for c in candidates:
+        if c.is_file():
+            with open(c, "rb") as f:
+                try:
+                    data = tomllib.load(f)
+                except tomllib.TOMLDecodeError as exc:
+                    _fail(model, eco, f"invalid TOML in schema {c}: {exc}", "schema")
+            data.pop("schema", None)
+            return data
+    _fail(model, eco, f"schema file not found (looked at {', '.join(map(str, candidates))})", "schema")
+
+
+def parse_options(model: ModelSpec, eco: EcosystemSpec, kind: str) -> FileOptions:
+    """``model.data.options`` (with its schema file merged under them)
+    structured as ``OPTIONS[kind]``; ConfigError at ``$.models.<m>.data.options``."""
+    raw = dict(model.data.options)
+    if "schema" in raw:
+        raw = {**_schema(model, eco, raw["schema"]), **raw}
+    return structure(_converter(), raw, OPTIONS[kind], f"$.models.{model.name}.data.options", eco.source)
+
+
+# ------------------------------------------------- checks against the model
+
+
+def _resolve(model: ModelSpec, eco: EcosystemSpec, paths: Sequence[str], key: str) -> list[Path]:
+    out = []
+    for v in paths:
+        p = Path(v).expanduser()
+        p = p if p.is_absolute() else data_dir() / p
+        if not p.is_file():
+            _fail(model, eco, f"data file not found: {p} (set SMT_DATA_DIR; data folder is {data_dir()})", key)
+        out.append(p)
+    return out
+
+
+def _files(model: ModelSpec, eco: EcosystemSpec, o: FileOptions) -> dict[str, list[Path]]:
+    """The files of each split (``{"file": [...]}`` with ``split``)."""
+    if o.file is not None:
+        clash = [k for k in SPLITS if getattr(o, k) is not None]
+        if clash:
+            _fail(model, eco, f"give either 'file' with 'split' or {', '.join(map(repr, clash))}, not both", "file")
+        if o.split is None:
+            _fail(model, eco, "'file' needs split = [train, valid, test] fractions summing to 1", "split")
+        return {"file": _resolve(model, eco, o.file, "file")}
+    if o.split is not None:
+        _fail(model, eco, "'split' needs 'file' (one file split by fraction)", "split")
+    if o.train is None:
+        _fail(model, eco, "required field missing (give 'train', or 'file' with 'split')", "train")
+    return {k: _resolve(model, eco, getattr(o, k), k) for k in SPLITS if getattr(o, k) is not None}
+
+
+def _streams(o: FileOptions, files: Mapping[str, Sequence[Path]]) -> bool:
+    if isinstance(o.streaming, bool):
+        return o.streaming
+    size = sum(p.stat().st_size * (4 if p.suffix == ".gz" else 1) for ps in files.values() for p in ps)
+    return size > o.stream_above_mb * 2**20
+
+
+def _libfm_format(model: ModelSpec, eco: EcosystemSpec, o: LibfmOptions) -> LibfmFormat:
     if len(model.tasks) != 1:
-        o.fail(f"libfm files hold one label, but the model has {len(model.tasks)} tasks", "")
+        _fail(model, eco, f"libfm files hold one label, but the model has {len(model.tasks)} tasks")
     if model.features.dense:
-        o.fail("libfm files hold no dense features; remove [features].dense", "")
-    raw = o.raw.get("fields")
-    if not isinstance(raw, list) or not raw:
-        o.fail("required option missing: 'fields' (a list of { name, start, end })", "fields")
-    fields = []
-    for i, f in enumerate(raw):
-        key = f"fields[{i}]"
-        if not isinstance(f, Mapping) or set(f) - {"name", "start", "end", "size"} or "name" not in f or "start" not in f:
-            o.fail(f"expected {{ name, start, end }} (or size instead of end), got {f!r}", key)
-        if ("end" in f) == ("size" in f):
-            o.fail("give one of 'end' (inclusive) or 'size'", key)
-        start = f["start"]
-        end = f["end"] if "end" in f else start + f["size"] - 1
-        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)) or start < 0 or end < start:
-            o.fail(f"need integers 0 <= start <= end, got start={start!r}, end={end!r}", key)
-        fields.append(Field(str(f["name"]), start, end))
-    by_start = sorted(fields, key=lambda f: f.start)
-    for a, b in zip(by_start, by_start[1:]):
-        if b.start <= a.end:
-            o.fail(f"field ranges overlap: {a.name!r} {a.start}-{a.end} and {b.name!r} {b.start}-{b.end}", "fields")
-    names = [f.name for f in fields]
-    if len(set(names)) != len(names):
-        o.fail(f"field names repeat: {names}", "fields")
+        _fail(model, eco, "libfm files hold no dense features; remove [features].dense")
+    fields = tuple(Field(f.name, f.start, f.last) for f in o.fields)
     by_name = {f.name: f for f in fields}
     for feat in model.features.sparse:
         fld = by_name.get(feat.name)
         if fld is None:
-            o.fail(f"sparse feature {feat.name!r} has no field; fields are {', '.join(names)}", "fields")
+            _fail(model, eco, f"sparse feature {feat.name!r} has no field; fields are {', '.join(by_name)}", "fields")
         if fld.size > feat.vocab_size:
-            o.fail(f"field {feat.name!r} spans {fld.size} ids but the feature's vocab_size is {feat.vocab_size}", "fields")
+            _fail(model, eco, f"field {feat.name!r} spans {fld.size} ids but the feature's vocab_size is {feat.vocab_size}",
+                  "fields")
     return LibfmFormat(
-        fields=tuple(fields), keys=tuple(f.name for f in model.features.sparse),
-        sequence=frozenset(f.name for f in model.features.sparse if f.sequence),
-        chunk_rows=o.get("chunk_rows", 65_536, (int,)),
+        fields=fields, keys=tuple(f.name for f in model.features.sparse),
+        sequence=frozenset(f.name for f in model.features.sparse if f.sequence), chunk_rows=o.chunk_rows,
     )
 
 
-def _tabular_format(o: _Opts) -> TabularFormat:
-    model, kind = o.model, o.kind
-    encode = o.get("encode", "hash", (str,))
-    transform = o.get("transform", "log1p" if kind == "criteo" else "none", (str,))
-    separator = o.get("separator", "^", (str,))
-    if encode not in ENCODINGS:
-        o.fail(f"must be one of {', '.join(ENCODINGS)}, got {encode!r}", "encode")
-    if transform not in TRANSFORMS:
-        o.fail(f"must be one of {', '.join(TRANSFORMS)}, got {transform!r}", "transform")
-    per = o.get("features", {}, (dict,))
+def _tabular_format(model: ModelSpec, eco: EcosystemSpec, o: TabularOptions) -> TabularFormat:
     known = {f.name for f in model.features.sparse} | {f.name for f in model.features.dense}
-    for name, table in per.items():
-        key = f"features.{name}"
+    for name in o.features:
         if name not in known:
-            o.fail(f"no feature named {name!r} in the model", key)
-        allowed = {"column", "encode", "separator", "transform"}
-        if not isinstance(table, Mapping) or set(table) - allowed:
-            o.fail(f"expected a table with keys {', '.join(sorted(allowed))}, got {table!r}", key)
-        if table.get("encode", encode) not in ENCODINGS:
-            o.fail(f"must be one of {', '.join(ENCODINGS)}, got {table['encode']!r}", key + ".encode")
-        if table.get("transform", transform) not in TRANSFORMS:
-            o.fail(f"must be one of {', '.join(TRANSFORMS)}, got {table['transform']!r}", key + ".transform")
+            _fail(model, eco, f"no feature named {name!r} in the model", f"features.{name}")
+    for name in o.labels:
+        if name not in model.task_names:
+            _fail(model, eco, f"no task named {name!r} in the model", f"labels.{name}")
+
+    def per(name: str, key: str, default: Any) -> Any:
+        value = getattr(o.features.get(name, ColumnOptions()), key)
+        return default if value is None else value
+
     sparse = tuple(
         SparseColumn(
-            feature=f.name, column=per.get(f.name, {}).get("column", f.name), vocab_size=f.vocab_size,
-            encode=per.get(f.name, {}).get("encode", encode), sequence=f.sequence,
-            separator=per.get(f.name, {}).get("separator", separator),
+            feature=f.name, column=per(f.name, "column", f.name), vocab_size=f.vocab_size,
+            encode=per(f.name, "encode", o.encode), sequence=f.sequence, separator=per(f.name, "separator", o.separator),
         )
         for f in model.features.sparse
     )
     dense = tuple(
-        DenseColumn(f.name, per.get(f.name, {}).get("column", f.name), per.get(f.name, {}).get("transform", transform))
+        DenseColumn(f.name, per(f.name, "column", f.name), per(f.name, "transform", o.transform))
         for f in model.features.dense
     )
-    label_map = o.get("labels", {}, (dict,))
-    for name in label_map:
-        if name not in model.task_names:
-            o.fail(f"no task named {name!r} in the model", f"labels.{name}")
-    labels = tuple(str(label_map.get(t.name, t.label_name)) for t in model.tasks)
-    if kind == "parquet":
-        return TabularFormat("parquet", sparse, dense, labels, chunk_rows=o.get("chunk_rows", 65_536, (int,)))
-    criteo = kind == "criteo"
-    names = o.get("column_names", list(CRITEO_COLUMNS) if criteo else None, (list,))
+    labels = tuple(o.labels.get(t.name, t.label_name) for t in model.tasks)
+    if not isinstance(o, CsvOptions):
+        return TabularFormat("parquet", sparse, dense, labels, chunk_rows=o.chunk_rows)
     return TabularFormat(
-        "csv", sparse, dense, labels,
-        delimiter=o.get("delimiter", None if criteo else ",", (str,)),
-        header=o.get("header", None if criteo else True, (bool,)),
-        column_names=tuple(names) if names else None,
-        block_bytes=o.get("block_bytes", 1 << 22, (int,)),
+        "csv", sparse, dense, labels, delimiter=o.delimiter, header=o.header,
+        column_names=tuple(o.column_names) if o.column_names else None, block_bytes=o.block_bytes,
     )
 
 
-def open_file_source(model: "ModelSpec", eco: "EcosystemSpec", kind: str) -> FileSource:
+def open_file_source(model: ModelSpec, eco: EcosystemSpec, kind: str) -> FileSource:
     """Builds the ``kind`` file source of ``model`` (ConfigError on bad options)."""
-    o = _Opts(model, eco, kind)
-    fmt = _libfm_format(o) if kind == "libfm" else _tabular_format(o)
-    files, fractions = o.files()
+    o = parse_options(model, eco, kind)
+    fmt = _libfm_format(model, eco, o) if isinstance(o, LibfmOptions) else _tabular_format(model, eco, o)
+    files = _files(model, eco, o)
     return FileSource(
-        fmt, model.task_names, files, fractions=fractions,
-        split_seed=o.get("split_seed", 0, (int,)),
-        streaming=o.streaming(files),
-        skip_malformed=o.get("skip_malformed", False, (bool,)),
-        shuffle_buffer=o.get("shuffle_buffer", 262_144, (int,)),
+        fmt, model.task_names, files, fractions=o.fractions, split_seed=o.split_seed, streaming=_streams(o, files),
+        skip_malformed=o.skip_malformed, shuffle_buffer=o.shuffle_buffer,
     )
-
-
-for _kind in ("libfm", "criteo", "csv", "parquet"):
-    register_source(_kind, functools.partial(open_file_source, kind=_kind))

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Mapping
 import attrs
 import torch
 
-from smt_host.data import register_source
 from smt_host.data.batch import InMemorySource, TensorSplit
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -273,5 +272,3 @@ def synthetic_source(model: "ModelSpec", eco: "EcosystemSpec") -> InMemorySource
         start += size
     return InMemorySource(splits=splits, task_names=model.task_names)
 
-
-register_source("synthetic", synthetic_source)
