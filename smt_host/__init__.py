@@ -13,6 +13,8 @@ host's internal modules, which may move between releases.
 * validators for parameter classes: :func:`at_least`, :func:`in_range`,
   :func:`one_of`, :func:`identifier`, :func:`positive_widths`;
 * errors: :class:`SmtError` and its subclasses, :class:`ExitCode`;
+* data sources (``smt_data_sources``): :class:`DataSource`, :class:`Batch`,
+  :class:`InMemorySource`, :class:`TensorSplit`;
 * the host itself, for notebooks and tests: :class:`Host`.
 
 The hook contract is :mod:`smt_host.hookspecs`. Names that need torch are
@@ -56,6 +58,10 @@ _LAZY = {
     "example_batch": "smt_host.model.template",
     "binary_metrics": "smt_host.train.metrics",
     "Host": "smt_host.host",
+    "Batch": "smt_host.data.batch",
+    "DataSource": "smt_host.data.batch",
+    "InMemorySource": "smt_host.data.batch",
+    "TensorSplit": "smt_host.data.batch",
 }
 
 
@@ -74,6 +80,10 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "SLOTS",
+    "Batch",
+    "DataSource",
+    "InMemorySource",
+    "TensorSplit",
     "CapacityError",
     "ConfigError",
     "DataFormatError",

@@ -27,33 +27,54 @@ A failed check raises ``AssertionError`` naming the model and the check.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any, Optional
 
 import attrs
 import pytest
-import torch
 
 from smt_host.contexts import LossInputs
-from smt_host.data import open_source
-from smt_host.host import Host
 from smt_host.spec.loading import default_ecosystem_path, ecosystem_from_dict, load_ecosystem
-from smt_host.train import checkpoint as _checkpoint
-from smt_host.train.trainer import predict, train_model
+from smt_host.spec.schema import EcosystemSpec, ModelSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from smt_host.host import Host
 
 __all__ = [
     "Host", "check_model", "check_technique", "default_ecosystem_path", "ecosystem_from_dict", "listed_techniques",
     "load_ecosystem", "open_source", "predict", "saved_checkpoint", "tiny_ecosystem", "train_briefly", "train_model",
 ]
 
+#: re-exported for plugin tests, imported on first use: this module is a
+#: pytest plugin loaded in every pytest run where smt-host is installed, so
+#: it imports no torch until a test asks for it
+_LAZY = {
+    "Host": "smt_host.host",
+    "open_source": "smt_host.data",
+    "predict": "smt_host.train.trainer",
+    "train_model": "smt_host.train.trainer",
+    "example_batch": "smt_host.model.template",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'smt_host.testing' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 def saved_checkpoint(run_dir: Any) -> dict:
     """The checkpoint of a run folder, loaded with ``weights_only=True``."""
     from pathlib import Path
 
-    return _checkpoint.load(Path(run_dir) / _checkpoint.CHECKPOINT)
-from smt_host.model.template import example_batch
-from smt_host.spec.loading import ecosystem_from_dict
-from smt_host.spec.schema import EcosystemSpec, ModelSpec
+    from smt_host.train import checkpoint
+
+    return checkpoint.load(Path(run_dir) / checkpoint.CHECKPOINT)
+
 
 _SPARSE = [
     ("user_id", 20000), ("user_segment", 16), ("age_bucket", 8), ("ad_id", 4000),
@@ -83,6 +104,8 @@ def tiny_ecosystem(embedding_dim: int = 8) -> EcosystemSpec:
 
 
 def _outputs(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    import torch
+
     model.eval()
     with torch.no_grad():
         out = model(batch.dense, batch.sparse)
@@ -98,6 +121,10 @@ def _enable(spec: ModelSpec, name: str) -> ModelSpec:
 
 def check_model(host: Host, spec: ModelSpec, name: str) -> None:
     """All checks of technique ``name`` on one model (raises AssertionError)."""
+    import torch
+
+    from smt_host.model.template import example_batch
+
     where = f"technique {name!r} in model {spec.name!r}"
     reg = host.spm.techniques[name]
     plan = host.plan(spec)
@@ -168,6 +195,10 @@ def check_model(host: Host, spec: ModelSpec, name: str) -> None:
 def check_technique(name: str, *, host: Optional[Host] = None, ecosystem: Optional[EcosystemSpec] = None) -> list[str]:
     """Runs every check on every model of ``ecosystem`` (default: the tiny one)
     that technique ``name`` applies to. Returns the models checked."""
+    import torch
+
+    from smt_host.host import Host
+
     host = host or Host.create()
     eco = ecosystem or tiny_ecosystem()
     if name not in host.spm.techniques:
@@ -193,6 +224,10 @@ def smt_one_thread():
     """Autouse: one torch thread per test (tests often share a small
     machine, and one thread keeps timings and reductions stable); the
     previous count is restored after."""
+    torch = sys.modules.get("torch")  # a test that uses torch has imported it by now; others pay nothing
+    if torch is None:
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -204,6 +239,8 @@ def smt_one_thread():
 @pytest.fixture
 def smt_host_instance() -> Host:
     """A host with every installed plugin."""
+    from smt_host.host import Host
+
     return Host.create()
 
 
@@ -252,6 +289,9 @@ def train_briefly(technique: str, out_dir: Any, *, model: str = "feed_ctr", trai
     a reduced synthetic set (20k examples at batch 128: 157 steps, enough
     for a working model to learn; a broken one stays near AUC 0.5).
     Returns the trainer's ``RunResult``."""
+    from smt_host.host import Host
+    from smt_host.train.trainer import train_model
+
     host = host or Host.create()
     eco = host.default_ecosystem()
     eco = attrs.evolve(eco, synthetic=attrs.evolve(

@@ -31,16 +31,6 @@ from smt_host.technique import EXCLUSIVE_SLOTS, SLOTS
 from smt_host.testing import check_technique
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _import(folder: Path, module: str, monkeypatch):
     spec = importlib.util.spec_from_file_location(module, folder / f"{module}.py")
     mod = importlib.util.module_from_spec(spec)
@@ -66,7 +56,7 @@ def test_cli_generates_the_distribution(tmp_path):
     ]
     project = tomllib.loads((folder / "pyproject.toml").read_text())
     assert project["project"]["name"] == "smt-mask-net"
-    assert project["project"]["dependencies"] == ["smt-host"]
+    assert project["project"]["dependencies"] == ["smt-host>=0.3,<0.4"]
     assert project["project"]["entry-points"]["smt"] == {"mask-net": "smt_mask_net"}
     assert project["tool"]["setuptools"]["py-modules"] == ["smt_mask_net"]
     test = (folder / "tests" / "test_mask_net.py").read_text()
@@ -112,7 +102,7 @@ def test_cli_help_lists_slots():
 
 
 @pytest.mark.parametrize("slot", SLOTS)
-def test_skeleton_passes_the_kit(slot, tmp_path, monkeypatch, one_thread):
+def test_skeleton_passes_the_kit(slot, tmp_path, monkeypatch):  # one torch thread: the kit's smt_one_thread
     name = f"my_{slot}"
     folder = scaffold.new_plugin(name.replace("_", "-"), slot, tmp_path)
     mod = _import(folder, f"smt_{name}", monkeypatch)

@@ -83,7 +83,9 @@ def main(argv: list[str]) -> int:
             print(f"\n=== {name}: installed alone ===", flush=True)
             stray = external_plugins()
             if stray:
-                print(f"error: before installing {name}, other plugins are installed: {', '.join(stray)}", file=sys.stderr)
+                print(
+                    f"error: before installing {name}, other plugins are installed: {', '.join(stray)}", file=sys.stderr
+                )
                 return 1
             ok = pip("install", "--quiet", str(d)) == 0 and run(*pytest_args([d], extra)) == 0
             pip("uninstall", "--yes", "--quiet", name)

@@ -48,7 +48,7 @@ def _data_source(host, info: dict, data: str, model: str | None):
                 raise click.UsageError(f"{data} has models {', '.join(eco.models)}; pick one with --model")
             name = next(iter(eco.models))
         spec_d = eco.model(name)
-        return open_source(spec_d, eco), spec_d
+        return open_source(spec_d, eco, host.spm.data_sources), spec_d
     eco = host.default_ecosystem()
     p = Path(data).resolve()
     suffixes = [s.lower() for s in p.suffixes if s.lower() != ".gz"]
@@ -59,7 +59,7 @@ def _data_source(host, info: dict, data: str, model: str | None):
     opts["train"] = str(p)
     opts["streaming"] = False
     spec_f = attrs.evolve(spec, data=attrs.evolve(spec.data, source=kind, options=opts))
-    return open_source(spec_f, eco), spec_f
+    return open_source(spec_f, eco, host.spm.data_sources), spec_f
 
 
 @click.command("predict")

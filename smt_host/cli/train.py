@@ -91,6 +91,11 @@ def train_cmd(targets, ecosystem, out, resume, epochs, seed, as_json, no_progres
 
     host = make_host(quiet=False)
     eco, specs = load_targets(host, targets, ecosystem)
+    parallel = None
+    if launch.launched():  # one rank of a torchrun job: tables sharded with torchrec DMP
+        from smt_host.distributed.parallel import Parallel
+
+        parallel = Parallel.from_env()
     lock = None
     if lockfile:
         from smt_host.ecosystem.lock import check_lock, locked_spec
@@ -126,6 +131,7 @@ def train_cmd(targets, ecosystem, out, resume, epochs, seed, as_json, no_progres
                     raise LockError(f"{lockfile}: {exc}") from exc
                 plan = host.plan(spec, only=only)
             results.append(train_model(host, spec, eco, run_dir, plan=plan, resume=resume, progress=progress,
+                                       parallel=parallel,
                                        log=progress.console.print))
         on_interrupt(None)
     wall = time.perf_counter() - started

@@ -27,7 +27,7 @@ Under ``torchrun`` (``TORCHELASTIC_RUN_ID`` / ``RANK`` + ``WORLD_SIZE`` set)
   (DCP) from every rank's own shards into ``checkpoint.dcp/`` (no gather to
   rank 0); rank 0 writes ``checkpoint.pt`` with the plan, manifest and spec
   and ``"model_dcp": "checkpoint.dcp"`` instead of ``"model"``.
-  :func:`load_model_state` loads either kind into one process.
+  :func:`smt_host.train.checkpoint.load_model_state` loads either kind into one process.
 
 Not supported (yet): ``--resume`` of a distributed run (optimizer state is not
 written to DCP), and models of more than one network (an ensemble).
@@ -315,18 +315,5 @@ class Parallel:
             os.replace(tmp, final)
             save_atomic({**meta, "model_dcp": DCP_DIR, "world_size": self.world_size}, path)
         self.barrier()
-
-
-def load_model_state(model: nn.Module, saved: dict, path: Path) -> None:
-    """Loads a checkpoint's weights into a one-process model: ``saved["model"]``,
-    or the DCP folder ``saved["model_dcp"]`` next to ``path`` (resharded by DCP)."""
-    if "model" in saved:
-        model.load_state_dict(saved["model"])
-        return
-    import torch.distributed.checkpoint as dcp
-
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(Path(path).parent / saved["model_dcp"]), no_dist=True)
-    model.load_state_dict(state["model"])
 
 

@@ -49,8 +49,8 @@ def spec_of(host: Any, saved: dict, ecosystem: Optional[str] = None) -> ModelSpe
 
 def load_run(host: Any, run_dir: Path, ecosystem: Optional[str] = None) -> tuple[torch.nn.Module, Any, ModelSpec, dict]:
     """(model in eval mode with the run's weights, plan, spec, checkpoint)."""
-    from smt_host.distributed.parallel import load_model_state
     from smt_host.train import checkpoint as ckpt
+    from smt_host.train.checkpoint import load_model_state
 
     run_dir = Path(run_dir)
     path = run_dir / ckpt.CHECKPOINT if run_dir.is_dir() else run_dir

@@ -55,3 +55,16 @@ def load(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model_state(model: torch.nn.Module, saved: dict, path: Path) -> None:
+    """Loads a checkpoint's weights into a one-process model: ``saved["model"]``,
+    or the DCP folder ``saved["model_dcp"]`` next to ``path`` (resharded by DCP)."""
+    if "model" in saved:
+        model.load_state_dict(saved["model"])
+        return
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(Path(path).parent / saved["model_dcp"]), no_dist=True)
+    model.load_state_dict(state["model"])

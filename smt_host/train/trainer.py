@@ -138,9 +138,9 @@ def train_model(
         progress: a ``rich.progress.Progress`` to report steps to, or None.
         data: a data source (default: the spec's).
         log: where to write one-line messages.
-        parallel: a :class:`smt_host.distributed.Parallel` (one rank of a
-            distributed run); by default one is made when running under
-            ``torchrun``, else training is one process.
+        parallel: a :class:`smt_host.distributed.parallel.Parallel` (one
+            rank of a distributed run; ``smt train`` makes one under
+            ``torchrun``); None trains in one process.
 
     Raises:
         TrainingError: the loss became NaN or inf (the last good checkpoint stays).
@@ -154,11 +154,6 @@ def train_model(
     built = host.build(plan, spec)
     model, opts = built.model, built.optimizers
     inner, gather = model, None
-    if parallel is None:
-        from smt_host.distributed.launch import launched
-        from smt_host.distributed.parallel import Parallel
-
-        parallel = Parallel.from_env() if launched() else None
     members = built.members
     if parallel is not None:
         if len(members) > 1:
