@@ -32,17 +32,23 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Optional
 
 import attrs
 
 ROOT = Path(__file__).resolve().parents[1]
 
 PUBLISHED = [  # BARS, reczoo/BARS ranking/ctr/<Model>/<Model>_frappe_x1/README.md (test)
-    ("FinalMLP", 0.986072, 0.148415), ("FinalNet (2 blocks)", 0.985744, 0.131070),
-    ("EDCN", 0.985012, 0.154740), ("AutoInt+", 0.984812, 0.149007), ("xDeepFM", 0.984507, 0.146604),
-    ("DCNv2", 0.984478, 0.149149), ("DeepFM", 0.984243, 0.148174), ("DLRM", 0.983995, 0.144441),
-    ("DNN", 0.983323, 0.162229), ("FM", 0.967108, 0.206515), ("LR", 0.935584, 0.307643),
+    ("FinalMLP", 0.986072, 0.148415),
+    ("FinalNet (2 blocks)", 0.985744, 0.131070),
+    ("EDCN", 0.985012, 0.154740),
+    ("AutoInt+", 0.984812, 0.149007),
+    ("xDeepFM", 0.984507, 0.146604),
+    ("DCNv2", 0.984478, 0.149149),
+    ("DeepFM", 0.984243, 0.148174),
+    ("DLRM", 0.983995, 0.144441),
+    ("DNN", 0.983323, 0.162229),
+    ("FM", 0.967108, 0.206515),
+    ("LR", 0.935584, 0.307643),
 ]
 
 
@@ -50,7 +56,7 @@ SPEC = ROOT / "examples" / "real" / "frappe.toml"
 RECIPES = ROOT / "benchmarks" / "frappe_x1.toml"
 
 
-def frappe_spec(max_epochs: int, overrides: Optional[dict] = None):
+def frappe_spec(max_epochs: int, overrides: dict | None = None):
     """(ecosystem, spec) of ``examples/real/frappe.toml`` (which holds the
     recipe: MLP 400-400-400 with BatchNorm and dropout 0.2, Adam, L2 0.1 on
     the tables, lr x0.1 on a validation plateau), with ``overrides`` (a
@@ -102,8 +108,10 @@ def combined_recipe(recipes: dict[str, dict], techniques: list[str]) -> dict:
     for t in techniques:
         for key, value in leaves(recipes.get(t, {})):
             if key in owner and owner[key][1] != value:
-                raise SystemExit(f"{RECIPES}: [{owner[key][0]}] and [{t}] set {key} differently "
-                                 f"({owner[key][1]!r} vs {value!r}); they cannot run together")
+                raise SystemExit(
+                    f"{RECIPES}: [{owner[key][0]}] and [{t}] set {key} differently "
+                    f"({owner[key][1]!r} vs {value!r}); they cannot run together"
+                )
             owner[key] = (t, value)
         out = merge_tables(out, recipes.get(t, {}))
     return out
@@ -117,8 +125,18 @@ def recipe(spec, techniques, plugin_techniques, conv) -> dict:
     training = conv.unstructure(spec.training)
     training.pop("seed", None)
     tables = {k: v for k, v in spec.techniques.items() if k in techniques or k not in plugin_techniques}
-    return json.loads(json.dumps({"features": conv.unstructure(spec.features), "arch": conv.unstructure(spec.arch),
-                                  "training": training, "techniques": tables}, sort_keys=True, default=str))
+    return json.loads(
+        json.dumps(
+            {
+                "features": conv.unstructure(spec.features),
+                "arch": conv.unstructure(spec.arch),
+                "training": training,
+                "techniques": tables,
+            },
+            sort_keys=True,
+            default=str,
+        )
+    )
 
 
 _WORKER: dict = {}
@@ -170,14 +188,24 @@ def run_config(job: dict) -> dict:
         final.load_state_dict(ckpt.load(run_dir / ckpt.CHECKPOINT)["best_model"])
         final_valid = evaluate(final, data, "valid", spec.training.eval_batch_size, list(spec.task_names))["click"]
     result = {
-        "config": job["config"], "seed": job["seed"], "techniques": sorted(job["techniques"]),
-        "max_epochs": job["max_epochs"], "recipe": job["recipe"],
-        "test_auc": r.test["click"]["auc"], "test_logloss": r.test["click"]["logloss"],
-        "valid_auc": final_valid["auc"], "valid_logloss": final_valid["logloss"],
-        "valid_auc_before_fit": r.valid["click"]["auc"], "valid_logloss_before_fit": r.valid["click"]["logloss"],
-        "epochs": r.epochs, "best_epoch": max(r.history, key=lambda h: h["valid"]["click"]["auc"])["epoch"],
-        "wall_s": wall, "train_examples_per_s": r.examples_per_s,
-        "flops": plan.cost.flops, "dense_params": plan.cost.dense_params, "threads": _threads(),
+        "config": job["config"],
+        "seed": job["seed"],
+        "techniques": sorted(job["techniques"]),
+        "max_epochs": job["max_epochs"],
+        "recipe": job["recipe"],
+        "test_auc": r.test["click"]["auc"],
+        "test_logloss": r.test["click"]["logloss"],
+        "valid_auc": final_valid["auc"],
+        "valid_logloss": final_valid["logloss"],
+        "valid_auc_before_fit": r.valid["click"]["auc"],
+        "valid_logloss_before_fit": r.valid["click"]["logloss"],
+        "epochs": r.epochs,
+        "best_epoch": max(r.history, key=lambda h: h["valid"]["click"]["auc"])["epoch"],
+        "wall_s": wall,
+        "train_examples_per_s": r.examples_per_s,
+        "flops": plan.cost.flops,
+        "dense_params": plan.cost.dense_params,
+        "threads": _threads(),
         "techniques_active": [e.technique for e in plan.entries if e.dist != "smt-host"],
     }
     done.write_text(json.dumps(result, indent=2))
@@ -217,7 +245,7 @@ def choose_best(summaries: dict[str, dict], singles: list[str]) -> list[str]:
     return sorted(chosen)
 
 
-def seed_ensemble(host, runs: list[dict], runs_dir: Path, overrides: dict, max_epochs: int) -> Optional[dict]:
+def seed_ensemble(host, runs: list[dict], runs_dir: Path, overrides: dict, max_epochs: int) -> dict | None:
     """Validation and test metrics of one config's seed runs averaged: the
     mean logit of their saved best models (calibration fits included).
 
@@ -242,7 +270,9 @@ def seed_ensemble(host, runs: list[dict], runs_dir: Path, overrides: dict, max_e
         return None
     eco, spec = frappe_spec(max_epochs, overrides)
     data = open_source(spec, eco)
-    plan = host.plan(spec, **({"only": frozenset(runs[0]["techniques"])} if runs[0]["techniques"] else {"builtins_only": True}))
+    plan = host.plan(
+        spec, **({"only": frozenset(runs[0]["techniques"])} if runs[0]["techniques"] else {"builtins_only": True})
+    )
     rate = float(data.base_rates()[0])
     logits: dict[str, list] = {"valid": [], "test": []}
     labels = {}
@@ -253,11 +283,17 @@ def seed_ensemble(host, runs: list[dict], runs_dir: Path, overrides: dict, max_e
             prob, label = predict(model, data, split, spec.training.eval_batch_size)
             out.append(torch.logit(prob[:, 0].double(), eps=1e-7))
             labels[split] = label[:, 0]
-    metrics = {split: binary_metrics(torch.sigmoid(torch.stack(out).mean(0)).float(), labels[split], rate)
-               for split, out in logits.items()}
-    return {"config": runs[0]["config"], "techniques": runs[0]["techniques"], "models": len(runs),
-            "seeds": [r["seed"] for r in runs],
-            **{f"{split}_{k}": metrics[split][k] for split in ("valid", "test") for k in ("auc", "logloss")}}
+    metrics = {
+        split: binary_metrics(torch.sigmoid(torch.stack(out).mean(0)).float(), labels[split], rate)
+        for split, out in logits.items()
+    }
+    return {
+        "config": runs[0]["config"],
+        "techniques": runs[0]["techniques"],
+        "models": len(runs),
+        "seeds": [r["seed"] for r in runs],
+        **{f"{split}_{k}": metrics[split][k] for split in ("valid", "test") for k in ("auc", "logloss")},
+    }
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -271,36 +307,57 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def markdown(summaries: list[dict], ensemble: Optional[dict] = None) -> str:
+def markdown(summaries: list[dict], ensemble: dict | None = None) -> str:
     """The results table, published rows included, by test AUC; ``ensemble``
     (see ``seed_ensemble``) is a row of its own, marked as the ensemble it is."""
     lines = ["| model | test AUC | test logloss | epochs | wall s/run | train ex/s |", "|---|---|---|---|---|---|"]
-    rows = [(f"smt {s['config']}" + (f" ({'+'.join(s['techniques'])})" if s["config"] == "best" else ""),
-             s["test_auc"], s["test_logloss"], s) for s in summaries]
+    rows = [
+        (
+            f"smt {s['config']}" + (f" ({'+'.join(s['techniques'])})" if s["config"] == "best" else ""),
+            s["test_auc"],
+            s["test_logloss"],
+            s,
+        )
+        for s in summaries
+    ]
     rows += [(name, auc, ll, None) for name, auc, ll in PUBLISHED]
     if ensemble is not None:
-        rows.append((f"smt {ensemble['config']}, its {ensemble['models']} seed runs averaged", ensemble["test_auc"],
-                     ensemble["test_logloss"], "ensemble"))
+        rows.append(
+            (
+                f"smt {ensemble['config']}, its {ensemble['models']} seed runs averaged",
+                ensemble["test_auc"],
+                ensemble["test_logloss"],
+                "ensemble",
+            )
+        )
     for name, auc, ll, s in sorted(rows, key=lambda r: -r[1]):
         if s == "ensemble":
-            lines.append(f"| *{name} ({ensemble['models']} models: not a single model, not a mean over seeds)* "
-                         f"| *{auc:.6f}* | *{ll:.6f}* | | | |")
+            lines.append(
+                f"| *{name} ({ensemble['models']} models: not a single model, not a mean over seeds)* "
+                f"| *{auc:.6f}* | *{ll:.6f}* | | | |"
+            )
         elif s is None:
             lines.append(f"| {name} (BARS) | {auc:.6f} | {ll:.6f} | | | |")
         else:
-            lines.append(f"| **{name}** | **{auc:.6f}** ± {s['test_auc_std']:.6f} | **{ll:.6f}** ± {s['test_logloss_std']:.6f} "
-                         f"| {s['epochs']:.1f} | {s['wall_s']:.0f} | {s['train_examples_per_s']:,.0f} |")
+            lines.append(
+                f"| **{name}** | **{auc:.6f}** ± {s['test_auc_std']:.6f} | **{ll:.6f}** ± {s['test_logloss_std']:.6f} "
+                f"| {s['epochs']:.1f} | {s['wall_s']:.0f} | {s['train_examples_per_s']:,.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def run_all(jobs: list[dict], workers: int, threads: int) -> list[dict]:
     """Runs ``jobs`` (``run_config`` arguments) over ``workers`` processes,
     printing each result as it lands; results in job order."""
+
     def show(r: dict) -> None:
         tag = " (saved result)" if r.get("resumed") else ""
-        print(f"{r['config']} seed {r['seed']}: test AUC {r['test_auc']:.6f} logloss {r['test_logloss']:.6f} "
-              f"(valid AUC {r['valid_auc']:.6f}, best epoch {r['best_epoch']} of {r['epochs']}, "
-              f"{r['wall_s']:.0f} s, {r['threads']} threads){tag}", flush=True)
+        print(
+            f"{r['config']} seed {r['seed']}: test AUC {r['test_auc']:.6f} logloss {r['test_logloss']:.6f} "
+            f"(valid AUC {r['valid_auc']:.6f}, best epoch {r['best_epoch']} of {r['epochs']}, "
+            f"{r['wall_s']:.0f} s, {r['threads']} threads){tag}",
+            flush=True,
+        )
 
     if workers <= 1:
         _init_worker(threads)
@@ -313,8 +370,9 @@ def run_all(jobs: list[dict], workers: int, threads: int) -> list[dict]:
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     results: dict[int, dict] = {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                             initializer=_init_worker, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(threads,)
+    ) as pool:
         futures = {pool.submit(run_config, job): i for i, job in enumerate(jobs)}
         for f in as_completed(futures):
             results[futures[f]] = f.result()
@@ -325,11 +383,20 @@ def run_all(jobs: list[dict], workers: int, threads: int) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--configs", default="all",
-                   help="comma list of: baseline, <technique>, best; 'all' = baseline, every applicable technique, best")
-    p.add_argument("--max-epochs", type=int, default=30, help="cap on epochs per run (early stopping ends them sooner; default 30)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs in parallel, each in its own process with cores/jobs torch threads (default 1)")
+    p.add_argument(
+        "--configs",
+        default="all",
+        help="comma list of: baseline, <technique>, best; 'all' = baseline, every applicable technique, best",
+    )
+    p.add_argument(
+        "--max-epochs", type=int, default=30, help="cap on epochs per run (early stopping ends them sooner; default 30)"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs in parallel, each in its own process with cores/jobs torch threads (default 1)",
+    )
     p.add_argument("--fresh", action="store_true", help="retrain runs that already have a saved result")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
@@ -352,13 +419,18 @@ def main(argv=None) -> int:
             singles.append(name)
     unused = sorted(set(recipes) - set(singles))
     if unused:
-        print(f"note: {RECIPES.name} tables {unused} name no installed, applicable technique; not used "
-              f"(installed: {', '.join(singles) or 'none'})", file=sys.stderr)
+        print(
+            f"note: {RECIPES.name} tables {unused} name no installed, applicable technique; not used "
+            f"(installed: {', '.join(singles) or 'none'})",
+            file=sys.stderr,
+        )
     configs = ["baseline", *singles, "best"] if args.configs == "all" else args.configs.split(",")
     unknown = [c for c in configs if c not in ("baseline", "best", *singles)]
     if unknown:
-        print(f"unknown config(s) {unknown}; choose from baseline, best, {', '.join(singles) or '(no plugins installed)'}",
-              file=sys.stderr)
+        print(
+            f"unknown config(s) {unknown}; choose from baseline, best, {', '.join(singles) or '(no plugins installed)'}",
+            file=sys.stderr,
+        )
         return 2
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     print(host.spm.header(), f"| {args.jobs} job(s) x {threads} torch threads | configs {configs}", flush=True)
@@ -368,9 +440,19 @@ def main(argv=None) -> int:
         overrides = combined_recipe(recipes, sorted(techniques))
         _, run_spec = frappe_spec(args.max_epochs, overrides)
         key = recipe(run_spec, techniques, singles, host.conv)
-        return [{"config": config, "techniques": sorted(techniques), "seed": seed, "max_epochs": args.max_epochs,
-                 "overrides": overrides, "recipe": key, "out": str(runs_dir), "fresh": args.fresh}
-                for seed in range(args.seeds)]
+        return [
+            {
+                "config": config,
+                "techniques": sorted(techniques),
+                "seed": seed,
+                "max_epochs": args.max_epochs,
+                "overrides": overrides,
+                "recipe": key,
+                "out": str(runs_dir),
+                "fresh": args.fresh,
+            }
+            for seed in range(args.seeds)
+        ]
 
     first = [j for c in configs if c != "best" for j in jobs_for(c, [] if c == "baseline" else [c])]
     all_runs = run_all(first, args.jobs, threads)
@@ -387,14 +469,23 @@ def main(argv=None) -> int:
             all_runs += best
             ensemble = seed_ensemble(host, best, runs_dir, combined_recipe(recipes, chosen), args.max_epochs)
             if ensemble is not None:
-                print(f"best, its {ensemble['models']} seed runs averaged (an ensemble, not one model): "
-                      f"valid AUC {ensemble['valid_auc']:.6f}, test AUC {ensemble['test_auc']:.6f} "
-                      f"logloss {ensemble['test_logloss']:.6f}", flush=True)
+                print(
+                    f"best, its {ensemble['models']} seed runs averaged (an ensemble, not one model): "
+                    f"valid AUC {ensemble['valid_auc']:.6f}, test AUC {ensemble['test_auc']:.6f} "
+                    f"logloss {ensemble['test_logloss']:.6f}",
+                    flush=True,
+                )
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"protocol": "BARS Frappe_x1: train reconstructed, early stop on valid AUC, test; dim 10, batch 4096",
-              "header": host.spm.header(), "jobs": args.jobs, "threads_per_job": threads,
-              "summaries": list(summaries.values()), "seed_ensemble": ensemble, "runs": all_runs,
-              "published": [{"model": n, "test_auc": a, "test_logloss": l} for n, a, l in PUBLISHED]}
+    result = {
+        "protocol": "BARS Frappe_x1: train reconstructed, early stop on valid AUC, test; dim 10, batch 4096",
+        "header": host.spm.header(),
+        "jobs": args.jobs,
+        "threads_per_job": threads,
+        "summaries": list(summaries.values()),
+        "seed_ensemble": ensemble,
+        "runs": all_runs,
+        "published": [{"model": n, "test_auc": a, "test_logloss": ll} for n, a, ll in PUBLISHED],
+    }
     (args.out / "frappe_x1.json").write_text(json.dumps(result, indent=2))
     table = markdown(list(summaries.values()), ensemble)
     (args.out / "frappe_x1.md").write_text("# Frappe_x1 (test)\n\n" + table)

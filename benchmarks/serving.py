@@ -44,8 +44,10 @@ def main() -> None:
     host = Host.create()
     spec = host.default_ecosystem().model(args.model)
     variants = [("baseline", host.plan(spec, builtins_only=True)), ("all plugins", host.plan(spec))]
-    print(f"model {args.model}; plugins: {', '.join(d for d in host.spm.distributions if d != 'smt-host') or 'none'}; "
-          f"torch threads {args.threads}; {args.iters} calls per cell\n")
+    print(
+        f"model {args.model}; plugins: {', '.join(d for d in host.spm.distributions if d != 'smt-host') or 'none'}; "
+        f"torch threads {args.threads}; {args.iters} calls per cell\n"
+    )
     print(f"{'template':<12} {'FLOPs/ex':>12} {'mode':<9} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'us/ex p50':>10}")
     for name, plan in variants:
         model = host.build(plan, spec).model.eval()
@@ -56,7 +58,9 @@ def main() -> None:
             program = export_model(model, spec, batch_size=b).module()
             for mode, fn in (("eager", model), ("exported", program)):
                 p50, p99 = bench(fn, batch.dense, sparse, iters)
-                print(f"{name:<12} {plan.cost.flops:>12,.0f} {mode:<9} {b:>5} {p50:>9.3f} {p99:>9.3f} {p50 * 1e3 / b:>10.1f}")
+                print(
+                    f"{name:<12} {plan.cost.flops:>12,.0f} {mode:<9} {b:>5} {p50:>9.3f} {p99:>9.3f} {p50 * 1e3 / b:>10.1f}"
+                )
         tech = [e.technique for e in plan.entries if e.dist != "smt-host"]
         print(f"{'':<12} techniques: {', '.join(tech) or 'built-ins only'}")
 

@@ -45,7 +45,9 @@ class HandWritten(nn.Module):
     Shapes: forward ids (B, F) long -> logits (B, 1).
     """
 
-    def __init__(self, vocab_sizes: list[int], dim: int, widths: list[int], tower: int, dropout: float, batch_norm: bool):
+    def __init__(
+        self, vocab_sizes: list[int], dim: int, widths: list[int], tower: int, dropout: float, batch_norm: bool
+    ):
         super().__init__()
         self.tables = nn.ModuleList(nn.EmbeddingBag(v, dim, mode="sum") for v in vocab_sizes)
         layers: list[nn.Module] = []
@@ -93,8 +95,11 @@ def matmul_peak(shapes: list[tuple[int, int, int]], seconds: float = 1.0) -> dic
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--steps", type=int, default=40, help="training steps per timed round (default 40)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per model (default 5)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all)")
@@ -127,14 +132,24 @@ def main(argv=None) -> int:
     built = host.build(plan, spec)
     template, loss_fn, t_opts = built.members[0], built.loss, built.optimizers
     arch = spec.arch
-    hand = HandWritten([f.vocab_size for f in spec.features.sparse], spec.features.sparse[0].embedding_dim,
-                       list(arch.over_arch), arch.task_width, arch.dropout, arch.batch_norm)
+    hand = HandWritten(
+        [f.vocab_size for f in spec.features.sparse],
+        spec.features.sparse[0].embedding_dim,
+        list(arch.over_arch),
+        arch.task_width,
+        arch.dropout,
+        arch.batch_norm,
+    )
     copy_weights(template, hand, features)
     tables = list(hand.tables.parameters())
     table_ids = {id(q) for q in tables}
     tr = spec.training
-    h_opts = [torch.optim.Adam([q for q in hand.parameters() if id(q) not in table_ids], lr=tr.lr, weight_decay=tr.weight_decay),
-              torch.optim.Adam(tables, lr=tr.embedding_lr, weight_decay=tr.embedding_weight_decay)]
+    h_opts = [
+        torch.optim.Adam(
+            [q for q in hand.parameters() if id(q) not in table_ids], lr=tr.lr, weight_decay=tr.weight_decay
+        ),
+        torch.optim.Adam(tables, lr=tr.embedding_lr, weight_decay=tr.embedding_weight_decay),
+    ]
     bce = nn.BCEWithLogitsLoss()
     template.eval(), hand.eval()
     with torch.no_grad():  # same weights, same function: the comparison is like for like
@@ -168,25 +183,32 @@ def main(argv=None) -> int:
     rates: dict[str, list[float]] = {k: [] for k in runs}
     order = list(runs)
     for r in range(args.rounds):
-        for name in (order if r % 2 == 0 else order[::-1]):
+        for name in order if r % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             for i in range(len(batches)):
                 runs[name](i)
             rates[name].append(len(batches) * bs / (time.perf_counter() - t0))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:,.0f} ex/s" for k, v in rates.items()), flush=True)
+        print(
+            f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:,.0f} ex/s" for k, v in rates.items()), flush=True
+        )
 
     med = {k: statistics.median(v) for k, v in rates.items()}
     w = list(arch.over_arch)
     in_dim = sum(f.embedding_dim for f in spec.features.sparse)
-    peaks = matmul_peak([(bs, in_dim, w[0]),
-                         (bs, w[0], w[1]), (2048, 2048, 2048)])
+    peaks = matmul_peak([(bs, in_dim, w[0]), (bs, w[0], w[1]), (2048, 2048, 2048)])
     peak = max(peaks.values())
     achieved = step_flops / bs * med["template"] / 1e9
     result = {
-        "threads": args.threads, "batch_size": bs, "steps_per_round": len(batches), "rounds": args.rounds,
-        "examples_per_s": med, "ratio_template_to_hand": med["template"] / med["hand-written"],
-        "train_step_flops_per_example": step_flops / bs, "achieved_gflops": achieved,
-        "matmul_gflops": peaks, "fraction_of_peak": achieved / peak,
+        "threads": args.threads,
+        "batch_size": bs,
+        "steps_per_round": len(batches),
+        "rounds": args.rounds,
+        "examples_per_s": med,
+        "ratio_template_to_hand": med["template"] / med["hand-written"],
+        "train_step_flops_per_example": step_flops / bs,
+        "achieved_gflops": achieved,
+        "matmul_gflops": peaks,
+        "fraction_of_peak": achieved / peak,
     }
     print(f"\nthreads {args.threads}, batch {bs}, {len(batches)} steps x {args.rounds} rounds (median)")
     print(f"{'model':<14} {'examples/s':>12}")

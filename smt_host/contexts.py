@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -37,7 +38,7 @@ class TableSpec:
     num_embeddings: int
     embedding_dim: int
     pooling: str = "sum"
-    init_std: Optional[float] = None
+    init_std: float | None = None
 
     @property
     def bytes(self) -> int:
@@ -66,7 +67,7 @@ class SlotContext:
         device: where to build parameters.
     """
 
-    spec: "ModelSpec"
+    spec: ModelSpec
     in_dim: int = 0
     num_features: int = 0
     embedding_dim: int = 0
@@ -75,7 +76,7 @@ class SlotContext:
     width_scale: float = 1.0
     device: Any = "cpu"
 
-    def evolve(self, **changes: Any) -> "SlotContext":
+    def evolve(self, **changes: Any) -> SlotContext:
         return attrs.evolve(self, **changes)
 
 
@@ -91,11 +92,11 @@ class LossInputs:
         features: (B, F, D) feature embeddings of the forward pass.
     """
 
-    logits: "torch.Tensor"
-    labels: "torch.Tensor"
-    batch: "Batch"
+    logits: torch.Tensor
+    labels: torch.Tensor
+    batch: Batch
     model: Any
-    features: Optional["torch.Tensor"] = None
+    features: torch.Tensor | None = None
 
 
 LossFn = Callable[[LossInputs], "torch.Tensor"]

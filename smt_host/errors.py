@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import enum
-from typing import Optional
 
 
 class ExitCode(enum.IntEnum):
@@ -54,7 +53,7 @@ class ConfigError(SmtError, ValueError):
 
     exit_code = ExitCode.USAGE_ERROR
 
-    def __init__(self, errors: list[str], source: Optional[str] = None) -> None:
+    def __init__(self, errors: list[str], source: str | None = None) -> None:
         self.errors = list(errors)
         self.source = source
         prefix = f"{source}: " if source else ""

@@ -26,7 +26,8 @@ None when the technique declares no parameters class).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -60,7 +61,7 @@ def smt_techniques() -> list[Any]:
 
 
 @_hookspec
-def smt_data_sources() -> "dict[str, Callable[[Any, Any], Any]]":
+def smt_data_sources() -> dict[str, Callable[[Any, Any], Any]]:
     """Declare the data sources a plugin provides (a warehouse table, a stream...).
 
     Fires once per plugin module, when the plugin manager loads it, like
@@ -78,9 +79,7 @@ def smt_data_sources() -> "dict[str, Callable[[Any, Any], Any]]":
 
 
 @_hookspec
-def smt_embedding_tables(
-    ctx: "SlotContext", params: Any, tables: "list[TableSpec]"
-) -> "list[TableSpec]":
+def smt_embedding_tables(ctx: SlotContext, params: Any, tables: list[TableSpec]) -> list[TableSpec]:
     """Embedding slot: transform the model's embedding table configs.
 
     Fires once per active embedding technique, in host order; each receives
@@ -101,7 +100,7 @@ def smt_embedding_tables(
 
 
 @_hookspec
-def smt_feature_transform(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
+def smt_feature_transform(ctx: SlotContext, params: Any) -> torch.nn.Module:
     """Embedding slot, optional: transform the sparse input before lookup.
 
     Fires once per active embedding technique that implements it, in host
@@ -120,7 +119,7 @@ def smt_feature_transform(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
 
 
 @_hookspec
-def smt_pooled_transform(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
+def smt_pooled_transform(ctx: SlotContext, params: Any) -> torch.nn.Module:
     """Embedding slot, optional: combine pooled embeddings after lookup.
 
     Fires once per active embedding technique that implements it, in host
@@ -138,7 +137,7 @@ def smt_pooled_transform(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
 
 
 @_hookspec
-def smt_output_transform(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
+def smt_output_transform(ctx: SlotContext, params: Any) -> torch.nn.Module:
     """Any slot, optional: a module applied to the logits, (B, T) -> (B, T).
 
     Fires once per active technique that implements it, in host order, when
@@ -159,7 +158,7 @@ def smt_output_transform(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
 
 
 @_hookspec
-def smt_dense_arch(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
+def smt_dense_arch(ctx: SlotContext, params: Any) -> torch.nn.Module:
     """Dense-arch slot (exclusive): dense features (B, Nd) -> (B, D).
 
     Fires once, for the winning technique only, and only for models with
@@ -176,7 +175,7 @@ def smt_dense_arch(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
 
 
 @_hookspec
-def smt_interaction(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
+def smt_interaction(ctx: SlotContext, params: Any) -> torch.nn.Module:
     """Interaction slot (parallel branches): (B, F, D) -> (B, out_i).
 
     Fires once per active interaction technique, in host order. All branches
@@ -202,7 +201,7 @@ def smt_interaction(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
 
 
 @_hookspec
-def smt_over_arch(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
+def smt_over_arch(ctx: SlotContext, params: Any) -> torch.nn.Module:
     """Over-arch slot (exclusive): (B, sum out_i) -> (B, H).
 
     Its width is the capacity knob: ``ctx.width_scale`` multiplies every
@@ -218,7 +217,7 @@ def smt_over_arch(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
 
 
 @_hookspec
-def smt_task_arch(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
+def smt_task_arch(ctx: SlotContext, params: Any) -> torch.nn.Module:
     """Task-arch slot (exclusive): (B, H) -> one (B, H_t) per task.
 
     The first applicable technique in host order wins (highest priority);
@@ -236,7 +235,7 @@ def smt_task_arch(ctx: "SlotContext", params: Any) -> "torch.nn.Module":
 
 
 @_hookspec
-def smt_head(ctx: "SlotContext", params: Any, task: str) -> "torch.nn.Module":
+def smt_head(ctx: SlotContext, params: Any, task: str) -> torch.nn.Module:
     """Heads slot (exclusive): (B, H_t) -> (B,) logit, one head per task.
 
     Fires once per task for the winning technique.
@@ -252,7 +251,7 @@ def smt_head(ctx: "SlotContext", params: Any, task: str) -> "torch.nn.Module":
 
 
 @_hookspec
-def smt_ensemble(ctx: "SlotContext", params: Any, build: "Callable[[], torch.nn.Module]") -> "torch.nn.Module":
+def smt_ensemble(ctx: SlotContext, params: Any, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """Ensemble slot (exclusive): the template networks of a model, and how they combine.
 
     Every model is built through this slot. The built-in ``single`` calls
@@ -284,7 +283,7 @@ def smt_ensemble(ctx: "SlotContext", params: Any, build: "Callable[[], torch.nn.
 
 
 @_hookspec
-def smt_loss(ctx: "SlotContext", params: Any, loss: "Optional[LossFn]") -> "LossFn":
+def smt_loss(ctx: SlotContext, params: Any, loss: LossFn | None) -> LossFn:
     """Loss slot (chain): build the training loss.
 
     Fires once per active loss technique, in host order (built-ins first).
@@ -305,9 +304,7 @@ def smt_loss(ctx: "SlotContext", params: Any, loss: "Optional[LossFn]") -> "Loss
 
 
 @_hookspec
-def smt_optimizers(
-    ctx: "SlotContext", params: Any, model: "torch.nn.Module"
-) -> "list[torch.optim.Optimizer]":
+def smt_optimizers(ctx: SlotContext, params: Any, model: torch.nn.Module) -> list[torch.optim.Optimizer]:
     """Optimizer slot (exclusive): parameters -> optimizers.
 
     Args:
@@ -327,7 +324,7 @@ def smt_optimizers(
 
 
 @_hookspec
-def smt_train_start(ctx: "TrainContext", params: Any) -> None:
+def smt_train_start(ctx: TrainContext, params: Any) -> None:
     """Training lifecycle: fires once before the first step of a run.
 
     Called for every active technique of the model, in host order, also when
@@ -340,7 +337,7 @@ def smt_train_start(ctx: "TrainContext", params: Any) -> None:
 
 
 @_hookspec
-def smt_step_end(ctx: "TrainContext", params: Any, step: int, loss: float) -> None:
+def smt_step_end(ctx: TrainContext, params: Any, step: int, loss: float) -> None:
     """Training lifecycle: fires after every optimizer step.
 
     Args:
@@ -352,9 +349,7 @@ def smt_step_end(ctx: "TrainContext", params: Any, step: int, loss: float) -> No
 
 
 @_hookspec
-def smt_eval_end(
-    ctx: "TrainContext", params: Any, split: str, epoch: int, metrics: dict
-) -> None:
+def smt_eval_end(ctx: TrainContext, params: Any, split: str, epoch: int, metrics: dict) -> None:
     """Training lifecycle: fires after each evaluation.
 
     Args:
@@ -367,7 +362,7 @@ def smt_eval_end(
 
 
 @_hookspec
-def smt_before_test(ctx: "TrainContext", params: Any) -> None:
+def smt_before_test(ctx: TrainContext, params: Any) -> None:
     """Training lifecycle: fires once after training, with the best weights
     restored, before the final test evaluation.
 
@@ -386,7 +381,7 @@ def smt_before_test(ctx: "TrainContext", params: Any) -> None:
 
 
 @_hookspec
-def smt_train_end(ctx: "TrainContext", params: Any, metrics: dict) -> None:
+def smt_train_end(ctx: TrainContext, params: Any, metrics: dict) -> None:
     """Training lifecycle: fires once when a run has finished.
 
     Args:

@@ -12,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import cattrs
 import torch
@@ -27,7 +27,6 @@ from smt_host.spec.loading import load_default_ecosystem, load_ecosystem
 from smt_host.spec.schema import EcosystemSpec, ModelSpec
 
 
-
 class Host:
     """Plugins + converter. Make one with :meth:`create`."""
 
@@ -37,13 +36,13 @@ class Host:
         self.conv: cattrs.Converter = make_converter()
 
     @classmethod
-    def create(cls, **kwargs: Any) -> "Host":
+    def create(cls, **kwargs: Any) -> Host:
         """``kwargs`` go to :func:`smt_host.plugins.get_plugin_manager`."""
         return cls(get_plugin_manager(**kwargs))
 
     # ------------------------------------------------------------- specs
 
-    def load_ecosystem(self, path: Optional[str] = None) -> EcosystemSpec:
+    def load_ecosystem(self, path: str | None = None) -> EcosystemSpec:
         eco = load_default_ecosystem() if path is None else load_ecosystem(path)
         self.check_required(eco)
         return eco

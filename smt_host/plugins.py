@@ -19,8 +19,9 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import os
+from collections.abc import Iterable
 from types import ModuleType
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import attrs
 import pluggy
@@ -87,7 +88,7 @@ def _host_version() -> str:
         return __version__
 
 
-def _split_env(value: Optional[str]) -> Optional[set[str]]:
+def _split_env(value: str | None) -> set[str] | None:
     if value is None:
         return None
     return {part.strip() for part in value.split(",") if part.strip()}
@@ -174,8 +175,11 @@ class SmtPluginManager:
                 f"{where}: technique {info.name!r} declares slot {info.slot!r} but implements no {hook}() hook"
             )
         foreign = [
-            h for s, h in SLOT_HOOKS.items()
-            if h is not None and s != info.slot and any(i.plugin is obj for i in getattr(self.pm.hook, h).get_hookimpls())
+            h
+            for s, h in SLOT_HOOKS.items()
+            if h is not None
+            and s != info.slot
+            and any(i.plugin is obj for i in getattr(self.pm.hook, h).get_hookimpls())
         ]
         if foreign:
             raise PluginError(
@@ -311,8 +315,8 @@ def _dist_name(ep: md.EntryPoint) -> tuple[str, str]:
 
 def get_plugin_manager(
     *,
-    load: Optional[str] = ...,  # type: ignore[assignment]
-    disable: Optional[str] = ...,  # type: ignore[assignment]
+    load: str | None = ...,  # type: ignore[assignment]
+    disable: str | None = ...,  # type: ignore[assignment]
     extra: Iterable[tuple[Any, str]] = (),
 ) -> SmtPluginManager:
     """Makes a plugin manager with built-ins and installed plugins.
@@ -353,8 +357,7 @@ def get_plugin_manager(
             module = ep.load()
         except Exception as exc:  # noqa: BLE001 - any import failure is reported
             raise PluginError(
-                f"plugin {ep.name!r} from {dist} {version} failed to import ({ep.value}): "
-                f"{type(exc).__name__}: {exc}"
+                f"plugin {ep.name!r} from {dist} {version} failed to import ({ep.value}): {type(exc).__name__}: {exc}"
             ) from exc
         spm.distributions[dist] = version
         spm.register_plugin(module, dist=dist, version=version, name=ep.name)

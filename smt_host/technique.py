@@ -20,7 +20,8 @@ technique, so it can call one technique's hook at a time, in the host's order.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 
@@ -40,9 +41,7 @@ SLOTS: tuple[str, ...] = (
 
 #: Slots filled by exactly one technique: the applicable one with the highest
 #: priority wins (ties broken by name); the others are reported as shadowed.
-EXCLUSIVE_SLOTS: frozenset[str] = frozenset(
-    {"dense_arch", "over_arch", "task_arch", "heads", "ensemble", "optimizer"}
-)
+EXCLUSIVE_SLOTS: frozenset[str] = frozenset({"dense_arch", "over_arch", "task_arch", "heads", "ensemble", "optimizer"})
 
 #: Exclusive slots that may stay empty: a model without dense features has
 #: no dense arch. (A model is one network through the built-in ``single``
@@ -94,7 +93,7 @@ class TechniqueInfo:
 
     name: str = attrs.field()
     slot: str = attrs.field()
-    params: Optional[type] = None
+    params: type | None = None
     applies: Applies = _always
     requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     conflicts: tuple[str, ...] = attrs.field(default=(), converter=tuple)
@@ -108,18 +107,12 @@ class TechniqueInfo:
         import re
 
         if not re.fullmatch(r"[a-z][a-z0-9_]*", value):
-            raise ValueError(
-                f"technique name {value!r} must match [a-z][a-z0-9_]* "
-                "(lower case, digits, underscores)"
-            )
+            raise ValueError(f"technique name {value!r} must match [a-z][a-z0-9_]* (lower case, digits, underscores)")
 
     @slot.validator
     def _check_slot(self, attribute: Any, value: str) -> None:
         if value not in SLOTS:
-            raise ValueError(
-                f"unknown slot {value!r} for technique {self.name!r}; "
-                f"slots are: {', '.join(SLOTS)}"
-            )
+            raise ValueError(f"unknown slot {value!r} for technique {self.name!r}; slots are: {', '.join(SLOTS)}")
 
     def check_applies(self, model: Any) -> tuple[bool, str]:
         """Returns (applies, reason-if-not).
@@ -141,7 +134,7 @@ def technique(
     *,
     name: str,
     slot: str,
-    params: Optional[type] = None,
+    params: type | None = None,
     applies: Applies = _always,
     requires: tuple[str, ...] = (),
     conflicts: tuple[str, ...] = (),
@@ -194,7 +187,5 @@ def info_of(obj: Any) -> TechniqueInfo:
     """The :class:`TechniqueInfo` of a technique object (raises TypeError)."""
     info = getattr(obj, "smt_technique", None)
     if not isinstance(info, TechniqueInfo):
-        raise TypeError(
-            f"{obj!r} is not a technique: decorate its class with @smt_host.technique(...)"
-        )
+        raise TypeError(f"{obj!r} is not a technique: decorate its class with @smt_host.technique(...)")
     return info

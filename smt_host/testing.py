@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pytest
@@ -41,11 +41,24 @@ from smt_host.spec.schema import EcosystemSpec, ModelSpec
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from smt_host.data import open_source
     from smt_host.host import Host
+    from smt_host.train.trainer import predict, train_model
 
 __all__ = [
-    "Host", "check_model", "check_technique", "default_ecosystem_path", "ecosystem_from_dict", "listed_techniques",
-    "load_ecosystem", "open_source", "predict", "saved_checkpoint", "tiny_ecosystem", "train_briefly", "train_model",
+    "Host",
+    "check_model",
+    "check_technique",
+    "default_ecosystem_path",
+    "ecosystem_from_dict",
+    "listed_techniques",
+    "load_ecosystem",
+    "open_source",
+    "predict",
+    "saved_checkpoint",
+    "tiny_ecosystem",
+    "train_briefly",
+    "train_model",
 ]
 
 #: re-exported for plugin tests, imported on first use: this module is a
@@ -77,8 +90,13 @@ def saved_checkpoint(run_dir: Any) -> dict:
 
 
 _SPARSE = [
-    ("user_id", 20000), ("user_segment", 16), ("age_bucket", 8), ("ad_id", 4000),
-    ("ad_category", 32), ("hour", 24), ("device", 5),
+    ("user_id", 20000),
+    ("user_segment", 16),
+    ("age_bucket", 8),
+    ("ad_id", 4000),
+    ("ad_category", 32),
+    ("hour", 24),
+    ("device", 5),
 ]
 
 
@@ -88,19 +106,36 @@ def tiny_ecosystem(embedding_dim: int = 8) -> EcosystemSpec:
     sparse = [{"name": n, "vocab_size": v, "embedding_dim": embedding_dim} for n, v in _SPARSE]
     small = {"dense_arch": [16], "over_arch": [32, 16], "task_width": 8}
     training = {"epochs": 1, "batch_size": 256}
-    return ecosystem_from_dict({
-        "name": "tiny",
-        "synthetic": {"train_examples": 2000, "valid_examples": 500, "test_examples": 500},
-        "models": {
-            "tiny_ctr": {"surface": "feed", "tasks": [{"name": "click"}], "arch": small, "training": training,
-                         "features": {"sparse": sparse, "dense": [{"name": "user_activity"}, {"name": "ad_hist_ctr"}]}},
-            "tiny_multi": {"surface": "feed", "tasks": [{"name": "click"}, {"name": "conversion"}], "arch": small,
-                           "training": training,
-                           "features": {"sparse": sparse, "dense": [{"name": "user_activity"}, {"name": "price"}]}},
-            "tiny_nodense": {"surface": "video", "tasks": [{"name": "click"}], "arch": small, "training": training,
-                             "features": {"sparse": sparse[:5], "dense": []}},
+    return ecosystem_from_dict(
+        {
+            "name": "tiny",
+            "synthetic": {"train_examples": 2000, "valid_examples": 500, "test_examples": 500},
+            "models": {
+                "tiny_ctr": {
+                    "surface": "feed",
+                    "tasks": [{"name": "click"}],
+                    "arch": small,
+                    "training": training,
+                    "features": {"sparse": sparse, "dense": [{"name": "user_activity"}, {"name": "ad_hist_ctr"}]},
+                },
+                "tiny_multi": {
+                    "surface": "feed",
+                    "tasks": [{"name": "click"}, {"name": "conversion"}],
+                    "arch": small,
+                    "training": training,
+                    "features": {"sparse": sparse, "dense": [{"name": "user_activity"}, {"name": "price"}]},
+                },
+                "tiny_nodense": {
+                    "surface": "video",
+                    "tasks": [{"name": "click"}],
+                    "arch": small,
+                    "training": training,
+                    "features": {"sparse": sparse[:5], "dense": []},
+                },
+            },
         },
-    }, source="<tiny ecosystem>")
+        source="<tiny ecosystem>",
+    )
 
 
 def _outputs(model: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -137,15 +172,21 @@ def check_model(host: Host, spec: ModelSpec, name: str) -> None:
     whole, members = built.model, built.members
     model = members[0]  # 2. widths, of one template network (every member is built alike)
     feats = model.features(batch.dense, batch.sparse)
-    assert feats.shape == (16, plan.widths["num_features"], plan.widths["embedding_dim"]), f"{where}: features {tuple(feats.shape)}"
+    assert feats.shape == (16, plan.widths["num_features"], plan.widths["embedding_dim"]), (
+        f"{where}: features {tuple(feats.shape)}"
+    )
     for bname, branch in model.branches.items():
         out = branch(feats)
-        assert out.shape == (16, branch.out_dim), f"{where}: branch {bname!r} declares out_dim {branch.out_dim}, returns {tuple(out.shape)}"
+        assert out.shape == (16, branch.out_dim), (
+            f"{where}: branch {bname!r} declares out_dim {branch.out_dim}, returns {tuple(out.shape)}"
+        )
     if model.dense_arch is not None:
         out = model.dense_arch(batch.dense)
         assert out.shape == (16, plan.widths["embedding_dim"]), f"{where}: dense arch returns {tuple(out.shape)}"
     hidden = model.over_arch(model.over_arch_input(feats))
-    assert hidden.shape == (16, model.over_arch.out_dim), f"{where}: over arch declares {model.over_arch.out_dim}, returns {tuple(hidden.shape)}"
+    assert hidden.shape == (16, model.over_arch.out_dim), (
+        f"{where}: over arch declares {model.over_arch.out_dim}, returns {tuple(hidden.shape)}"
+    )
     towers = model.task_arch(hidden)
     assert [tuple(t.shape) for t in towers] == [(16, d) for d in model.task_arch.out_dims], (
         f"{where}: task arch declares out_dims {model.task_arch.out_dims}, returns {[tuple(t.shape) for t in towers]}"
@@ -159,7 +200,11 @@ def check_model(host: Host, spec: ModelSpec, name: str) -> None:
         loss = built.loss(LossInputs(logits=m(batch.dense, batch.sparse), labels=labels, batch=batch, model=m))
         assert loss.dim() == 0 and torch.isfinite(loss), f"{where}: loss is {loss}"
         loss.backward()
-    missing = [n for n, p in whole.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    missing = [
+        n
+        for n, p in whole.named_parameters()
+        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())
+    ]
     assert not missing, f"{where}: no (finite) gradient reaches {missing}"
     assert built.optimizers, f"{where}: no optimizer"  # the host checked they cover every parameter once
 
@@ -169,9 +214,13 @@ def check_model(host: Host, spec: ModelSpec, name: str) -> None:
     twin = _outputs(again, batch)
     other = host.build(attrs.evolve(plan, seed=plan.seed + 1), spec).model
     other.load_state_dict(whole.state_dict())
-    torch.testing.assert_close(_outputs(other, batch), ref, msg=lambda m: f"{where}: state dict round trip differs: {m}")
+    torch.testing.assert_close(
+        _outputs(other, batch), ref, msg=lambda m: f"{where}: state dict round trip differs: {m}"
+    )
     fresh = host.build(plan, spec).model
-    torch.testing.assert_close(_outputs(fresh, batch), twin, msg=lambda m: f"{where}: same seed, different outputs: {m}")
+    torch.testing.assert_close(
+        _outputs(fresh, batch), twin, msg=lambda m: f"{where}: same seed, different outputs: {m}"
+    )
 
     # 6. FLOPs counted
     assert plan.cost.flops > 0, f"{where}: plan counts no FLOPs"
@@ -183,16 +232,21 @@ def check_model(host: Host, spec: ModelSpec, name: str) -> None:
     # 7. torch.export runs and agrees
     exported = torch.export.export(whole.eval(), (batch.dense, batch.sparse), strict=False)
     with torch.no_grad():
-        torch.testing.assert_close(exported.module()(batch.dense, batch.sparse), whole(batch.dense, batch.sparse),
-                                   msg=lambda m: f"{where}: exported program differs from eager: {m}")
+        torch.testing.assert_close(
+            exported.module()(batch.dense, batch.sparse),
+            whole(batch.dense, batch.sparse),
+            msg=lambda m: f"{where}: exported program differs from eager: {m}",
+        )
 
     # 8. params round trip through the converter
     if reg.info.params is not None:
         params = host.conv.structure(entries[0].params or {}, reg.info.params)
-        assert host.conv.structure(host.conv.unstructure(params), reg.info.params) == params, f"{where}: params do not round-trip"
+        assert host.conv.structure(host.conv.unstructure(params), reg.info.params) == params, (
+            f"{where}: params do not round-trip"
+        )
 
 
-def check_technique(name: str, *, host: Optional[Host] = None, ecosystem: Optional[EcosystemSpec] = None) -> list[str]:
+def check_technique(name: str, *, host: Host | None = None, ecosystem: EcosystemSpec | None = None) -> list[str]:
     """Runs every check on every model of ``ecosystem`` (default: the tiny one)
     that technique ``name`` applies to. Returns the models checked."""
     import torch
@@ -202,7 +256,9 @@ def check_technique(name: str, *, host: Optional[Host] = None, ecosystem: Option
     host = host or Host.create()
     eco = ecosystem or tiny_ecosystem()
     if name not in host.spm.techniques:
-        raise AssertionError(f"technique {name!r} is not installed; installed: {', '.join(sorted(host.spm.techniques))}")
+        raise AssertionError(
+            f"technique {name!r} is not installed; installed: {', '.join(sorted(host.spm.techniques))}"
+        )
     info = host.spm.techniques[name].info
     checked, reasons = [], {}
     torch.manual_seed(0)
@@ -253,7 +309,7 @@ def smt_tiny_ecosystem() -> EcosystemSpec:
 def smt_check(smt_host_instance: Host):
     """``smt_check(name)`` runs the conformance checks for an installed technique."""
 
-    def run(name: str, ecosystem: Optional[EcosystemSpec] = None) -> list[str]:
+    def run(name: str, ecosystem: EcosystemSpec | None = None) -> list[str]:
         return check_technique(name, host=smt_host_instance, ecosystem=ecosystem)
 
     return run
@@ -275,16 +331,24 @@ def listed_techniques(dist: str, *, load_only: bool = False) -> dict[str, dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("SMT_LOAD_PLUGINS", "SMT_DISABLE_PLUGINS")}
     if load_only:
         env["SMT_LOAD_PLUGINS"] = dist
-    out = subprocess.run([sys.executable, "-m", "smt_host", "plugins", "--json"], env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "smt_host", "plugins", "--json"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, f"smt plugins --json failed: {out.stderr}"
     dists = {d["distribution"]: d for d in json.loads(out.stdout)["distributions"]}
     assert dist in dists, f"{dist} is not listed by smt plugins; listed: {sorted(dists)}"
     return {t["name"]: {**t, "version": dists[dist]["version"]} for t in dists[dist]["techniques"]}
 
 
-def train_briefly(technique: str, out_dir: Any, *, model: str = "feed_ctr", train_examples: int = 20000,
-                  batch_size: int = 128, host: Optional[Host] = None) -> Any:
+def train_briefly(
+    technique: str,
+    out_dir: Any,
+    *,
+    model: str = "feed_ctr",
+    train_examples: int = 20000,
+    batch_size: int = 128,
+    host: Host | None = None,
+) -> Any:
     """Trains one default-ecosystem model with ``technique`` for one epoch on
     a reduced synthetic set (20k examples at batch 128: 157 steps, enough
     for a working model to learn; a broken one stays near AUC 0.5).
@@ -294,8 +358,15 @@ def train_briefly(technique: str, out_dir: Any, *, model: str = "feed_ctr", trai
 
     host = host or Host.create()
     eco = host.default_ecosystem()
-    eco = attrs.evolve(eco, synthetic=attrs.evolve(
-        eco.synthetic, train_examples=train_examples, valid_examples=train_examples // 4, test_examples=train_examples // 4))
+    eco = attrs.evolve(
+        eco,
+        synthetic=attrs.evolve(
+            eco.synthetic,
+            train_examples=train_examples,
+            valid_examples=train_examples // 4,
+            test_examples=train_examples // 4,
+        ),
+    )
     spec = eco.model(model)
     spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1, batch_size=batch_size))
     result = train_model(host, spec, eco, out_dir, plan=host.plan(spec))

@@ -51,7 +51,9 @@ def no_env(monkeypatch):
 def small_eco():
     """The tiny ecosystem with a few thousand examples (fast training)."""
     eco = tiny_ecosystem()
-    return attrs.evolve(eco, synthetic=attrs.evolve(eco.synthetic, train_examples=6000, valid_examples=2000, test_examples=2000))
+    return attrs.evolve(
+        eco, synthetic=attrs.evolve(eco.synthetic, train_examples=6000, valid_examples=2000, test_examples=2000)
+    )
 
 
 GOOD_PLUGIN = '''

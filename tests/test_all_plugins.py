@@ -31,7 +31,10 @@ def _installed(dist: str) -> bool:
 missing = [d for d in DISTS if not _installed(d)]
 pytestmark = [
     pytest.mark.allplugins,
-    pytest.mark.skipif(not DISTS or bool(missing), reason=f"needs every plugin under plugins/ installed (tox -e all); missing: {missing or 'no plugins yet'}"),
+    pytest.mark.skipif(
+        not DISTS or bool(missing),
+        reason=f"needs every plugin under plugins/ installed (tox -e all); missing: {missing or 'no plugins yet'}",
+    ),
 ]
 
 
@@ -49,7 +52,9 @@ def test_model_plans_trains_and_exports(host, model, tmp_path):
     from smt_host.train.trainer import train_model
 
     eco = host.default_ecosystem()
-    eco = attrs.evolve(eco, synthetic=attrs.evolve(eco.synthetic, train_examples=3000, valid_examples=1000, test_examples=1000))
+    eco = attrs.evolve(
+        eco, synthetic=attrs.evolve(eco.synthetic, train_examples=3000, valid_examples=1000, test_examples=1000)
+    )
     spec = eco.model(model)
     plan = host.plan(spec)
     external = {e.dist for e in plan.entries} - {"smt-host"}
@@ -102,12 +107,17 @@ def test_an_ensemble_of_networks_with_every_technique(host, tmp_path):
     from smt_host.train.trainer import train_model
 
     eco = host.default_ecosystem()
-    eco = attrs.evolve(eco, synthetic=attrs.evolve(eco.synthetic, train_examples=3000, valid_examples=1000, test_examples=1000))
+    eco = attrs.evolve(
+        eco, synthetic=attrs.evolve(eco.synthetic, train_examples=3000, valid_examples=1000, test_examples=1000)
+    )
     spec = eco.model("feed_ctr")
     single = host.plan(spec)
     assert "deep_ensemble" not in single.techniques()
-    spec = attrs.evolve(spec, techniques={**spec.techniques, "deep_ensemble": {"members": 2}},
-                        training=attrs.evolve(spec.training, epochs=1, batch_size=256, max_steps_per_epoch=5))
+    spec = attrs.evolve(
+        spec,
+        techniques={**spec.techniques, "deep_ensemble": {"members": 2}},
+        training=attrs.evolve(spec.training, epochs=1, batch_size=256, max_steps_per_epoch=5),
+    )
     plan = host.plan(spec)
     assert set(plan.techniques()) == set(single.techniques()) | {"deep_ensemble"}
     assert plan.cost.flops == pytest.approx(2 * single.cost.flops, rel=0.01)

@@ -13,7 +13,9 @@ import pytest
 def smt(*args, env_extra=None, cwd=None):
     env = {**os.environ, "SMT_LOAD_PLUGINS": "", **(env_extra or {})}
     env.pop("SMT_DISABLE_PLUGINS", None)
-    return subprocess.run([sys.executable, "-m", "smt_host", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "smt_host", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
 
 
 def test_help_explains_the_commands():
@@ -40,7 +42,16 @@ def test_plan_json_and_text():
     plan = json.loads(out.stdout)
     assert plan["model"] == "feed_ctr_cvr"
     assert [e["slot"] for e in plan["entries"]] == [
-        "embedding", "dense_arch", "interaction", "over_arch", "task_arch", "heads", "ensemble", "loss", "optimizer"]
+        "embedding",
+        "dense_arch",
+        "interaction",
+        "over_arch",
+        "task_arch",
+        "heads",
+        "ensemble",
+        "loss",
+        "optimizer",
+    ]
     assert plan["cost"]["flops"] > 0 and plan["cost"]["dense_params"] > 0
     assert plan["manifest"]["techniques"][0]["dist"] == "smt-host"
     text = smt("plan", "video_ctr")
@@ -55,16 +66,20 @@ def test_unknown_model_is_a_clear_error():
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and last.endswith(
         "smt_host/ecosystems/default.toml: no model named 'nope'; "
-        "models are: feed_ctr, feed_ctr_cvr, shop_cvr, video_ctr, video_install")
+        "models are: feed_ctr, feed_ctr_cvr, shop_cvr, video_ctr, video_install"
+    )
 
 
 def test_bad_spec_file_error_names_file_and_path(tmp_path):
     path = tmp_path / "bad.toml"
-    path.write_text('[models.m]\nsurface = "feed"\ntasks = [{ name = "click" }]\n[models.m.features]\nsparse = [{ name = "user_id", vocab_size = 20000, embedding_dim = 0 }]\n')
+    path.write_text(
+        '[models.m]\nsurface = "feed"\ntasks = [{ name = "click" }]\n[models.m.features]\nsparse = [{ name = "user_id", vocab_size = 20000, embedding_dim = 0 }]\n'
+    )
     out = smt("plan", str(path))
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
-        f"error: {path}: must be >= 1, got 0 @ $.models.m.features.sparse[0].embedding_dim")
+        f"error: {path}: must be >= 1, got 0 @ $.models.m.features.sparse[0].embedding_dim"
+    )
 
 
 def test_train_a_small_ecosystem_json(tmp_path):
@@ -104,8 +119,9 @@ def test_train_declares_nproc_per_node_itself():
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["ecosystem", "--help"], ["train", "--help"]])
 def test_help_and_version_import_no_torch(args):
-    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "smt_host", *args],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "smt_host", *args], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     modules = [line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
     assert "smt_host.cli.main" in modules
@@ -122,7 +138,9 @@ def test_version_is_the_host_version():
 
 def test_an_error_is_one_line_and_smt_debug_shows_the_traceback(tmp_path):
     path = tmp_path / "bad.toml"
-    path.write_text('[models.m]\nsurface = "feed"\ntasks = [{ name = "click" }]\n[models.m.features]\nsparse = [{ name = "user_id", vocab_size = 20000, embedding_dim = 0 }]\n')
+    path.write_text(
+        '[models.m]\nsurface = "feed"\ntasks = [{ name = "click" }]\n[models.m.features]\nsparse = [{ name = "user_id", vocab_size = 20000, embedding_dim = 0 }]\n'
+    )
     out = smt("plan", str(path))
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
@@ -153,8 +171,10 @@ def runner(monkeypatch):
     return CliRunner()
 
 
-SMALL = ('[models.m]\nsurface = "feed"\ntasks = [{ name = "click" }]\n'
-         '[models.m.features]\nsparse = [{ name = "user_segment", vocab_size = 16 }]\ndense = [{ name = "user_activity" }]\n')
+SMALL = (
+    '[models.m]\nsurface = "feed"\ntasks = [{ name = "click" }]\n'
+    '[models.m.features]\nsparse = [{ name = "user_segment", vocab_size = 16 }]\ndense = [{ name = "user_activity" }]\n'
+)
 
 
 @pytest.mark.parametrize("epochs", [None, 1, 3])
@@ -174,7 +194,9 @@ def test_an_interrupted_train_says_what_was_saved(runner, monkeypatch, tmp_path,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "train_model", interrupted)
-    result = runner.invoke(cli, ["train", str(tmp_path / "small.toml"), "--out", str(tmp_path / "runs"), "--no-progress"])
+    result = runner.invoke(
+        cli, ["train", str(tmp_path / "small.toml"), "--out", str(tmp_path / "runs"), "--no-progress"]
+    )
     assert result.exit_code == 130
     last = result.stderr.strip().splitlines()[-1]
     if epochs is None:
@@ -206,7 +228,8 @@ def test_a_stale_checkpoint_is_not_called_saved(runner, monkeypatch, tmp_path):
     resumed = runner.invoke(cli, [*args, "--resume"])
     assert resumed.exit_code == 130
     assert resumed.stderr.strip().splitlines()[-1] == (
-        f"error: interrupted in {run_dir}; 4 finished epochs are checkpointed there, continue with --resume")
+        f"error: interrupted in {run_dir}; 4 finished epochs are checkpointed there, continue with --resume"
+    )
 
 
 def test_a_failed_worker_is_one_error_line_exit_1(runner, monkeypatch, tmp_path):
@@ -219,7 +242,10 @@ def test_a_failed_worker_is_one_error_line_exit_1(runner, monkeypatch, tmp_path)
         raise RuntimeError("cells failed: m/baseline/0: boom")
 
     monkeypatch.setattr(cells, "run_matrix", failing)
-    result = runner.invoke(cli, ["ecosystem", "run", str(tmp_path / "small.toml"), "--out", str(tmp_path / "eco"), "--seeds", "1"])
+    result = runner.invoke(
+        cli, ["ecosystem", "run", str(tmp_path / "small.toml"), "--out", str(tmp_path / "eco"), "--seeds", "1"]
+    )
     assert result.exit_code == 1
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
-        "error: cells failed: m/baseline/0: boom"]
+        "error: cells failed: m/baseline/0: boom"
+    ]

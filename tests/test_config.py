@@ -14,9 +14,16 @@ from smt_host.spec.loading import ecosystem_from_dict, load_default_ecosystem, l
 
 def _eco(**model_changes):
     model = {
-        "surface": "feed", "tasks": [{"name": "click"}],
-        "features": {"sparse": [{"name": "user_id", "vocab_size": 20000}, {"name": "ad_id", "vocab_size": 4000},
-                                {"name": "hour", "vocab_size": 24}, {"name": "device", "vocab_size": 0}]},
+        "surface": "feed",
+        "tasks": [{"name": "click"}],
+        "features": {
+            "sparse": [
+                {"name": "user_id", "vocab_size": 20000},
+                {"name": "ad_id", "vocab_size": 4000},
+                {"name": "hour", "vocab_size": 24},
+                {"name": "device", "vocab_size": 0},
+            ]
+        },
     }
     model.update(model_changes)
     return {"name": "t", "models": {"feed_ctr": model}}
@@ -68,10 +75,15 @@ def test_embedding_dim_validator_path():
 
 def test_toml_file_errors_name_the_file(tmp_path):
     path = tmp_path / "eco.toml"
-    path.write_text('[models.a]\nsurface = "feed"\ntasks = [{ name = "click" }]\n[models.a.features]\nsparse = [{ name = "user_id", vocab_size = 20000 }]\n[models.a.capacity]\nbudget = "huge"\n')
+    path.write_text(
+        '[models.a]\nsurface = "feed"\ntasks = [{ name = "click" }]\n[models.a.features]\nsparse = [{ name = "user_id", vocab_size = 20000 }]\n[models.a.capacity]\nbudget = "huge"\n'
+    )
     with pytest.raises(ConfigError) as err:
         load_ecosystem(path)
-    assert str(err.value) == f'{path}: must be a positive number of FLOPs or "baseline", got \'huge\' @ $.models.a.capacity.budget'
+    assert (
+        str(err.value)
+        == f"{path}: must be a positive number of FLOPs or \"baseline\", got 'huge' @ $.models.a.capacity.budget"
+    )
     path.write_text("[models.a\n")
     with pytest.raises(ConfigError, match=f"^{path}: invalid TOML: "):
         load_ecosystem(path)
@@ -79,7 +91,9 @@ def test_toml_file_errors_name_the_file(tmp_path):
 
 def test_single_model_file(tmp_path):
     path = tmp_path / "one.toml"
-    path.write_text('[model]\nname = "solo"\nsurface = "shop"\ntasks = [{ name = "conversion" }]\n[model.features]\nsparse = [{ name = "ad_id", vocab_size = 4000 }]\n')
+    path.write_text(
+        '[model]\nname = "solo"\nsurface = "shop"\ntasks = [{ name = "conversion" }]\n[model.features]\nsparse = [{ name = "ad_id", vocab_size = 4000 }]\n'
+    )
     eco = load_ecosystem(path)
     assert list(eco.models) == ["solo"] and eco.models["solo"].surface == "shop"
 
@@ -97,7 +111,9 @@ def test_technique_not_installed_names_the_distribution(no_env):
 
 
 def test_override_opt_out_and_param_errors(fake_dist, no_env):
-    fake_dist("smt-meanpool", "0.1", {"meanpool": "meanpool_plugin"}, {"meanpool_plugin": GOOD_PLUGIN.format(name="meanpool")})
+    fake_dist(
+        "smt-meanpool", "0.1", {"meanpool": "meanpool_plugin"}, {"meanpool_plugin": GOOD_PLUGIN.format(name="meanpool")}
+    )
     host = Host.create()
     spec = load_default_ecosystem().model("feed_ctr")
     assert host.plan(spec).slot("interaction")[1].params == {"width": 4}
@@ -118,7 +134,9 @@ def test_required_plugins(tmp_path, no_env):
     from smt_host.errors import PluginError
 
     path = tmp_path / "eco.toml"
-    path.write_text('[plugins]\nrequired = ["smt-dcnv2>=0.1"]\n[models.a]\nsurface = "feed"\ntasks = [{ name = "click" }]\n[models.a.features]\nsparse = [{ name = "user_id", vocab_size = 20000 }]\n')
+    path.write_text(
+        '[plugins]\nrequired = ["smt-dcnv2>=0.1"]\n[models.a]\nsurface = "feed"\ntasks = [{ name = "click" }]\n[models.a.features]\nsparse = [{ name = "user_id", vocab_size = 20000 }]\n'
+    )
     with pytest.raises(PluginError) as err:
         Host.create(load="").load_ecosystem(str(path))
     assert str(err.value) == (

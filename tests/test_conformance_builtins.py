@@ -10,7 +10,17 @@ from smt_host.testing import check_technique
 
 pytest_plugins = ["smt_host.testing"]
 
-BUILTINS = ["embedding_bag", "mlp_dense", "flat", "mlp_over", "shared_bottom", "linear_head", "single", "bce", "adam_adagrad"]
+BUILTINS = [
+    "embedding_bag",
+    "mlp_dense",
+    "flat",
+    "mlp_over",
+    "shared_bottom",
+    "linear_head",
+    "single",
+    "bce",
+    "adam_adagrad",
+]
 
 
 def test_every_builtin_module_is_listed():

@@ -15,7 +15,7 @@ from smt_host.train.trainer import train_model
 
 #: a plugin module that provides only a data source: rows whose click is
 #: ``a < 5``, the same for every split (``rows`` is the source's own option)
-CONSTANT_PLUGIN = '''
+CONSTANT_PLUGIN = """
 import torch
 from smt_host import hookimpl
 from smt_host.data import InMemorySource, TensorSplit
@@ -33,18 +33,28 @@ def constant(model, eco):
 @hookimpl
 def smt_data_sources():
     return {"{name}": constant}
-'''
+"""
 
 
 def eco_with(source: str, options: dict | None = None):
-    return ecosystem_from_dict({"model": {
-        "name": "m", "tasks": [{"name": "click"}],
-        "features": {"sparse": [{"name": "a", "vocab_size": 10, "embedding_dim": 4},
-                                {"name": "b", "vocab_size": 7, "embedding_dim": 4}]},
-        "arch": {"dense_arch": [8], "over_arch": [8], "task_width": 4},
-        "training": {"epochs": 1, "batch_size": 128},
-        "data": {"source": source, "options": options or {}},
-    }}, source="eco.toml")
+    return ecosystem_from_dict(
+        {
+            "model": {
+                "name": "m",
+                "tasks": [{"name": "click"}],
+                "features": {
+                    "sparse": [
+                        {"name": "a", "vocab_size": 10, "embedding_dim": 4},
+                        {"name": "b", "vocab_size": 7, "embedding_dim": 4},
+                    ]
+                },
+                "arch": {"dense_arch": [8], "over_arch": [8], "task_width": 4},
+                "training": {"epochs": 1, "batch_size": 128},
+                "data": {"source": source, "options": options or {}},
+            }
+        },
+        source="eco.toml",
+    )
 
 
 def test_builtin_sources_are_declared_by_a_builtin_plugin(no_env):
@@ -55,7 +65,12 @@ def test_builtin_sources_are_declared_by_a_builtin_plugin(no_env):
 
 
 def test_a_plugin_adds_a_source_and_a_model_trains_on_it(fake_dist, no_env, tmp_path):
-    fake_dist("smt-constant", "0.4", {"constant": "constant_source"}, {"constant_source": CONSTANT_PLUGIN.replace("{name}", "constant")})
+    fake_dist(
+        "smt-constant",
+        "0.4",
+        {"constant": "constant_source"},
+        {"constant_source": CONSTANT_PLUGIN.replace("{name}", "constant")},
+    )
     spm = get_plugin_manager()
     record = spm.data_sources["constant"]
     assert (record.name, record.dist, record.version) == ("constant", "smt-constant", "0.4")
@@ -67,7 +82,9 @@ def test_a_plugin_adds_a_source_and_a_model_trains_on_it(fake_dist, no_env, tmp_
     data = open_source(spec, eco, spm.data_sources)
     batch = next(data.batches("train", 64))
     assert batch.sparse.keys() == ["a", "b"] and batch.labels.shape == (64, 1)
-    assert sum(len(b) for b in open_source(spec, eco).batches("valid", 128)) == 300  # default: a fresh manager's sources
+    assert (
+        sum(len(b) for b in open_source(spec, eco).batches("valid", 128)) == 300
+    )  # default: a fresh manager's sources
 
     host = Host(spm)
     result = train_model(host, spec, eco, tmp_path / "run", plan=host.plan(spec))  # the trainer opens the host's source
@@ -116,5 +133,7 @@ def test_open_source_calls_the_factory_of_the_given_records():
         seen.append((model.name, dict(model.data.options), ecosystem is eco))
         return "a source"
 
-    assert open_source(eco.model("m"), eco, {"mine": DataSourceRecord("mine", factory, "smt-mine", "1.0")}) == "a source"
+    assert (
+        open_source(eco.model("m"), eco, {"mine": DataSourceRecord("mine", factory, "smt-mine", "1.0")}) == "a source"
+    )
     assert seen == [("m", {"x": 1}, True)]

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_toml(path: Path, epochs: int = 2) -> Path:
     sparse = ",\n  ".join(f'{{ name = "{n}", vocab_size = {v}, embedding_dim = 8 }}' for n, v in _SPARSE)
-    path.write_text(f'''name = "tiny"
+    path.write_text(f"""name = "tiny"
 [synthetic]
 train_examples = 6000
 valid_examples = 2000
@@ -36,7 +36,7 @@ sparse = [
   {sparse}
 ]
 dense = [{{ name = "user_activity" }}, {{ name = "ad_hist_ctr" }}]
-''')
+""")
     return path
 
 
@@ -44,7 +44,9 @@ def smt(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
     env = {**os.environ, "SMT_LOAD_PLUGINS": "", "PYTHONWARNINGS": "ignore"}
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "TORCHELASTIC_RUN_ID"):
         env.pop(k, None)
-    out = subprocess.run([sys.executable, "-m", "smt_host", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "smt_host", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     if check and out.returncode != 0:
         raise AssertionError(f"smt {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr[-4000:]}")
     return out
@@ -55,7 +57,9 @@ def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     tiny_toml(d / "tiny.toml")
     one = json.loads(smt("train", "tiny.toml", "--out", "one", "--json", "--no-progress", cwd=d).stdout)
-    two = json.loads(smt("train", "tiny.toml", "--out", "two", "--json", "--no-progress", "--nproc-per-node", "2", cwd=d).stdout)
+    two = json.loads(
+        smt("train", "tiny.toml", "--out", "two", "--json", "--no-progress", "--nproc-per-node", "2", cwd=d).stdout
+    )
     return d, one["results"][0], two["results"][0]
 
 
@@ -121,8 +125,14 @@ def test_parse_shard():
 
 
 def test_billion_row_plan_on_128_ranks(tmp_path):
-    out = smt("plan", str(ROOT / "examples" / "scale" / "billion.toml"), "--shard",
-              "world_size=128,device=cuda,hbm_gb=80", "--json", cwd=tmp_path)
+    out = smt(
+        "plan",
+        str(ROOT / "examples" / "scale" / "billion.toml"),
+        "--shard",
+        "world_size=128,device=cuda,hbm_gb=80",
+        "--json",
+        cwd=tmp_path,
+    )
     report = json.loads(out.stdout)
     assert report["world_size"] == 128
     by_name = {t["table"]: t for t in report["tables"]}

@@ -17,10 +17,7 @@ GUIDE = Path(__file__).resolve().parents[1] / "docs" / "writing-plugins.md"
 
 
 def hookspec_functions() -> dict:
-    return {
-        name: fn for name, fn in vars(hookspecs).items()
-        if inspect.isfunction(fn) and hasattr(fn, "smt_spec")
-    }
+    return {name: fn for name, fn in vars(hookspecs).items() if inspect.isfunction(fn) and hasattr(fn, "smt_spec")}
 
 
 def _ann(annotation) -> str:

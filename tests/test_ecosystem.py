@@ -31,19 +31,29 @@ def eco_one_model(small_eco):
 
 
 def test_matrix_resume_skips_finished_cells_and_reports(fake_dist, no_env, eco_one_model, tmp_path):
-    fake_dist("smt-meanpool", "0.1", {"meanpool": "meanpool_plugin"}, {"meanpool_plugin": GOOD_PLUGIN.format(name="meanpool")})
+    fake_dist(
+        "smt-meanpool", "0.1", {"meanpool": "meanpool_plugin"}, {"meanpool_plugin": GOOD_PLUGIN.format(name="meanpool")}
+    )
     host = Host.create()
     cells = matrix_cells(host, eco_one_model, seeds=2)
     assert [c.key for c in cells] == [
-        "tiny_ctr/baseline/seed0", "tiny_ctr/baseline/seed1", "tiny_ctr/meanpool/seed0", "tiny_ctr/meanpool/seed1"]
+        "tiny_ctr/baseline/seed0",
+        "tiny_ctr/baseline/seed1",
+        "tiny_ctr/meanpool/seed0",
+        "tiny_ctr/meanpool/seed1",
+    ]
     events = []
     run_matrix(host, eco_one_model, tmp_path, seeds=2, on_done=lambda c, skipped: events.append((c.key, skipped)))
     assert [s for _, s in events] == [False] * 4
     (tmp_path / "cells" / "tiny_ctr" / "meanpool" / "seed1.json").unlink()
     events.clear()
     run_matrix(host, eco_one_model, tmp_path, seeds=2, on_done=lambda c, skipped: events.append((c.key, skipped)))
-    assert events == [("tiny_ctr/baseline/seed0", True), ("tiny_ctr/baseline/seed1", True),
-                      ("tiny_ctr/meanpool/seed0", True), ("tiny_ctr/meanpool/seed1", False)]
+    assert events == [
+        ("tiny_ctr/baseline/seed0", True),
+        ("tiny_ctr/baseline/seed1", True),
+        ("tiny_ctr/meanpool/seed0", True),
+        ("tiny_ctr/meanpool/seed1", False),
+    ]
     matrix = analyse(tmp_path, cells)
     (pair,) = matrix["pairs"]
     assert pair["model"] == "tiny_ctr" and pair["technique"] == "meanpool" and pair["seeds"] == 2
@@ -56,13 +66,18 @@ def test_matrix_resume_skips_finished_cells_and_reports(fake_dist, no_env, eco_o
 
 
 def test_lock_round_trip_and_mismatch(fake_dist, no_env, small_eco):
-    fake_dist("smt-meanpool", "0.1", {"meanpool": "meanpool_plugin"}, {"meanpool_plugin": GOOD_PLUGIN.format(name="meanpool")})
+    fake_dist(
+        "smt-meanpool", "0.1", {"meanpool": "meanpool_plugin"}, {"meanpool_plugin": GOOD_PLUGIN.format(name="meanpool")}
+    )
     host = Host.create()
     entry = {"technique": "meanpool", "dist": "smt-meanpool", "version": "0.1", "params": {"width": 6}}
-    matrix = {"models": ["tiny_ctr", "tiny_multi"], "pairs": [
-        {"model": "tiny_ctr", "technique": "meanpool", "decision": "adopt", "techniques": [entry]},
-        {"model": "tiny_multi", "technique": "meanpool", "decision": "reject", "techniques": [entry]},
-    ]}
+    matrix = {
+        "models": ["tiny_ctr", "tiny_multi"],
+        "pairs": [
+            {"model": "tiny_ctr", "technique": "meanpool", "decision": "adopt", "techniques": [entry]},
+            {"model": "tiny_multi", "technique": "meanpool", "decision": "reject", "techniques": [entry]},
+        ],
+    }
     lock = json.loads(json.dumps(make_lock(matrix)))
     assert lock == {"version": 1, "models": {"tiny_ctr": [entry], "tiny_multi": []}}
     check_lock(lock, host)
@@ -74,18 +89,26 @@ def test_lock_round_trip_and_mismatch(fake_dist, no_env, small_eco):
     stale = {"version": 1, "models": {"tiny_ctr": [dict(entry, version="0.0.9")]}}
     with pytest.raises(ManifestMismatch) as err:
         check_lock(stale, host)
-    assert str(err.value) == ("model 'tiny_ctr': cannot train it as locked: it was made under another plugin set: "
-                              "technique 'meanpool': smt-meanpool 0.0.9 was used, smt-meanpool 0.1 is installed")
+    assert str(err.value) == (
+        "model 'tiny_ctr': cannot train it as locked: it was made under another plugin set: "
+        "technique 'meanpool': smt-meanpool 0.0.9 was used, smt-meanpool 0.1 is installed"
+    )
     with pytest.raises(ManifestMismatch) as err:
         check_lock(lock, Host.create(load=""))
-    assert str(err.value) == ("model 'tiny_ctr': cannot train it as locked: it was made under another plugin set: "
-                              "technique 'meanpool' (smt-meanpool 0.1) was used but is not active now "
-                              "(not installed, disabled or opted out)")
+    assert str(err.value) == (
+        "model 'tiny_ctr': cannot train it as locked: it was made under another plugin set: "
+        "technique 'meanpool' (smt-meanpool 0.1) was used but is not active now "
+        "(not installed, disabled or opted out)"
+    )
 
 
 def test_an_arm_over_the_budget_is_rejected_not_fatal(fake_dist, no_env, eco_one_model, tmp_path):
-    big = GOOD_PLUGIN.format(name="huge").replace("width: int = attrs.field(default=4", "width: int = attrs.field(default=4096")
-    big = big.replace("self.lin = nn.Linear(dim, width)", "self.lin = nn.Sequential(nn.Linear(dim, width), nn.Linear(width, width))")
+    big = GOOD_PLUGIN.format(name="huge").replace(
+        "width: int = attrs.field(default=4", "width: int = attrs.field(default=4096"
+    )
+    big = big.replace(
+        "self.lin = nn.Linear(dim, width)", "self.lin = nn.Sequential(nn.Linear(dim, width), nn.Linear(width, width))"
+    )
     fake_dist("smt-huge", "0.1", {"huge": "huge_plugin"}, {"huge_plugin": big})
     host = Host.create()
     cells = run_matrix(host, eco_one_model, tmp_path, seeds=2)
@@ -102,13 +125,18 @@ def test_adopted_set_becomes_one_arm():
     from smt_host.ecosystem.cells import Cell, arm_kwargs
 
     e = lambda n: {"technique": n, "dist": f"smt-{n}", "version": "0.1", "params": None}  # noqa: E731
-    matrix = {"models": ["a", "b"], "pairs": [
-        {"model": "a", "technique": "x", "decision": "adopt", "techniques": [e("x")]},
-        {"model": "a", "technique": "y", "decision": "adopt", "techniques": [e("y")]},
-        {"model": "a", "technique": "all", "decision": "adopt", "techniques": [e("x"), e("y"), e("z")]},
-        {"model": "b", "technique": "x", "decision": "reject", "techniques": [e("x")]},
-    ]}
+    matrix = {
+        "models": ["a", "b"],
+        "pairs": [
+            {"model": "a", "technique": "x", "decision": "adopt", "techniques": [e("x")]},
+            {"model": "a", "technique": "y", "decision": "adopt", "techniques": [e("y")]},
+            {"model": "a", "technique": "all", "decision": "adopt", "techniques": [e("x"), e("y"), e("z")]},
+            {"model": "b", "technique": "x", "decision": "reject", "techniques": [e("x")]},
+        ],
+    }
     assert adopted_cells(matrix, 2) == [Cell("a", "adopted=x+y", 0), Cell("a", "adopted=x+y", 1)]
     assert arm_kwargs("adopted=x+y") == {"only": frozenset({"x", "y"})}
-    matrix["pairs"].append({"model": "a", "technique": "adopted=x+y", "decision": "adopt", "techniques": [e("x"), e("y")]})
+    matrix["pairs"].append(
+        {"model": "a", "technique": "adopted=x+y", "decision": "adopt", "techniques": [e("x"), e("y")]}
+    )
     assert [t["technique"] for t in adopted_sets(matrix)["a"]] == ["x", "y"]

@@ -2,7 +2,6 @@
 model, each member trained on its own loss."""
 
 import types
-from typing import Optional
 
 import attrs
 import pytest
@@ -28,8 +27,11 @@ class Mean(nn.Module):
         return torch.stack([m(dense, sparse) for m in self.members]).mean(0)
 
 
-def ensemble_host(make=lambda build: Mean([build(), build()]), default: bool = True, stop_at: Optional[dict] = None) -> Host:
+def ensemble_host(
+    make=lambda build: Mean([build(), build()]), default: bool = True, stop_at: dict | None = None
+) -> Host:
     stop_at = {} if stop_at is None else stop_at
+
     @technique(name="avg", slot="ensemble", default=default)
     class Avg:
         @hookimpl
@@ -61,7 +63,9 @@ def test_members_are_whole_networks_initialised_apart(smt_tiny_ecosystem):
     assert not torch.equal(next(a.over_arch.parameters()), next(b.over_arch.parameters()))
     batch = example_batch(spec, 8)
     with torch.no_grad():
-        torch.testing.assert_close(model(batch.dense, batch.sparse), (a(batch.dense, batch.sparse) + b(batch.dense, batch.sparse)) / 2)
+        torch.testing.assert_close(
+            model(batch.dense, batch.sparse), (a(batch.dense, batch.sparse) + b(batch.dense, batch.sparse)) / 2
+        )
     single = Host.create(load="").plan(spec)
     assert plan.cost.flops == pytest.approx(2 * single.cost.flops, rel=0.01)
     assert plan.cost.embedding_params == 2 * single.cost.embedding_params
@@ -80,20 +84,28 @@ def test_off_by_default_means_enabled_per_model(smt_tiny_ecosystem):
     assert len(host.build(host.plan(on), on).members) == 2
 
 
-@pytest.mark.parametrize("make, what", [
-    (lambda build: nn.Linear(1, 1), "build() was called 0 times, the module has no members attribute"),
-    (lambda build: Mean([build(), build()][:1]), "build() was called 2 times, the module has 1 members"),
-    (lambda build: types.SimpleNamespace(), None),
-])
+@pytest.mark.parametrize(
+    "make, what",
+    [
+        (lambda build: nn.Linear(1, 1), "build() was called 0 times, the module has no members attribute"),
+        (lambda build: Mean([build(), build()][:1]), "build() was called 2 times, the module has 1 members"),
+        (lambda build: types.SimpleNamespace(), None),
+    ],
+)
 def test_a_broken_ensemble_is_named(smt_tiny_ecosystem, make, what):
     spec = smt_tiny_ecosystem.model("tiny_ctr")
     with pytest.raises(PluginError) as err:
         ensemble_host(make).plan(spec)
     if what is None:
-        assert str(err.value) == "technique 'avg' (<extra> 0): smt_ensemble() must return an nn.Module, got SimpleNamespace"
+        assert (
+            str(err.value)
+            == "technique 'avg' (<extra> 0): smt_ensemble() must return an nn.Module, got SimpleNamespace"
+        )
     else:
-        assert str(err.value) == ("technique 'avg' (<extra> 0): smt_ensemble() must call build() at least once and return "
-                                  "a module whose `members` is an nn.ModuleList of the models build() returned, in order; " + what)
+        assert str(err.value) == (
+            "technique 'avg' (<extra> 0): smt_ensemble() must call build() at least once and return "
+            "a module whose `members` is an nn.ModuleList of the models build() returned, in order; " + what
+        )
 
 
 def test_wrong_logits_shape_is_named(smt_tiny_ecosystem):
@@ -103,8 +115,9 @@ def test_wrong_logits_shape_is_named(smt_tiny_ecosystem):
 
     with pytest.raises(PluginError) as err:
         ensemble_host(lambda build: Sum([build(), build()])).plan(smt_tiny_ecosystem.model("tiny_multi"))
-    assert str(err.value) == ("technique 'avg' (<extra> 0): the model returns (2, 4) for 2 examples, "
-                              "want logits (B, T) = (2, 2)")
+    assert str(err.value) == (
+        "technique 'avg' (<extra> 0): the model returns (2, 4) for 2 examples, want logits (B, T) = (2, 2)"
+    )
 
 
 def test_each_member_learns_as_if_trained_alone(small_eco, tmp_path):
@@ -112,8 +125,11 @@ def test_each_member_learns_as_if_trained_alone(small_eco, tmp_path):
     the ensemble on the same batches, it ends with exactly the single
     model's weights, so no gradient crosses between members."""
     spec = small_eco.model("tiny_ctr")
-    spec = attrs.evolve(spec, arch=attrs.evolve(spec.arch, dropout=0.0),
-                        training=attrs.evolve(spec.training, epochs=1, max_steps_per_epoch=6))
+    spec = attrs.evolve(
+        spec,
+        arch=attrs.evolve(spec.arch, dropout=0.0),
+        training=attrs.evolve(spec.training, epochs=1, max_steps_per_epoch=6),
+    )
     alone = train_model(Host.create(load=""), spec, small_eco, tmp_path / "alone")
     host = ensemble_host()
     both = train_model(host, spec, small_eco, tmp_path / "both")
@@ -122,12 +138,12 @@ def test_each_member_learns_as_if_trained_alone(small_eco, tmp_path):
 
     single = ckpt.load(tmp_path / "alone" / ckpt.CHECKPOINT)["model"]
     ens = ckpt.load(tmp_path / "both" / ckpt.CHECKPOINT)["model"]
-    single = {k[len("members.0."):]: v for k, v in single.items()}  # a model of one member
-    member0 = {k[len("members.0."):]: v for k, v in ens.items() if k.startswith("members.0.")}
-    member1 = {k[len("members.1."):]: v for k, v in ens.items() if k.startswith("members.1.")}
+    single = {k[len("members.0.") :]: v for k, v in single.items()}  # a model of one member
+    member0 = {k[len("members.0.") :]: v for k, v in ens.items() if k.startswith("members.0.")}
+    member1 = {k[len("members.1.") :]: v for k, v in ens.items() if k.startswith("members.1.")}
     assert member0.keys() == single.keys() == member1.keys()
     for k, v in single.items():
-        torch.testing.assert_close(member0[k], v, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(member0[k], v, msg=lambda m, k=k: f"{k}: {m}")
     assert any(not torch.equal(member1[k], v) for k, v in single.items() if v.is_floating_point())
 
 
@@ -136,8 +152,10 @@ def test_distributed_training_of_an_ensemble_is_refused(small_eco, tmp_path):
 
     with pytest.raises(TrainingError) as err:
         train_model(ensemble_host(), small_eco.model("tiny_ctr"), small_eco, tmp_path, parallel=types.SimpleNamespace())
-    assert str(err.value) == ("tiny_ctr: distributed training of a model of 2 networks (avg, <extra>) is not supported yet; "
-                              "train it in one process, or opt out @ $.models.tiny_ctr.techniques.avg")
+    assert str(err.value) == (
+        "tiny_ctr: distributed training of a model of 2 networks (avg, <extra>) is not supported yet; "
+        "train it in one process, or opt out @ $.models.tiny_ctr.techniques.avg"
+    )
 
 
 def test_resume_continues_an_ensemble_bit_for_bit(small_eco, tmp_path):

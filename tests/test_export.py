@@ -60,7 +60,9 @@ def test_exported_file_carries_plan_and_manifest_and_takes_any_batch(run):
     for b in (1, 2, 5, 256):
         batch = example_batch(spec_of(Host.create(load=""), saved), b)
         with torch.no_grad():
-            torch.testing.assert_close(run_exported(module, batch.dense, batch.sparse), model(batch.dense, batch.sparse))
+            torch.testing.assert_close(
+                run_exported(module, batch.dense, batch.sparse), model(batch.dense, batch.sparse)
+            )
 
 
 def test_export_refuses_another_plugin_set(run, tmp_path):

@@ -55,8 +55,16 @@ def test_seed_ensemble_averages_logits_of_the_saved_runs(frappe, no_env, tmp_pat
     import frappe_x1
 
     overrides = {"training": {"max_steps_per_epoch": 5}}
-    job = {"config": "baseline", "techniques": [], "seed": 0, "max_epochs": 1, "overrides": overrides,
-           "recipe": {}, "out": str(tmp_path), "fresh": False}
+    job = {
+        "config": "baseline",
+        "techniques": [],
+        "seed": 0,
+        "max_epochs": 1,
+        "overrides": overrides,
+        "recipe": {},
+        "out": str(tmp_path),
+        "fresh": False,
+    }
     run = frappe_x1.run_config(job)
     shutil.copytree(tmp_path / "baseline" / "seed0", tmp_path / "baseline" / "seed1")
     runs = [run, {**run, "seed": 1}]
@@ -69,4 +77,8 @@ def test_seed_ensemble_averages_logits_of_the_saved_runs(frappe, no_env, tmp_pat
 
     (tmp_path / "baseline" / "seed1" / "checkpoint.pt").unlink()
     assert frappe_x1.seed_ensemble(host, runs, tmp_path, overrides, 1) is None
-    assert capsys.readouterr().out.strip().endswith(f"skipped, no checkpoint at {tmp_path / 'baseline' / 'seed1' / 'checkpoint.pt'}")
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .endswith(f"skipped, no checkpoint at {tmp_path / 'baseline' / 'seed1' / 'checkpoint.pt'}")
+    )

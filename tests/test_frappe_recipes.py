@@ -25,7 +25,10 @@ def test_every_committed_recipe_makes_a_valid_spec():
 
 
 def test_merge_tables_recurses_into_tables_and_replaces_the_rest():
-    base = {"arch": {"over_arch": [400], "dropout": 0.2}, "techniques": {"adam_adagrad": {"embedding_optimizer": "adam"}}}
+    base = {
+        "arch": {"over_arch": [400], "dropout": 0.2},
+        "techniques": {"adam_adagrad": {"embedding_optimizer": "adam"}},
+    }
     over = {"arch": {"over_arch": [16]}, "techniques": {"flat": False}}
     assert frappe_x1.merge_tables(base, over) == {
         "arch": {"over_arch": [16], "dropout": 0.2},
@@ -35,15 +38,20 @@ def test_merge_tables_recurses_into_tables_and_replaces_the_rest():
 
 
 def test_recipes_of_different_techniques_combine():
-    recipes = {"a": {"arch": {"dropout": 0.1}, "techniques": {"a": {"x": 1}}},
-               "b": {"arch": {"dropout": 0.1, "batch_norm": True}, "techniques": {"b": {"y": 2}}}}
+    recipes = {
+        "a": {"arch": {"dropout": 0.1}, "techniques": {"a": {"x": 1}}},
+        "b": {"arch": {"dropout": 0.1, "batch_norm": True}, "techniques": {"b": {"y": 2}}},
+    }
     assert frappe_x1.combined_recipe(recipes, ["a", "b", "c"]) == {
-        "arch": {"dropout": 0.1, "batch_norm": True}, "techniques": {"a": {"x": 1}, "b": {"y": 2}}}
+        "arch": {"dropout": 0.1, "batch_norm": True},
+        "techniques": {"a": {"x": 1}, "b": {"y": 2}},
+    }
 
 
 def test_recipes_that_disagree_are_refused_naming_both():
     recipes = {"a": {"arch": {"over_arch": [16]}}, "b": {"arch": {"over_arch": [64]}}}
     with pytest.raises(SystemExit) as err:
         frappe_x1.combined_recipe(recipes, ["a", "b"])
-    assert str(err.value) == (f"{frappe_x1.RECIPES}: [a] and [b] set arch.over_arch differently ([16] vs [64]); "
-                              "they cannot run together")
+    assert str(err.value) == (
+        f"{frappe_x1.RECIPES}: [a] and [b] set arch.over_arch differently ([16] vs [64]); they cannot run together"
+    )

@@ -10,7 +10,17 @@ from smt_host.errors import CapacityError, ConfigError, PluginError
 from smt_host.host import Host
 from smt_host.plugins import get_plugin_manager
 
-BUILTIN_ORDER = ["embedding_bag", "mlp_dense", "flat", "mlp_over", "shared_bottom", "linear_head", "single", "bce", "adam_adagrad"]
+BUILTIN_ORDER = [
+    "embedding_bag",
+    "mlp_dense",
+    "flat",
+    "mlp_over",
+    "shared_bottom",
+    "linear_head",
+    "single",
+    "bce",
+    "adam_adagrad",
+]
 
 
 def test_builtins_register_first_in_slot_order(no_env):
@@ -75,7 +85,9 @@ def test_import_error_names_the_distribution(fake_dist, no_env):
 
 
 def test_bad_hook_signature_names_the_distribution(fake_dist, no_env):
-    bad = GOOD_PLUGIN.format(name="badsig").replace("def smt_interaction(self, ctx, params)", "def smt_interaction(self, ctx, params, extra)")
+    bad = GOOD_PLUGIN.format(name="badsig").replace(
+        "def smt_interaction(self, ctx, params)", "def smt_interaction(self, ctx, params, extra)"
+    )
     fake_dist("smt-badsig", "0.1", {"badsig": "badsig_plugin"}, {"badsig_plugin": bad})
     with pytest.raises(PluginError) as err:
         get_plugin_manager()
@@ -99,7 +111,8 @@ def test_unknown_hook_is_caught_by_check_pending(fake_dist, no_env):
     extra = GOOD_PLUGIN.format(name="extra") + "\n    @hookimpl\n    def smt_not_a_hook(self):\n        pass\n"
     extra = extra.replace("@hookimpl\ndef smt_techniques", "@hookimpl\ndef smt_techniques")
     src = GOOD_PLUGIN.format(name="extra").replace(
-        "@hookimpl\n    def smt_interaction", "@hookimpl\n    def smt_not_a_hook(self):\n        pass\n\n    @hookimpl\n    def smt_interaction"
+        "@hookimpl\n    def smt_interaction",
+        "@hookimpl\n    def smt_not_a_hook(self):\n        pass\n\n    @hookimpl\n    def smt_interaction",
     )
     fake_dist("smt-extra", "0.2", {"extra": "extra_plugin"}, {"extra_plugin": src})
     with pytest.raises(PluginError) as err:
@@ -120,7 +133,9 @@ def test_name_clash_is_an_error_naming_both(fake_dist, no_env):
 
 def test_clash_with_a_builtin_name(fake_dist, no_env):
     fake_dist("smt-flat2", "0.1", {"flat2": "flat2_plugin"}, {"flat2_plugin": GOOD_PLUGIN.format(name="flat")})
-    with pytest.raises(PluginError, match="technique name 'flat' clashes with the technique of the same name from smt-host"):
+    with pytest.raises(
+        PluginError, match="technique name 'flat' clashes with the technique of the same name from smt-host"
+    ):
         get_plugin_manager()
 
 
@@ -163,7 +178,9 @@ def test_exact_order_of_hook_calls(no_env):
 
 
 def test_lifecycle_hooks_fire_in_order_for_every_technique(fake_dist, no_env, small_eco, tmp_path):
-    src = GOOD_PLUGIN.format(name="watch") + '''
+    src = (
+        GOOD_PLUGIN.format(name="watch")
+        + """
 EVENTS = []
 
 def _record(name):
@@ -176,7 +193,8 @@ Mean.smt_step_end = hookimpl(lambda self, ctx, step: EVENTS.append(("step", None
 Mean.smt_eval_end = hookimpl(lambda self, ctx, split, epoch: EVENTS.append(("eval", split, epoch)))
 Mean.smt_before_test = hookimpl(lambda self, ctx: EVENTS.append(("before_test", None, None)))
 Mean.smt_train_end = hookimpl(lambda self, ctx: EVENTS.append(("end", None, None)))
-'''
+"""
+    )
     fake_dist("smt-watch", "0.1", {"watch": "watch_plugin"}, {"watch_plugin": src})
     import attrs
 
@@ -191,32 +209,51 @@ Mean.smt_train_end = hookimpl(lambda self, ctx: EVENTS.append(("end", None, None
     assert result.test_before_fit == result.test  # the hook fitted nothing here
     assert watch_plugin.EVENTS == [
         ("start", None, None),
-        ("step", None, 1), ("step", None, 2), ("step", None, 3), ("eval", "valid", 1),
-        ("step", None, 4), ("step", None, 5), ("step", None, 6), ("eval", "valid", 2),
-        ("before_test", None, None), ("eval", "test", 0), ("end", None, None),
+        ("step", None, 1),
+        ("step", None, 2),
+        ("step", None, 3),
+        ("eval", "valid", 1),
+        ("step", None, 4),
+        ("step", None, 5),
+        ("step", None, 6),
+        ("eval", "valid", 2),
+        ("before_test", None, None),
+        ("eval", "test", 0),
+        ("end", None, None),
     ]
 
 
 def test_an_exception_inside_a_slot_hook_names_the_technique(fake_dist, no_env):
     src = GOOD_PLUGIN.format(name="raiser").replace(
-        "return MeanBranch(ctx.embedding_dim, params.width)", "raise RuntimeError('kernel missing')")
+        "return MeanBranch(ctx.embedding_dim, params.width)", "raise RuntimeError('kernel missing')"
+    )
     fake_dist("smt-raiser", "0.2", {"raiser": "raiser_plugin"}, {"raiser_plugin": src})
     host = Host.create()
     with pytest.raises(PluginError) as err:
         host.plan(host.default_ecosystem().model("feed_ctr"))
-    assert str(err.value) == "technique 'raiser' (smt-raiser 0.2) failed in smt_interaction(): RuntimeError: kernel missing"
+    assert (
+        str(err.value)
+        == "technique 'raiser' (smt-raiser 0.2) failed in smt_interaction(): RuntimeError: kernel missing"
+    )
 
 
-@pytest.mark.parametrize("raised, message", [
-    ("ValueError('width too odd')", "width too odd @ $.models.feed_ctr.techniques.raiser"),
-    ("FieldValueError('width', 'must be even, got 3')", "must be even, got 3 @ $.models.feed_ctr.techniques.raiser.width"),
-])
+@pytest.mark.parametrize(
+    "raised, message",
+    [
+        ("ValueError('width too odd')", "width too odd @ $.models.feed_ctr.techniques.raiser"),
+        (
+            "FieldValueError('width', 'must be even, got 3')",
+            "must be even, got 3 @ $.models.feed_ctr.techniques.raiser.width",
+        ),
+    ],
+)
 def test_a_value_error_in_a_slot_hook_gets_the_spec_path(fake_dist, no_env, raised, message):
     """A slot hook that refuses its parameters raises ValueError (or the
     field's FieldValueError); the host adds where in the spec to look."""
     src = GOOD_PLUGIN.format(name="raiser").replace(
         "return MeanBranch(ctx.embedding_dim, params.width)",
-        f"from smt_host import FieldValueError\n        raise {raised}")
+        f"from smt_host import FieldValueError\n        raise {raised}",
+    )
     fake_dist("smt-raiser", "0.2", {"raiser": "raiser_plugin"}, {"raiser_plugin": src})
     host = Host.create()
     with pytest.raises(ConfigError) as err:
@@ -227,7 +264,8 @@ def test_a_value_error_in_a_slot_hook_gets_the_spec_path(fake_dist, no_env, rais
 def test_an_smt_error_in_a_hook_passes_unchanged(fake_dist, no_env):
     src = GOOD_PLUGIN.format(name="raiser").replace(
         "return MeanBranch(ctx.embedding_dim, params.width)",
-        "from smt_host import CapacityError\n        raise CapacityError('too costly')")
+        "from smt_host import CapacityError\n        raise CapacityError('too costly')",
+    )
     fake_dist("smt-raiser", "0.2", {"raiser": "raiser_plugin"}, {"raiser_plugin": src})
     host = Host.create()
     with pytest.raises(CapacityError) as err:
@@ -240,6 +278,11 @@ def test_a_string_for_a_list_is_refused():
     from smt_host.spec.loading import ecosystem_from_dict
 
     with pytest.raises(ConfigError) as err:
-        ecosystem_from_dict({"models": {"m": {"surface": "feed", "tasks": "click",
-                                              "features": {"sparse": [{"name": "a", "vocab_size": 3}]}}}})
+        ecosystem_from_dict(
+            {
+                "models": {
+                    "m": {"surface": "feed", "tasks": "click", "features": {"sparse": [{"name": "a", "vocab_size": 3}]}}
+                }
+            }
+        )
     assert str(err.value) == "expected a list, got the string 'click' @ $.models.m.tasks"

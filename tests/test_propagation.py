@@ -22,7 +22,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def _pip(*args):
-    out = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", *args], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -40,10 +42,13 @@ def _branch_models(plans, technique):
 ALL_MODELS = ["feed_ctr", "feed_ctr_cvr", "shop_cvr", "video_ctr", "video_install"]
 
 
-@pytest.mark.parametrize("dist,technique,slot,models", [
-    ("smt-dcnv2", "dcnv2", "interaction", ALL_MODELS),
-    ("smt-mmoe", "mmoe", "task_arch", ["feed_ctr_cvr"]),  # the only multi-task model, and no other
-])
+@pytest.mark.parametrize(
+    "dist,technique,slot,models",
+    [
+        ("smt-dcnv2", "dcnv2", "interaction", ALL_MODELS),
+        ("smt-mmoe", "mmoe", "task_arch", ["feed_ctr_cvr"]),  # the only multi-task model, and no other
+    ],
+)
 def test_install_propagates_and_uninstall_removes(dist, technique, slot, models):
     path = ROOT / "plugins" / dist
     if not path.exists():

@@ -25,10 +25,19 @@ from smt_host.spec.loading import ecosystem_from_dict, load_ecosystem
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "real"
 FRAPPE_FIELDS = [
-    ("user", 0, 956), ("item", 957, 5038), ("daytime", 5039, 5045), ("weekday", 5046, 5052),
-    ("isweekend", 5053, 5054), ("homework", 5055, 5057), ("cost", 5058, 5059), ("weather", 5060, 5068),
-    ("country", 5069, 5148), ("city", 5149, 5381),
+    ("user", 0, 956),
+    ("item", 957, 5038),
+    ("daytime", 5039, 5045),
+    ("weekday", 5046, 5052),
+    ("isweekend", 5053, 5054),
+    ("homework", 5055, 5057),
+    ("cost", 5058, 5059),
+    ("weather", 5060, 5068),
+    ("country", 5069, 5148),
+    ("city", 5149, 5381),
 ]
+
+
 def need_data(*parts: str) -> Path:
     path = data_dir().joinpath(*parts).resolve()
     if not path.exists():
@@ -41,11 +50,16 @@ def make_model(source: str, options: dict, sparse, dense=(), tasks=({"name": "cl
     sp = [s if isinstance(s, dict) else {"name": s, "vocab_size": 100, "embedding_dim": 4} for s in sparse]
     for s in sp:
         s.setdefault("embedding_dim", 4)
-    eco = ecosystem_from_dict({"model": {
-        "name": "m", "tasks": list(tasks),
-        "features": {"sparse": sp, "dense": [{"name": d} for d in dense]},
-        "data": {"source": source, "options": options},
-    }})
+    eco = ecosystem_from_dict(
+        {
+            "model": {
+                "name": "m",
+                "tasks": list(tasks),
+                "features": {"sparse": sp, "dense": [{"name": d} for d in dense]},
+                "data": {"source": source, "options": options},
+            }
+        }
+    )
     return eco.model("m"), eco
 
 
@@ -107,6 +121,7 @@ def frappe_source(**extra) -> FileSource:
     model = eco.model("frappe")
     if extra:
         import attrs
+
         model = attrs.evolve(model, data=attrs.evolve(model.data, options={**model.data.options, **extra}))
     return open_source(model, eco)
 
@@ -223,7 +238,9 @@ def criteo_source(**extra) -> FileSource:
 def avazu_source(**extra) -> FileSource:
     """The Avazu sample: label ``click``, every other column but ``id`` a hashed category."""
     path = need_data("avazu_sample", "avazu_sample.txt.gz")
-    sparse = [{"name": c, "vocab_size": 10_000, "embedding_dim": 16} for c in header_of(path) if c not in ("id", "click")]
+    sparse = [
+        {"name": c, "vocab_size": 10_000, "embedding_dim": 16} for c in header_of(path) if c not in ("id", "click")
+    ]
     options = {"file": "avazu_sample/avazu_sample.txt.gz", "split": [0.8, 0.1, 0.1], "encode": "hash", **extra}
     return open_model("csv", options, sparse)
 
@@ -262,8 +279,12 @@ def test_criteo_raw_tsv_equals_csv(tmp_path: Path) -> None:
     with gzip.open(raw, "wt") as f:
         f.write("".join(line.replace(",", "\t") + "\n" for line in lines))
     csv_file = tmp_path / "part.csv"
-    csv_file.write_text("label," + ",".join([f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]) + "\n"
-                        + "".join(line + "\n" for line in lines))
+    csv_file.write_text(
+        "label,"
+        + ",".join([f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)])
+        + "\n"
+        + "".join(line + "\n" for line in lines)
+    )
     sparse = [{"name": f"C{i}", "vocab_size": 1000} for i in range(1, 27)]
     dense = [f"I{i}" for i in range(1, 14)]
     tasks = ({"name": "click", "label": "label"},)
@@ -338,24 +359,33 @@ def test_parquet_equals_csv(tmp_path: Path) -> None:
     dense = [f.name for f in model.features.dense]
     tasks = ({"name": "click"}, {"name": "purchase"})
     for encode in ("mod", "hash"):
-        a = open_model("parquet", {"train": str(tmp_path / "train.parquet"), "encode": encode, "chunk_rows": 16},
-                       feats, dense, tasks)
+        a = open_model(
+            "parquet",
+            {"train": str(tmp_path / "train.parquet"), "encode": encode, "chunk_rows": 16},
+            feats,
+            dense,
+            tasks,
+        )
         b = open_model("csv", {"train": str(path), "encode": encode}, feats, dense, tasks)
         assert_same_batches(a.batches("train", 32), b.batches("train", 32))
 
 
 def test_parquet_list_and_text_sequences(tmp_path: Path) -> None:
-    table = pa.table({
-        "label": pa.array([1, 0, 1], pa.int64()),
-        "hist": pa.array([[3, 5], [], None], pa.list_(pa.int64())),
-        "tags": pa.array(["a^b^", "", "c"]),
-        "x": pa.array([1.5, None, -2.0]),
-    })
+    table = pa.table(
+        {
+            "label": pa.array([1, 0, 1], pa.int64()),
+            "hist": pa.array([[3, 5], [], None], pa.list_(pa.int64())),
+            "tags": pa.array(["a^b^", "", "c"]),
+            "x": pa.array([1.5, None, -2.0]),
+        }
+    )
     pq.write_table(table, tmp_path / "d.parquet")
     src = open_model(
-        "parquet", {"train": str(tmp_path / "d.parquet"), "features": {"hist": {"encode": "int"}, "x": {"transform": "log1p"}}},
+        "parquet",
+        {"train": str(tmp_path / "d.parquet"), "features": {"hist": {"encode": "int"}, "x": {"transform": "log1p"}}},
         [{"name": "hist", "vocab_size": 10, "sequence": True}, {"name": "tags", "vocab_size": 50, "sequence": True}],
-        ["x"], ({"name": "click", "label": "label"},),
+        ["x"],
+        ({"name": "click", "label": "label"},),
     )
     b = next(src.batches("train", 3))
     assert b.sparse["hist"].lengths().tolist() == [2, 0, 0] and b.sparse["hist"].values().tolist() == [3, 5]
@@ -384,15 +414,18 @@ def libfm(tmp_path: Path, text: str, name: str = "bad.libfm", **opts) -> FileSou
 GOOD = "1 1:1 12:1\n-1 2:1 13:1\n"
 
 
-@pytest.mark.parametrize("line, fault", [
-    ("1 3:1 99999:1", "id 99999 is outside every declared field range"),
-    ("x 3:1 14:1", "label 'x' is not a number"),
-    ("2 3:1 14:1", "label '2' is not -1, 0 or 1"),
-    ("1 3:1", "no id in field 'b'"),
-    ("1 3:1 4:1 14:1", "2 ids in single-valued field 'a'"),
-    ("1 3 14:1", "pair '3' is not id:value"),
-    ("1 q:1 14:1", "id 'q' in pair 'q:1' is not an integer"),
-])
+@pytest.mark.parametrize(
+    "line, fault",
+    [
+        ("1 3:1 99999:1", "id 99999 is outside every declared field range"),
+        ("x 3:1 14:1", "label 'x' is not a number"),
+        ("2 3:1 14:1", "label '2' is not -1, 0 or 1"),
+        ("1 3:1", "no id in field 'b'"),
+        ("1 3:1 4:1 14:1", "2 ids in single-valued field 'a'"),
+        ("1 3 14:1", "pair '3' is not id:value"),
+        ("1 q:1 14:1", "id 'q' in pair 'q:1' is not an integer"),
+    ],
+)
 def test_libfm_malformed_row_message(tmp_path: Path, line: str, fault: str) -> None:
     src = libfm(tmp_path, GOOD + line + "\n" + GOOD)
     with pytest.raises(DataFormatError) as exc:
@@ -404,7 +437,9 @@ def test_libfm_malformed_row_message(tmp_path: Path, line: str, fault: str) -> N
 def test_libfm_error_names_gz_file_and_line_across_chunks(tmp_path: Path) -> None:
     text = GOOD * 8 + "1 3:1 99999:1\n" + GOOD  # bad row on line 17
     src = libfm(tmp_path, text, name="frappe.test.libfm.gz", chunk_rows=5)
-    with pytest.raises(DataFormatError, match=r"^frappe\.test\.libfm\.gz:17: id 99999 is outside every declared field range$"):
+    with pytest.raises(
+        DataFormatError, match=r"^frappe\.test\.libfm\.gz:17: id 99999 is outside every declared field range$"
+    ):
         list(src.batches("train", 4))
     src.streaming = True
     with pytest.raises(DataFormatError, match=r"^frappe\.test\.libfm\.gz:17: "):
@@ -431,7 +466,9 @@ def test_libfm_skip_malformed_counts(tmp_path: Path, caplog) -> None:
 def test_libfm_sequence_field(tmp_path: Path) -> None:
     path = tmp_path / "multi.libfm"
     path.write_text("1 1:1 11:1 15:1\n0 2:1\n1 3:1 19:1\n")
-    src = open_model("libfm", {"train": str(path), "fields": FIELDS}, ["a", {"name": "b", "vocab_size": 10, "sequence": True}])
+    src = open_model(
+        "libfm", {"train": str(path), "fields": FIELDS}, ["a", {"name": "b", "vocab_size": 10, "sequence": True}]
+    )
     b = next(src.batches("train", 3))
     assert b.sparse["a"].values().tolist() == [1, 2, 3]
     assert b.sparse["b"].lengths().tolist() == [2, 0, 1] and b.sparse["b"].values().tolist() == [1, 5, 9]
@@ -441,8 +478,11 @@ def csv_source(tmp_path: Path, text: str, **opts) -> FileSource:
     path = tmp_path / "bad.csv"
     path.write_text(text)
     return open_model(
-        "csv", {"train": str(path), **opts},
-        ["a", {"name": "n", "vocab_size": 5}], ["x"], ({"name": "click", "label": "label"},),
+        "csv",
+        {"train": str(path), **opts},
+        ["a", {"name": "n", "vocab_size": 5}],
+        ["x"],
+        ({"name": "click", "label": "label"},),
     )
 
 
@@ -450,16 +490,19 @@ HEADER = "label,a,n,x\n"
 ROWS = "1,foo,1,2.5\n0,,2,\n"
 
 
-@pytest.mark.parametrize("line, fault", [
-    ("1,foo,1", "expected 4 fields, got 3"),
-    ("1,foo,1,2,3", "expected 4 fields, got 5"),
-    ("yes,foo,1,2", "label 'yes' in column 'label' is not a number"),
-    ("3,foo,1,2", "label '3' in column 'label' is not -1, 0 or 1"),
-    (",foo,1,2", "empty label in column 'label'"),
-    ("1,foo,1,abc", "column 'x': 'abc' is not a number"),
-    ("1,foo,7,1", "column 'n': id 7 is outside [0, 5)"),
-    ("1,foo,1.5,1", "column 'n': '1.5' is not an integer id"),
-])
+@pytest.mark.parametrize(
+    "line, fault",
+    [
+        ("1,foo,1", "expected 4 fields, got 3"),
+        ("1,foo,1,2,3", "expected 4 fields, got 5"),
+        ("yes,foo,1,2", "label 'yes' in column 'label' is not a number"),
+        ("3,foo,1,2", "label '3' in column 'label' is not -1, 0 or 1"),
+        (",foo,1,2", "empty label in column 'label'"),
+        ("1,foo,1,abc", "column 'x': 'abc' is not a number"),
+        ("1,foo,7,1", "column 'n': id 7 is outside [0, 5)"),
+        ("1,foo,1.5,1", "column 'n': '1.5' is not an integer id"),
+    ],
+)
 def test_csv_malformed_row_message(tmp_path: Path, line: str, fault: str) -> None:
     src = csv_source(tmp_path, HEADER + ROWS + line + "\n" + ROWS, features={"n": {"encode": "int"}})
     with pytest.raises(DataFormatError) as exc:
@@ -502,15 +545,23 @@ def test_bad_options_are_config_errors(tmp_path: Path) -> None:
     path.write_text(GOOD)
     with pytest.raises(ConfigError, match=r"^extra fields found \(trian\) @ \$\.models\.m\.data\.options$"):
         open_model("libfm", {"trian": str(path), "fields": FIELDS}, ["a", "b"])
-    with pytest.raises(ConfigError, match=r"data file not found: .*nope\.libfm .*@ \$\.models\.m\.data\.options\.train$"):
+    with pytest.raises(
+        ConfigError, match=r"data file not found: .*nope\.libfm .*@ \$\.models\.m\.data\.options\.train$"
+    ):
         open_model("libfm", {"train": str(tmp_path / "nope.libfm"), "fields": FIELDS}, ["a", "b"])
-    with pytest.raises(ConfigError, match=r"^sparse feature 'c' has no field; fields are a, b @ \$\.models\.m\.data\.options\.fields$"):
+    with pytest.raises(
+        ConfigError, match=r"^sparse feature 'c' has no field; fields are a, b @ \$\.models\.m\.data\.options\.fields$"
+    ):
         open_model("libfm", {"train": str(path), "fields": FIELDS}, ["a", "c"])
     with pytest.raises(ConfigError, match=r"field 'a' spans 10 ids but the feature's vocab_size is 5"):
         open_model("libfm", {"train": str(path), "fields": FIELDS}, [{"name": "a", "vocab_size": 5}, "b"])
-    with pytest.raises(ConfigError, match=r"fractions summing to 1 .*got \[0\.5, 0\.1\] @ \$\.models\.m\.data\.options\.split$"):
+    with pytest.raises(
+        ConfigError, match=r"fractions summing to 1 .*got \[0\.5, 0\.1\] @ \$\.models\.m\.data\.options\.split$"
+    ):
         open_model("csv", {"file": str(path), "split": [0.5, 0.1]}, ["a"])
-    with pytest.raises(ConfigError, match=r"^must be one of 'hash', 'mod', 'int', got 'onehot' @ \$\.models\.m\.data\.options\.encode$"):
+    with pytest.raises(
+        ConfigError, match=r"^must be one of 'hash', 'mod', 'int', got 'onehot' @ \$\.models\.m\.data\.options\.encode$"
+    ):
         open_model("csv", {"train": str(path), "encode": "onehot"}, ["a"])
 
 
@@ -525,39 +576,67 @@ def test_options_are_structured_with_paths(tmp_path: Path) -> None:
     Path(path).write_text(GOOD)
     opts = "$.models.m.data.options"
     assert errors_of("libfm", {"train": path}) == [f"required field missing @ {opts}.fields"]
-    assert errors_of("libfm", {"train": path, "fields": [
-        {"name": "a", "start": -1, "end": 9}, {"name": "b", "start": 10}, {"name": "c", "start": 3, "end": 1},
-        {"name": "d", "start": 0, "end": 1, "x": 1}, "e",
-    ]}) == [
+    assert errors_of(
+        "libfm",
+        {
+            "train": path,
+            "fields": [
+                {"name": "a", "start": -1, "end": 9},
+                {"name": "b", "start": 10},
+                {"name": "c", "start": 3, "end": 1},
+                {"name": "d", "start": 0, "end": 1, "x": 1},
+                "e",
+            ],
+        },
+    ) == [
         f"must be >= 0, got -1 @ {opts}.fields[0].start",
         f"give one of 'end' (inclusive) or 'size' @ {opts}.fields[1].end",
         f"must be >= start (3), got 1 @ {opts}.fields[2].end",
         f"extra fields found (x) @ {opts}.fields[3]",
         f"expected a table with keys name, start, end, size, got 'e' @ {opts}.fields[4]",
     ]
-    assert errors_of("libfm", {"train": path, "fields": [{"name": "a", "start": 0, "size": 10}, {"name": "b", "start": 9, "end": 19}]}) == [
-        f"field ranges overlap: 'a' 0-9 and 'b' 9-19 @ {opts}.fields"]
+    assert errors_of(
+        "libfm",
+        {"train": path, "fields": [{"name": "a", "start": 0, "size": 10}, {"name": "b", "start": 9, "end": 19}]},
+    ) == [f"field ranges overlap: 'a' 0-9 and 'b' 9-19 @ {opts}.fields"]
     assert errors_of("libfm", {"train": [path, 3], "fields": FIELDS}) == [
-        f"expected a file path or a list of them, got [{path!r}, 3] @ {opts}.train"]
+        f"expected a file path or a list of them, got [{path!r}, 3] @ {opts}.train"
+    ]
     assert errors_of("libfm", {"train": path, "fields": FIELDS, "streaming": "yes"}) == [
-        f'must be true, false or "auto", got \'yes\' @ {opts}.streaming']
-    assert errors_of("libfm", {"train": path, "fields": FIELDS, "chunk_rows": 0}) == [f"must be >= 1, got 0 @ {opts}.chunk_rows"]
-    assert errors_of("libfm", {"fields": FIELDS}) == [f"required field missing (give 'train', or 'file' with 'split') @ {opts}.train"]
+        f"must be true, false or \"auto\", got 'yes' @ {opts}.streaming"
+    ]
+    assert errors_of("libfm", {"train": path, "fields": FIELDS, "chunk_rows": 0}) == [
+        f"must be >= 1, got 0 @ {opts}.chunk_rows"
+    ]
+    assert errors_of("libfm", {"fields": FIELDS}) == [
+        f"required field missing (give 'train', or 'file' with 'split') @ {opts}.train"
+    ]
     assert errors_of("libfm", {"train": path, "split": [1, 0], "fields": FIELDS}) == [
-        f"'split' needs 'file' (one file split by fraction) @ {opts}.split"]
+        f"'split' needs 'file' (one file split by fraction) @ {opts}.split"
+    ]
     assert errors_of("libfm", {"file": path, "train": path, "fields": FIELDS}) == [
-        f"give either 'file' with 'split' or 'train', not both @ {opts}.file"]
-    assert errors_of("parquet", {"train": path, "delimiter": ";"}, ["a"]) == [f"extra fields found (delimiter) @ {opts}"]
+        f"give either 'file' with 'split' or 'train', not both @ {opts}.file"
+    ]
+    assert errors_of("parquet", {"train": path, "delimiter": ";"}, ["a"]) == [
+        f"extra fields found (delimiter) @ {opts}"
+    ]
     assert errors_of("csv", {"train": path, "features": {"a": {"encode": "x"}, "b": "s", "c": {"col": "a"}}}) == [
         f"must be one of 'hash', 'mod', 'int', got 'x' @ {opts}.features.a.encode",
         f"expected a table with keys column, encode, separator, transform, got 's' @ {opts}.features.b",
         f"extra fields found (col) @ {opts}.features.c",
     ]
-    assert errors_of("csv", {"train": path, "features": {"zz": {}}}) == [f"no feature named 'zz' in the model @ {opts}.features.zz"]
-    assert errors_of("csv", {"train": path, "labels": {"buy": "y"}}) == [f"no task named 'buy' in the model @ {opts}.labels.buy"]
+    assert errors_of("csv", {"train": path, "features": {"zz": {}}}) == [
+        f"no feature named 'zz' in the model @ {opts}.features.zz"
+    ]
+    assert errors_of("csv", {"train": path, "labels": {"buy": "y"}}) == [
+        f"no task named 'buy' in the model @ {opts}.labels.buy"
+    ]
     assert errors_of("criteo", {"train": path, "column_names": "label"}) == [
-        f"expected a list, got the string 'label' @ {opts}.column_names"]
-    assert errors_of("csv", {"train": path, "delimiter": ";;"}) == [f"must be one character, got ';;' @ {opts}.delimiter"]
+        f"expected a list, got the string 'label' @ {opts}.column_names"
+    ]
+    assert errors_of("csv", {"train": path, "delimiter": ";;"}) == [
+        f"must be one character, got ';;' @ {opts}.delimiter"
+    ]
 
 
 def test_option_defaults_per_source(tmp_path: Path) -> None:
@@ -573,8 +652,11 @@ def test_option_defaults_per_source(tmp_path: Path) -> None:
     o = parse_options(model, eco, "csv")
     assert type(o) is CsvOptions and (o.transform, o.delimiter, o.header, o.column_names) == ("none", ",", True, None)
     src = open_model(
-        "csv", {"file": str(path), "split": [0.5, 0.5], "features": {"x": {"transform": "log1p"}}},
-        ["a", {"name": "n", "vocab_size": 5}], ["x"], ({"name": "click", "label": "label"},),
+        "csv",
+        {"file": str(path), "split": [0.5, 0.5], "features": {"x": {"transform": "log1p"}}},
+        ["a", {"name": "n", "vocab_size": 5}],
+        ["x"],
+        ({"name": "click", "label": "label"},),
     )
     assert src.fractions == (0.5, 0.5, 0.0) and src.files == {"file": (path,)}
     assert src.fmt.dense[0].transform == "log1p" and src.fmt.sparse[0].encode == "hash"
@@ -582,7 +664,8 @@ def test_option_defaults_per_source(tmp_path: Path) -> None:
 
 def test_schema_file(tmp_path: Path) -> None:
     (tmp_path / "schema.toml").write_text(
-        'fields = [{ name = "a", start = 0, size = 10 }, { name = "b", start = 10, end = 19 }]\n')
+        'fields = [{ name = "a", start = 0, size = 10 }, { name = "b", start = 10, end = 19 }]\n'
+    )
     (tmp_path / "d.libfm").write_text(GOOD)
     src = open_model("libfm", {"train": str(tmp_path / "d.libfm"), "schema": str(tmp_path / "schema.toml")}, ["a", "b"])
     assert src.load("train").ids.tolist() == [[1, 2], [2, 3]]
@@ -591,10 +674,15 @@ def test_schema_file(tmp_path: Path) -> None:
 # --------------------------------------------------------------- examples
 
 
-@pytest.mark.parametrize("path", [
-    # base_rates() reads Frappe's full train file
-    pytest.param(p, marks=[pytest.mark.data] if p.stem == "frappe" else []) for p in sorted(EXAMPLES.glob("*.toml"))
-], ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path",
+    [
+        # base_rates() reads Frappe's full train file
+        pytest.param(p, marks=[pytest.mark.data] if p.stem == "frappe" else [])
+        for p in sorted(EXAMPLES.glob("*.toml"))
+    ],
+    ids=lambda p: p.stem,
+)
 def test_example_spec_loads_and_yields_a_batch(path: Path) -> None:
     eco = load_ecosystem(path)
     (model,) = eco.models.values()

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import attrs
 import pytest
-import torch
 from click.testing import CliRunner
 
 from smt_host.authoring import scaffold
@@ -52,7 +51,11 @@ def test_cli_generates_the_distribution(tmp_path):
     assert result.exit_code == 0, result.output
     folder = tmp_path / "smt-mask-net"
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
-        "README.md", "pyproject.toml", "smt_mask_net.py", "tests/conftest.py", "tests/test_mask_net.py",
+        "README.md",
+        "pyproject.toml",
+        "smt_mask_net.py",
+        "tests/conftest.py",
+        "tests/test_mask_net.py",
     ]
     project = tomllib.loads((folder / "pyproject.toml").read_text())
     assert project["project"]["name"] == "smt-mask-net"
@@ -66,15 +69,20 @@ def test_cli_generates_the_distribution(tmp_path):
     assert "(B, F, D) -> (B, width)" in module
 
 
-@pytest.mark.parametrize("args, message", [
-    (["Bad", "--slot", "loss"], "error: invalid plugin name 'Bad': use lower-case letters and digits"),
-    (["a--b", "--slot", "loss"], "error: invalid plugin name 'a--b'"),
-    (["smt-foo", "--slot", "loss"], "error: invalid plugin name 'smt-foo': give it without the 'smt-' prefix"),
-    (["bce", "--slot", "loss"], "error: invalid plugin name 'bce': technique 'bce' is a built-in of smt-host"),
-    (["foo", "--slot", "pooling"],
-     "error: unknown slot 'pooling'; slots are: embedding, dense_arch, interaction, over_arch, task_arch, "
-     "heads, ensemble, loss, optimizer, training"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["Bad", "--slot", "loss"], "error: invalid plugin name 'Bad': use lower-case letters and digits"),
+        (["a--b", "--slot", "loss"], "error: invalid plugin name 'a--b'"),
+        (["smt-foo", "--slot", "loss"], "error: invalid plugin name 'smt-foo': give it without the 'smt-' prefix"),
+        (["bce", "--slot", "loss"], "error: invalid plugin name 'bce': technique 'bce' is a built-in of smt-host"),
+        (
+            ["foo", "--slot", "pooling"],
+            "error: unknown slot 'pooling'; slots are: embedding, dense_arch, interaction, over_arch, task_arch, "
+            "heads, ensemble, loss, optimizer, training",
+        ),
+    ],
+)
 def test_cli_refuses_bad_input(tmp_path, args, message):
     result = CliRunner().invoke(cli, ["new-plugin", *args, "--dir", str(tmp_path)])
     assert result.exit_code == 2
@@ -131,7 +139,9 @@ needs_env = pytest.mark.skipif(
 
 
 def _pip(*args):
-    out = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", *args], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -140,7 +150,9 @@ def _env():
 
 
 def _plans():
-    out = subprocess.run([sys.executable, "-m", "smt_host", "plan", "--json"], capture_output=True, text=True, env=_env())
+    out = subprocess.run(
+        [sys.executable, "-m", "smt_host", "plan", "--json"], capture_output=True, text=True, env=_env()
+    )
     assert out.returncode == 0, out.stderr
     return {p["model"]: p for p in json.loads(out.stdout)}
 
@@ -160,8 +172,13 @@ def test_generated_plugin_installs_tests_and_propagates(slot, tmp_path):
     assert _models_with(_plans(), technique) == []
     _pip("install", "--quiet", str(folder))
     try:
-        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder)],
-                               capture_output=True, text=True, cwd=folder, env=_env())
+        tests = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder)],
+            capture_output=True,
+            text=True,
+            cwd=folder,
+            env=_env(),
+        )
         assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
         assert "3 passed" in tests.stdout
         plans = _plans()

@@ -23,7 +23,9 @@ def _first_step_loss(host, spec, eco):
     plan = host.plan(spec)
     model = host.build(plan, spec).members[0]
     batch = next(open_source(spec, eco).batches("train", 256, shuffle=True, seed=spec.training.seed, epoch=1))
-    loss = host.build(plan, spec).loss(LossInputs(logits=model(batch.dense, batch.sparse), labels=batch.labels, batch=batch, model=model))
+    loss = host.build(plan, spec).loss(
+        LossInputs(logits=model(batch.dense, batch.sparse), labels=batch.labels, batch=batch, model=model)
+    )
     return plan, loss.item()
 
 
@@ -40,7 +42,9 @@ def test_same_plugins_spec_seed_give_same_plan_and_first_loss(no_env, small_eco)
 
 def test_short_training_run_learns(no_env, tmp_path):
     eco = load_default_ecosystem()
-    eco = attrs.evolve(eco, synthetic=attrs.evolve(eco.synthetic, train_examples=40000, valid_examples=8000, test_examples=20000))
+    eco = attrs.evolve(
+        eco, synthetic=attrs.evolve(eco.synthetic, train_examples=40000, valid_examples=8000, test_examples=20000)
+    )
     spec = eco.model("feed_ctr")
     spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=2))
     result = train_model(Host.create(load=""), spec, eco, tmp_path / "run")
@@ -56,7 +60,9 @@ def test_short_training_run_learns(no_env, tmp_path):
     assert set(state) >= {"model", "optimizers", "plan", "manifest", "state", "rng", "best_model"}
 
 
-STOPPER = GOOD_PLUGIN.format(name="stopper") + '''
+STOPPER = (
+    GOOD_PLUGIN.format(name="stopper")
+    + """
 STOP_AT = {"step": None}
 
 def _step_end(self, ctx, step):
@@ -64,7 +70,8 @@ def _step_end(self, ctx, step):
         raise KeyboardInterrupt
 
 Mean.smt_step_end = hookimpl(_step_end)
-'''
+"""
+)
 
 
 def test_resume_after_a_stop_equals_an_uninterrupted_run(fake_dist, no_env, small_eco, tmp_path):
@@ -90,7 +97,9 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(fake_dist, no_env, smal
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-NAN_LOSS = GOOD_PLUGIN.format(name="meanpool") + '''
+NAN_LOSS = (
+    GOOD_PLUGIN.format(name="meanpool")
+    + '''
 @technique(name="nan_after", slot="loss")
 class NanAfter:
     """Turns the loss into NaN from step 10 on."""
@@ -108,6 +117,7 @@ _old = smt_techniques
 def smt_techniques():
     return [Mean(), NanAfter()]
 '''
+)
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(fake_dist, no_env, small_eco, tmp_path):
@@ -128,7 +138,9 @@ def test_checkpoint_from_another_plugin_set_is_refused(fake_dist, no_env, small_
     spec = small_eco.model("tiny_ctr")
     spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1, max_steps_per_epoch=2))
     train_model(Host.create(load=""), spec, small_eco, tmp_path / "run")
-    fake_dist("smt-meanpool", "0.4", {"meanpool": "meanpool_plugin"}, {"meanpool_plugin": GOOD_PLUGIN.format(name="meanpool")})
+    fake_dist(
+        "smt-meanpool", "0.4", {"meanpool": "meanpool_plugin"}, {"meanpool_plugin": GOOD_PLUGIN.format(name="meanpool")}
+    )
     with pytest.raises(ManifestMismatch) as err:
         train_model(Host.create(), spec, small_eco, tmp_path / "run", resume=True)
     assert str(err.value) == (
@@ -166,8 +178,12 @@ def test_neutral_capacity_lands_within_tolerance(no_env):
 
 def test_lr_decay_multiplies_learning_rates_after_each_epoch_without_improvement(no_env, small_eco, tmp_path):
     spec = small_eco.model("tiny_ctr")
-    spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=6, patience=10, max_steps_per_epoch=3,
-                                                    lr=2e-3, embedding_lr=0.05, lr_decay=0.5))
+    spec = attrs.evolve(
+        spec,
+        training=attrs.evolve(
+            spec.training, epochs=6, patience=10, max_steps_per_epoch=3, lr=2e-3, embedding_lr=0.05, lr_decay=0.5
+        ),
+    )
     result = train_model(Host.create(load=""), spec, small_eco, tmp_path / "run")
     best, bad = float("-inf"), 0
     for h in result.history:
@@ -182,8 +198,11 @@ def test_lr_decay_multiplies_learning_rates_after_each_epoch_without_improvement
 def test_arch_batch_norm_and_table_weight_decay_reach_the_model(no_env, small_eco):
     host = Host.create(load="")
     spec = small_eco.model("tiny_ctr")
-    spec = attrs.evolve(spec, arch=attrs.evolve(spec.arch, batch_norm=True),
-                        training=attrs.evolve(spec.training, weight_decay=1e-5, embedding_weight_decay=0.05))
+    spec = attrs.evolve(
+        spec,
+        arch=attrs.evolve(spec.arch, batch_norm=True),
+        training=attrs.evolve(spec.training, weight_decay=1e-5, embedding_weight_decay=0.05),
+    )
     plan = host.plan(spec)
     built = host.build(plan, spec)
     model = built.members[0]

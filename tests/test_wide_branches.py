@@ -70,8 +70,10 @@ def test_wide_output_is_added_to_the_heads_logits(smt_tiny_ecosystem, model):
 def test_a_wide_branch_must_give_one_logit_per_task(smt_tiny_ecosystem):
     with pytest.raises(PluginError) as err:
         wide_host(extra_width=2).plan(smt_tiny_ecosystem.model("tiny_ctr"))
-    assert str(err.value) == ("technique 'lr_wide' (<extra> 0): its interaction branch adds to the logits "
-                              "(to_logits) so its out_dim must be T=1, got 3")
+    assert str(err.value) == (
+        "technique 'lr_wide' (<extra> 0): its interaction branch adds to the logits "
+        "(to_logits) so its out_dim must be T=1, got 3"
+    )
 
 
 def test_a_model_needs_a_branch_feeding_the_over_arch(smt_tiny_ecosystem):
@@ -79,5 +81,7 @@ def test_a_model_needs_a_branch_feeding_the_over_arch(smt_tiny_ecosystem):
     spec = attrs.evolve(spec, techniques={"flat": False})
     with pytest.raises(ConfigError) as err:
         wide_host().plan(spec)
-    assert str(err.value) == ("slot 'interaction' of model 'tiny_ctr' has no branch feeding the over-arch "
-                              "(every branch adds to the logits: ['lr_wide']) @ $.models.tiny_ctr.techniques")
+    assert str(err.value) == (
+        "slot 'interaction' of model 'tiny_ctr' has no branch feeding the over-arch "
+        "(every branch adds to the logits: ['lr_wide']) @ $.models.tiny_ctr.techniques"
+    )

@@ -44,15 +44,25 @@ def main() -> int:
     if not torch_v.startswith(TORCH) or installed("fbgemm-gpu-cpu") != FBGEMM_CPU:
         pip(f"torch=={TORCH}", f"fbgemm-gpu-cpu=={FBGEMM_CPU}")
     if installed("fbgemm-gpu"):
-        print("error: the CUDA build fbgemm-gpu is installed and breaks torchrec on CPU; "
-              "run: pip uninstall -y fbgemm-gpu", file=sys.stderr)
+        print(
+            "error: the CUDA build fbgemm-gpu is installed and breaks torchrec on CPU; "
+            "run: pip uninstall -y fbgemm-gpu",
+            file=sys.stderr,
+        )
         return 1
     if installed("torchrec") != TORCHREC:
         pip("--no-deps", f"torchrec=={TORCHREC}")
     missing = [p for p in TORCHREC_NEEDS if installed(p) is None]
     if missing:
         pip(*missing)
-    subprocess.run([sys.executable, "-c", "import torch, torchrec; print('torch', torch.__version__, 'torchrec', torchrec.__version__)"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch, torchrec; print('torch', torch.__version__, 'torchrec', torchrec.__version__)",
+        ],
+        check=True,
+    )
     return 0
 
 

@@ -33,8 +33,6 @@ in with ``focal_loss = true`` or a parameter table in its spec.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import attrs
 import torch
 import torch.nn.functional as F
@@ -50,17 +48,17 @@ def _alpha_in_open_unit(instance, attribute, value) -> None:
 @attrs.frozen
 class FocalLossParams:
     """Args:
-        gamma: the focusing exponent (>= 0; 0 gives BCE). The paper uses 2.
-        alpha: weight of positive examples in (0, 1) (negatives get
-            ``1 - alpha``); unset for no class weighting. The paper uses 0.25
-            with gamma 2 for detection.
+    gamma: the focusing exponent (>= 0; 0 gives BCE). The paper uses 2.
+    alpha: weight of positive examples in (0, 1) (negatives get
+        ``1 - alpha``); unset for no class weighting. The paper uses 0.25
+        with gamma 2 for detection.
     """
 
     gamma: float = attrs.field(default=2.0, validator=at_least(0.0))
-    alpha: Optional[float] = attrs.field(default=None, validator=_alpha_in_open_unit)
+    alpha: float | None = attrs.field(default=None, validator=_alpha_in_open_unit)
 
 
-def focal_terms(logits: torch.Tensor, labels: torch.Tensor, gamma: float, alpha: Optional[float] = None) -> torch.Tensor:
+def focal_terms(logits: torch.Tensor, labels: torch.Tensor, gamma: float, alpha: float | None = None) -> torch.Tensor:
     """Element-wise focal loss, numerically stable from the logits.
 
     Args:
@@ -95,7 +93,7 @@ class FocalLoss:
     """Focal loss (Lin et al. 2017) in place of BCE, opt-in per model."""
 
     @hookimpl
-    def smt_loss(self, ctx: SlotContext, params: FocalLossParams, loss: Optional[LossFn]) -> LossFn:
+    def smt_loss(self, ctx: SlotContext, params: FocalLossParams, loss: LossFn | None) -> LossFn:
         if loss is None:
             raise ValueError("focal_loss corrects the built-in bce loss, but the loss chain is empty")
         weights = torch.tensor([t.weight for t in ctx.spec.tasks])

@@ -21,7 +21,7 @@ Shapes: B batch, T tasks, K knots.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import attrs
 import torch
@@ -144,7 +144,9 @@ class Calibrator(nn.Module):
     def fit(self, logits: torch.Tensor, labels: torch.Tensor, *, steps: int = 200) -> None:
         """Fits the map on uncalibrated ``logits`` (N, T) and ``labels`` (N, T)."""
         if logits.shape != labels.shape or logits.dim() != 2 or logits.shape[1] != self.num_tasks:
-            raise ValueError(f"expected logits and labels (N, {self.num_tasks}), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+            raise ValueError(
+                f"expected logits and labels (N, {self.num_tasks}), got {tuple(logits.shape)} and {tuple(labels.shape)}"
+            )
         if self.method == "platt":
             self.fit_platt(logits, labels, steps=steps)
         else:
@@ -160,8 +162,9 @@ class Calibrator(nn.Module):
         y = y * (pos + 1) / (pos + 2) + (1 - y) / (neg + 2)
         a = torch.ones(self.num_tasks, dtype=torch.float64, requires_grad=True)
         b = torch.zeros(self.num_tasks, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([a, b], lr=1.0, max_iter=steps, tolerance_grad=1e-10,
-                                tolerance_change=1e-12, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            [a, b], lr=1.0, max_iter=steps, tolerance_grad=1e-10, tolerance_change=1e-12, line_search_fn="strong_wolfe"
+        )
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
@@ -218,7 +221,7 @@ def collect(model: nn.Module, calibrator: Calibrator, batches: Any) -> tuple[tor
     return torch.cat(seen), torch.cat(outs), torch.cat(labels)
 
 
-def _metrics(logits: torch.Tensor, labels: torch.Tensor, tasks: list[str], base_rates: Optional[list[float]]) -> dict:
+def _metrics(logits: torch.Tensor, labels: torch.Tensor, tasks: list[str], base_rates: list[float] | None) -> dict:
     from smt_host import binary_metrics
 
     pred = torch.sigmoid(logits)
@@ -230,8 +233,9 @@ def _metrics(logits: torch.Tensor, labels: torch.Tensor, tasks: list[str], base_
     return out
 
 
-def fit_on_valid(ctx: TrainContext, params: "CalibrationParams", name: str = "calibration",
-                 model: Optional[nn.Module] = None) -> dict:
+def fit_on_valid(
+    ctx: TrainContext, params: CalibrationParams, name: str = "calibration", model: nn.Module | None = None
+) -> dict:
     """Fits ``model.output_transforms[name]`` of one template network
     (default: the model's first member) on ctx.data's valid split; returns
     the valid metrics before and after, per task, with the fitted map."""

@@ -29,7 +29,7 @@ paper's "stacked" structure, cross network then deep network.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import attrs
 import torch
@@ -41,7 +41,7 @@ from smt_host import FieldValueError, SlotContext, at_least, hookimpl, technique
 __all__ = ["DCNv2", "DCNv2Branch", "DCNv2Params", "smt_techniques"]
 
 
-def _experts_need_low_rank(inst: "DCNv2Params", attribute: attrs.Attribute, value: int) -> None:
+def _experts_need_low_rank(inst: DCNv2Params, attribute: attrs.Attribute, value: int) -> None:
     if value > 1 and inst.low_rank is None:
         raise FieldValueError(
             attribute.name,
@@ -68,7 +68,7 @@ class DCNv2Params:
     """
 
     num_layers: int = attrs.field(default=3, validator=at_least(1))
-    low_rank: Optional[int] = attrs.field(default=None, validator=at_least(1))
+    low_rank: int | None = attrs.field(default=None, validator=at_least(1))
     num_experts: int = attrs.field(default=1, validator=[at_least(1), _experts_need_low_rank])
 
 
@@ -96,8 +96,14 @@ class DCNv2Branch(nn.Module):
     """
 
     def __init__(
-        self, num_features: int, embedding_dim: int, *, num_layers: int = 3,
-        low_rank: Optional[int] = None, num_experts: int = 1, device: Any = None,
+        self,
+        num_features: int,
+        embedding_dim: int,
+        *,
+        num_layers: int = 3,
+        low_rank: int | None = None,
+        num_experts: int = 1,
+        device: Any = None,
     ) -> None:
         super().__init__()
         if num_features < 1 or embedding_dim < 1:
@@ -133,8 +139,12 @@ class DCNv2:
     @hookimpl
     def smt_interaction(self, ctx: SlotContext, params: DCNv2Params) -> nn.Module:
         return DCNv2Branch(
-            ctx.num_features, ctx.embedding_dim, num_layers=params.num_layers,
-            low_rank=params.low_rank, num_experts=params.num_experts, device=ctx.device,
+            ctx.num_features,
+            ctx.embedding_dim,
+            num_layers=params.num_layers,
+            low_rank=params.low_rank,
+            num_experts=params.num_experts,
+            device=ctx.device,
         )
 
 

@@ -23,7 +23,7 @@ Shapes: B batch, T tasks, Nd dense features.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import attrs
 import torch

@@ -43,13 +43,23 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import torch
 from torch import nn
 
-from smt_host import MLP, ConfigError, FieldValueError, SlotContext, at_least, hookimpl, one_of, positive_widths, technique
+from smt_host import (
+    MLP,
+    FieldValueError,
+    SlotContext,
+    at_least,
+    hookimpl,
+    one_of,
+    positive_widths,
+    technique,
+)
 
 __all__ = [
     "MODULES",
@@ -156,7 +166,9 @@ class SelfAttentionModule(nn.Module):
         torch.Size([2, 3, 8])
     """
 
-    def __init__(self, num_inputs: int, embedding_dim: int, num_outputs: int, *, heads: int, device: Any = None) -> None:
+    def __init__(
+        self, num_inputs: int, embedding_dim: int, num_outputs: int, *, heads: int, device: Any = None
+    ) -> None:
         super().__init__()
         _check_positive(num_inputs=num_inputs, embedding_dim=embedding_dim, num_outputs=num_outputs, heads=heads)
         if embedding_dim % heads:
@@ -202,11 +214,19 @@ class CrossModule(nn.Module):
     """
 
     def __init__(
-        self, num_inputs: int, embedding_dim: int, num_outputs: int, *, layers: int, rank: int, device: Any = None,
+        self,
+        num_inputs: int,
+        embedding_dim: int,
+        num_outputs: int,
+        *,
+        layers: int,
+        rank: int,
+        device: Any = None,
     ) -> None:
         super().__init__()
-        _check_positive(num_inputs=num_inputs, embedding_dim=embedding_dim, num_outputs=num_outputs,
-                        layers=layers, rank=rank)
+        _check_positive(
+            num_inputs=num_inputs, embedding_dim=embedding_dim, num_outputs=num_outputs, layers=layers, rank=rank
+        )
         width = num_inputs * embedding_dim
         self.down = nn.ModuleList(nn.Linear(width, rank, bias=False, device=device) for _ in range(layers))
         self.up = nn.ModuleList(nn.Linear(rank, width, device=device) for _ in range(layers))
@@ -272,12 +292,19 @@ class MLPModule(nn.Module):
     """
 
     def __init__(
-        self, num_inputs: int, embedding_dim: int, num_outputs: int, *, widths: Sequence[int] = (), device: Any = None,
+        self,
+        num_inputs: int,
+        embedding_dim: int,
+        num_outputs: int,
+        *,
+        widths: Sequence[int] = (),
+        device: Any = None,
     ) -> None:
         super().__init__()
         _check_positive(num_inputs=num_inputs, embedding_dim=embedding_dim, num_outputs=num_outputs)
-        self.mlp = MLP(num_inputs * embedding_dim, [*widths, num_outputs * embedding_dim],
-                       final_activation=False, device=device)
+        self.mlp = MLP(
+            num_inputs * embedding_dim, [*widths, num_outputs * embedding_dim], final_activation=False, device=device
+        )
         self.num_outputs = num_outputs
         self.embedding_dim = embedding_dim
 
@@ -289,8 +316,12 @@ ModuleFactory = Callable[[int, int, DHENParams, Any], nn.Module]
 
 #: name -> factory(n, D, params, device) of a module mapping (B, n, D) to (B, m, D).
 FACTORIES: dict[str, ModuleFactory] = {
-    "self_attention": lambda n, d, p, dev: SelfAttentionModule(n, d, p.num_embeddings, heads=p.attention_heads, device=dev),
-    "dcn": lambda n, d, p, dev: CrossModule(n, d, p.num_embeddings, layers=p.cross_layers, rank=p.cross_rank, device=dev),
+    "self_attention": lambda n, d, p, dev: SelfAttentionModule(
+        n, d, p.num_embeddings, heads=p.attention_heads, device=dev
+    ),
+    "dcn": lambda n, d, p, dev: CrossModule(
+        n, d, p.num_embeddings, layers=p.cross_layers, rank=p.cross_rank, device=dev
+    ),
     "dot": lambda n, d, p, dev: DotProductModule(n, d, p.num_embeddings, device=dev),
     "linear": lambda n, d, p, dev: FeatureProjection(n, p.num_embeddings, device=dev),
     "mlp": lambda n, d, p, dev: MLPModule(n, d, p.num_embeddings, widths=p.mlp_widths, device=dev),
@@ -323,7 +354,9 @@ class DHENLayer(nn.Module):
         if unknown or not params.modules:
             raise ValueError(f"modules must be a non-empty list from {list(MODULES)}, got {list(params.modules)}")
         self.module_names = list(params.modules)
-        self.interactions = nn.ModuleList(FACTORIES[m](num_inputs, embedding_dim, params, device) for m in params.modules)
+        self.interactions = nn.ModuleList(
+            FACTORIES[m](num_inputs, embedding_dim, params, device) for m in params.modules
+        )
         self.concat = params.ensemble == "concat"
         k = len(params.modules)
         self.num_outputs = params.num_embeddings * (k if self.concat else 1)

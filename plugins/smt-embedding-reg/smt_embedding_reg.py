@@ -18,7 +18,7 @@ Shapes: B batch, F sparse features, D embedding dim.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import attrs
 import torch
@@ -68,7 +68,7 @@ def embedding_l2(model: Any, sparse: KeyedJaggedTensor, *, unique: bool = False)
         sparse = transform(sparse)
     by_key = sparse.to_dict()
     ebc = model.embedding
-    total: Optional[torch.Tensor] = None
+    total: torch.Tensor | None = None
     for config in ebc.embedding_bag_configs():
         weight = ebc.embedding_bags[config.name].weight
         for feature in config.feature_names:
@@ -89,7 +89,7 @@ class EmbeddingReg:
     """L2 penalty on the embedding rows looked up in each batch (BARS / FuxiCTR embedding_regularizer)."""
 
     @hookimpl
-    def smt_loss(self, ctx: SlotContext, params: EmbeddingRegParams, loss: Optional[LossFn]) -> LossFn:
+    def smt_loss(self, ctx: SlotContext, params: EmbeddingRegParams, loss: LossFn | None) -> LossFn:
         weight, unique = params.weight, params.unique
 
         def regularized(inputs: LossInputs) -> torch.Tensor:

@@ -35,13 +35,14 @@ Shapes (B batch, F features, D embedding dim, T tasks):
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import torch
 from torch import nn
 
-from smt_host import MLP, ConfigError, FieldValueError, SlotContext, at_least, hookimpl, in_range, technique
+from smt_host import MLP, FieldValueError, SlotContext, at_least, hookimpl, in_range, technique
 
 __all__ = ["BilinearFusion", "FeatureGate", "FinalMLP", "FinalMLPBranch", "FinalMLPParams", "smt_techniques"]
 
@@ -54,7 +55,7 @@ def _widths(inst: Any, attribute: attrs.Attribute, value: tuple) -> None:
             raise FieldValueError(attribute.name, f"every width must be >= 1, got {w!r} at [{i}]")
 
 
-def _divides_streams(inst: "FinalMLPParams", attribute: attrs.Attribute, value: int) -> None:
+def _divides_streams(inst: FinalMLPParams, attribute: attrs.Attribute, value: int) -> None:
     if value < 1:
         return  # at_least(1) reports it
     bad = [
@@ -128,8 +129,14 @@ class FeatureGate(nn.Module):
         torch.Size([5, 6])
     """
 
-    def __init__(self, num_features: int, embedding_dim: int, hidden: int,
-                 context: Optional[Sequence[int]] = None, device: Any = None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        embedding_dim: int,
+        hidden: int,
+        context: Sequence[int] | None = None,
+        device: Any = None,
+    ) -> None:
         super().__init__()
         n = num_features * embedding_dim
         self.context = None if context is None else list(context)
@@ -179,7 +186,9 @@ class BilinearFusion(nn.Module):
         weight = torch.empty(num_heads * self.head1 * self.head2, out_dim, device=device)
         nn.init.xavier_normal_(weight)
         self.weight = nn.Parameter(
-            weight.view(num_heads, self.head1, self.head2, out_dim).transpose(2, 3).reshape(num_heads, self.head1, out_dim * self.head2)
+            weight.view(num_heads, self.head1, self.head2, out_dim)
+            .transpose(2, 3)
+            .reshape(num_heads, self.head1, out_dim * self.head2)
         )
         self.out_dim = out_dim
 
@@ -225,22 +234,41 @@ class FinalMLPBranch(nn.Module):
     """
 
     def __init__(
-        self, num_features: int, embedding_dim: int, *, stream1_widths: Sequence[int] = (128, 64),
-        stream2_widths: Sequence[int] = (128,), num_heads: int = 4, fusion_dim: int = 32,
-        to_logits: bool = False, gating: bool = True, gate_hidden: int = 64, gate1_context: Optional[Sequence[int]] = None,
-        gate2_context: Optional[Sequence[int]] = None, dropout: float = 0.0, batch_norm: bool = False,
+        self,
+        num_features: int,
+        embedding_dim: int,
+        *,
+        stream1_widths: Sequence[int] = (128, 64),
+        stream2_widths: Sequence[int] = (128,),
+        num_heads: int = 4,
+        fusion_dim: int = 32,
+        to_logits: bool = False,
+        gating: bool = True,
+        gate_hidden: int = 64,
+        gate1_context: Sequence[int] | None = None,
+        gate2_context: Sequence[int] | None = None,
+        dropout: float = 0.0,
+        batch_norm: bool = False,
         device: Any = None,
     ) -> None:
         super().__init__()
         if num_features < 1 or embedding_dim < 1:
             raise ValueError(f"num_features and embedding_dim must be >= 1, got {num_features} and {embedding_dim}")
         n = num_features * embedding_dim
-        self.gate1 = FeatureGate(num_features, embedding_dim, gate_hidden, gate1_context, device) if gating else nn.Flatten(1)
-        self.gate2 = FeatureGate(num_features, embedding_dim, gate_hidden, gate2_context, device) if gating else nn.Flatten(1)
+        self.gate1 = (
+            FeatureGate(num_features, embedding_dim, gate_hidden, gate1_context, device) if gating else nn.Flatten(1)
+        )
+        self.gate2 = (
+            FeatureGate(num_features, embedding_dim, gate_hidden, gate2_context, device) if gating else nn.Flatten(1)
+        )
         self.stream1 = MLP(n, list(stream1_widths), dropout=dropout, batch_norm=batch_norm, device=device)
         self.stream2 = MLP(n, list(stream2_widths), dropout=dropout, batch_norm=batch_norm, device=device)
         self.fusion = BilinearFusion(
-            self.stream1.out_dim, self.stream2.out_dim, out_dim=fusion_dim, num_heads=num_heads, device=device,
+            self.stream1.out_dim,
+            self.stream2.out_dim,
+            out_dim=fusion_dim,
+            num_heads=num_heads,
+            device=device,
         )
         self.out_dim = fusion_dim
         self.to_logits = to_logits
@@ -256,17 +284,24 @@ class FinalMLP:
     @hookimpl
     def smt_interaction(self, ctx: SlotContext, params: FinalMLPParams) -> nn.Module:
         return FinalMLPBranch(
-            ctx.num_features, ctx.embedding_dim, stream1_widths=params.stream1_widths,
-            stream2_widths=params.stream2_widths, num_heads=params.num_heads,
-            fusion_dim=len(ctx.tasks) if params.to_logits else params.fusion_dim, to_logits=params.to_logits,
-            gating=params.gating, gate_hidden=params.gate_hidden,
+            ctx.num_features,
+            ctx.embedding_dim,
+            stream1_widths=params.stream1_widths,
+            stream2_widths=params.stream2_widths,
+            num_heads=params.num_heads,
+            fusion_dim=len(ctx.tasks) if params.to_logits else params.fusion_dim,
+            to_logits=params.to_logits,
+            gating=params.gating,
+            gate_hidden=params.gate_hidden,
             gate1_context=context_indices(ctx, params.gate1_context, "gate1_context"),
             gate2_context=context_indices(ctx, params.gate2_context, "gate2_context"),
-            dropout=params.dropout, batch_norm=params.batch_norm, device=ctx.device,
+            dropout=params.dropout,
+            batch_norm=params.batch_norm,
+            device=ctx.device,
         )
 
 
-def context_indices(ctx: SlotContext, names: Sequence[str], field: str) -> Optional[list[int]]:
+def context_indices(ctx: SlotContext, names: Sequence[str], field: str) -> list[int] | None:
     """Positions in the (B, F, D) features of the named sparse features
     (the template stacks sparse features in spec order, the dense arch's
     output last); None for an empty list (all features)."""

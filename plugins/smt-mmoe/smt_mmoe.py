@@ -16,7 +16,7 @@ expert width, T tasks, H_t the tower width.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import attrs
 import torch
@@ -38,7 +38,7 @@ class MMoEParams:
 
     num_experts: int = attrs.field(default=4, validator=at_least(1))
     expert_widths: tuple[int, ...] = attrs.field(default=(64,), converter=tuple, validator=positive_widths)
-    tower_width: Optional[int] = attrs.field(default=None, validator=at_least(1))
+    tower_width: int | None = attrs.field(default=None, validator=at_least(1))
 
 
 class MMoE(nn.Module):
@@ -65,8 +65,14 @@ class MMoE(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, *, num_tasks: int, num_experts: int, expert_widths: Sequence[int],
-        tower_width: int, device=None,
+        self,
+        in_dim: int,
+        *,
+        num_tasks: int,
+        num_experts: int,
+        expert_widths: Sequence[int],
+        tower_width: int,
+        device=None,
     ) -> None:
         super().__init__()
         if num_tasks < 1 or num_experts < 1:
@@ -88,7 +94,7 @@ class MMoE(nn.Module):
         return [tower(mixed[:, t]) for t, tower in enumerate(self.towers)]
 
 
-def _applies(model) -> "bool | str":
+def _applies(model) -> bool | str:
     return len(model.tasks) >= 2 or "needs 2+ tasks"
 
 
@@ -99,9 +105,12 @@ class MMoETechnique:
     @hookimpl
     def smt_task_arch(self, ctx: SlotContext, params: MMoEParams) -> nn.Module:
         return MMoE(
-            ctx.in_dim, num_tasks=len(ctx.tasks), num_experts=params.num_experts,
+            ctx.in_dim,
+            num_tasks=len(ctx.tasks),
+            num_experts=params.num_experts,
             expert_widths=params.expert_widths,
-            tower_width=params.tower_width or ctx.spec.arch.task_width, device=ctx.device,
+            tower_width=params.tower_width or ctx.spec.arch.task_width,
+            device=ctx.device,
         )
 
 

@@ -76,8 +76,14 @@ class PeriodicEmbedding(nn.Module):
     """
 
     def __init__(
-        self, num_dense: int, out_dim: int, *, num_frequencies: int = 16, sigma: float = 0.1,
-        feature_dim: int = 16, device=None,
+        self,
+        num_dense: int,
+        out_dim: int,
+        *,
+        num_frequencies: int = 16,
+        sigma: float = 0.1,
+        feature_dim: int = 16,
+        device=None,
     ) -> None:
         super().__init__()
         if num_dense < 1 or out_dim < 1 or num_frequencies < 1 or feature_dim < 1 or not sigma > 0:
@@ -87,7 +93,9 @@ class PeriodicEmbedding(nn.Module):
             )
         self.frequencies = nn.Parameter(torch.randn(num_dense, num_frequencies, device=device) * sigma)  # (Nd, k)
         bound = 1 / math.sqrt(2 * num_frequencies)
-        self.weight = nn.Parameter(torch.empty(num_dense, 2 * num_frequencies, feature_dim, device=device).uniform_(-bound, bound))
+        self.weight = nn.Parameter(
+            torch.empty(num_dense, 2 * num_frequencies, feature_dim, device=device).uniform_(-bound, bound)
+        )
         self.bias = nn.Parameter(torch.empty(num_dense, feature_dim, device=device).uniform_(-bound, bound))
         self.combine = MLP(num_dense * feature_dim, [out_dim], device=device)
         self.num_dense = num_dense
@@ -109,7 +117,7 @@ class PeriodicEmbedding(nn.Module):
         return self.combine(self.embed(x).flatten(1))
 
 
-def _applies(model) -> "bool | str":
+def _applies(model) -> bool | str:
     return bool(model.features.dense) or "needs dense features"
 
 
@@ -120,8 +128,12 @@ class NumericEmbedding:
     @hookimpl
     def smt_dense_arch(self, ctx: SlotContext, params: NumericEmbeddingParams) -> nn.Module:
         return PeriodicEmbedding(
-            ctx.in_dim, ctx.embedding_dim, num_frequencies=params.num_frequencies, sigma=params.sigma,
-            feature_dim=params.feature_dim, device=ctx.device,
+            ctx.in_dim,
+            ctx.embedding_dim,
+            num_frequencies=params.num_frequencies,
+            sigma=params.sigma,
+            feature_dim=params.feature_dim,
+            device=ctx.device,
         )
 
 

@@ -21,7 +21,7 @@ experts, S shared experts, L levels, H_t tower width.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import attrs
 import torch
@@ -46,7 +46,7 @@ class PLEParams:
     num_shared_experts: int = attrs.field(default=2, validator=at_least(1))
     num_task_experts: int = attrs.field(default=1, validator=at_least(1))
     expert_widths: tuple[int, ...] = attrs.field(default=(64,), converter=tuple, validator=positive_widths)
-    tower_width: Optional[int] = attrs.field(default=None, validator=at_least(1))
+    tower_width: int | None = attrs.field(default=None, validator=at_least(1))
 
 
 class ExtractionLayer(nn.Module):
@@ -75,8 +75,15 @@ class ExtractionLayer(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, *, num_tasks: int, num_shared: int, num_per_task: int,
-        expert_widths: Sequence[int], shared_gate: bool = True, device=None,
+        self,
+        in_dim: int,
+        *,
+        num_tasks: int,
+        num_shared: int,
+        num_per_task: int,
+        expert_widths: Sequence[int],
+        shared_gate: bool = True,
+        device=None,
     ) -> None:
         super().__init__()
         widths = list(expert_widths)
@@ -84,8 +91,12 @@ class ExtractionLayer(nn.Module):
             nn.ModuleList(MLP(in_dim, widths, device=device) for _ in range(num_per_task)) for _ in range(num_tasks)
         )
         self.shared_experts = nn.ModuleList(MLP(in_dim, widths, device=device) for _ in range(num_shared))
-        self.task_gates = nn.ModuleList(nn.Linear(in_dim, num_per_task + num_shared, device=device) for _ in range(num_tasks))
-        self.shared_gate = nn.Linear(in_dim, num_tasks * num_per_task + num_shared, device=device) if shared_gate else None
+        self.task_gates = nn.ModuleList(
+            nn.Linear(in_dim, num_per_task + num_shared, device=device) for _ in range(num_tasks)
+        )
+        self.shared_gate = (
+            nn.Linear(in_dim, num_tasks * num_per_task + num_shared, device=device) if shared_gate else None
+        )
         self.out_dim = int(widths[-1])
 
     def gates(self, task_inputs: Sequence[torch.Tensor], shared: torch.Tensor) -> list[torch.Tensor]:
@@ -97,7 +108,7 @@ class ExtractionLayer(nn.Module):
 
     def forward(
         self, task_inputs: Sequence[torch.Tensor], shared: torch.Tensor
-    ) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         shared_out = [e(shared) for e in self.shared_experts]
         task_out = [[e(x) for e in experts] for experts, x in zip(self.task_experts, task_inputs)]
         gates = self.gates(task_inputs, shared)
@@ -134,8 +145,16 @@ class PLE(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, *, num_tasks: int, num_levels: int, num_shared: int, num_per_task: int,
-        expert_widths: Sequence[int], tower_width: int, device=None,
+        self,
+        in_dim: int,
+        *,
+        num_tasks: int,
+        num_levels: int,
+        num_shared: int,
+        num_per_task: int,
+        expert_widths: Sequence[int],
+        tower_width: int,
+        device=None,
     ) -> None:
         super().__init__()
         if min(num_tasks, num_levels, num_shared, num_per_task) < 1:
@@ -146,8 +165,13 @@ class PLE(nn.Module):
         layers, width = [], in_dim
         for level in range(num_levels):
             layer = ExtractionLayer(
-                width, num_tasks=num_tasks, num_shared=num_shared, num_per_task=num_per_task,
-                expert_widths=expert_widths, shared_gate=level < num_levels - 1, device=device,
+                width,
+                num_tasks=num_tasks,
+                num_shared=num_shared,
+                num_per_task=num_per_task,
+                expert_widths=expert_widths,
+                shared_gate=level < num_levels - 1,
+                device=device,
             )
             layers.append(layer)
             width = layer.out_dim
@@ -158,13 +182,13 @@ class PLE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         tasks: list[torch.Tensor] = [x] * self.num_tasks
-        shared: Optional[torch.Tensor] = x
+        shared: torch.Tensor | None = x
         for layer in self.levels:
             tasks, shared = layer(tasks, shared)
         return [tower(h) for tower, h in zip(self.towers, tasks)]
 
 
-def _applies(model) -> "bool | str":
+def _applies(model) -> bool | str:
     return len(model.tasks) >= 2 or "needs 2+ tasks"
 
 
@@ -175,10 +199,14 @@ class PLETechnique:
     @hookimpl
     def smt_task_arch(self, ctx: SlotContext, params: PLEParams) -> nn.Module:
         return PLE(
-            ctx.in_dim, num_tasks=len(ctx.tasks), num_levels=params.num_levels,
-            num_shared=params.num_shared_experts, num_per_task=params.num_task_experts,
+            ctx.in_dim,
+            num_tasks=len(ctx.tasks),
+            num_levels=params.num_levels,
+            num_shared=params.num_shared_experts,
+            num_per_task=params.num_task_experts,
             expert_widths=params.expert_widths,
-            tower_width=params.tower_width or ctx.spec.arch.task_width, device=ctx.device,
+            tower_width=params.tower_width or ctx.spec.arch.task_width,
+            device=ctx.device,
         )
 
 

@@ -29,7 +29,8 @@ Shapes: B batch, D embedding dim, V vocabulary, m remainder rows.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import torch
@@ -55,7 +56,7 @@ class QRParams:
     """
 
     min_vocab: int = attrs.field(default=1000, validator=at_least(1))
-    num_collisions: Optional[int] = attrs.field(default=None, validator=at_least(2))
+    num_collisions: int | None = attrs.field(default=None, validator=at_least(2))
     op: str = attrs.field(default="mult", validator=one_of("mult", "add"))
 
 
@@ -64,7 +65,7 @@ def collisions(vocab: int, params: QRParams) -> int:
     return params.num_collisions or math.ceil(math.sqrt(vocab))
 
 
-def part_init_std(init_std: Optional[float], op: str) -> Optional[float]:
+def part_init_std(init_std: float | None, op: str) -> float | None:
     """The std of each of the two tables such that their combination starts
     with the std the spec asks for (``features.embedding_init_std``): a
     product of two independent N(0, a^2) has std a^2, a sum a sqrt(2).
@@ -132,7 +133,9 @@ class QRFeatureTransform(nn.Module):
                 if weighted:
                     weights.append(jt.weights())
         return KeyedJaggedTensor.from_lengths_sync(
-            keys=keys, values=torch.cat(values), lengths=torch.cat(lengths),
+            keys=keys,
+            values=torch.cat(values),
+            lengths=torch.cat(lengths),
             weights=torch.cat(weights) if weighted else None,
         )
 
@@ -176,7 +179,7 @@ def _min_vocab(model: Any) -> int:
     return QRParams().min_vocab
 
 
-def _applies(model: Any) -> "bool | str":
+def _applies(model: Any) -> bool | str:
     threshold = _min_vocab(model)
     if isinstance(threshold, int) and any(f.vocab_size > threshold for f in model.features.sparse):
         return True
@@ -203,11 +206,26 @@ class QREmbedding:
                 )
             m = collisions(t.num_embeddings, params)
             std = part_init_std(t.init_std, params.op)
-            out.append(TableSpec(name=t.name + Q, feature_names=[f + Q for f in mine],
-                                 num_embeddings=math.ceil(t.num_embeddings / m), embedding_dim=t.embedding_dim,
-                                 pooling=t.pooling, init_std=std))
-            out.append(TableSpec(name=t.name + R, feature_names=[f + R for f in mine], num_embeddings=m,
-                                 embedding_dim=t.embedding_dim, pooling=t.pooling, init_std=std))
+            out.append(
+                TableSpec(
+                    name=t.name + Q,
+                    feature_names=[f + Q for f in mine],
+                    num_embeddings=math.ceil(t.num_embeddings / m),
+                    embedding_dim=t.embedding_dim,
+                    pooling=t.pooling,
+                    init_std=std,
+                )
+            )
+            out.append(
+                TableSpec(
+                    name=t.name + R,
+                    feature_names=[f + R for f in mine],
+                    num_embeddings=m,
+                    embedding_dim=t.embedding_dim,
+                    pooling=t.pooling,
+                    init_std=std,
+                )
+            )
         return out
 
     @hookimpl

@@ -37,7 +37,8 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import torch
@@ -73,7 +74,7 @@ class WukongParams:
     num_layers: int = attrs.field(default=2, validator=at_least(1))
     num_fm_embeddings: int = attrs.field(default=8, validator=at_least(1))
     num_lcb_embeddings: int = attrs.field(default=8, validator=at_least(1))
-    fm_rank: Optional[int] = attrs.field(default=None, validator=at_least(1))
+    fm_rank: int | None = attrs.field(default=None, validator=at_least(1))
     mlp_widths: tuple[int, ...] = attrs.field(default=(128,), converter=tuple, validator=positive_widths)
 
 
@@ -142,14 +143,20 @@ class FactorizationMachineBlock(nn.Module):
     """
 
     def __init__(
-        self, num_inputs: int, embedding_dim: int, *, num_outputs: int, rank: Optional[int] = None,
-        mlp_widths: Sequence[int] = (), device: Any = None,
+        self,
+        num_inputs: int,
+        embedding_dim: int,
+        *,
+        num_outputs: int,
+        rank: int | None = None,
+        mlp_widths: Sequence[int] = (),
+        device: Any = None,
     ) -> None:
         super().__init__()
         _check_positive(num_inputs=num_inputs, embedding_dim=embedding_dim, num_outputs=num_outputs)
         if rank is not None:
             _check_positive(rank=rank)
-            self.projection: Optional[nn.Parameter] = nn.Parameter(
+            self.projection: nn.Parameter | None = nn.Parameter(
                 torch.randn(num_inputs, rank, device=device) / math.sqrt(num_inputs)
             )
         else:
@@ -197,17 +204,30 @@ class WukongLayer(nn.Module):
     """
 
     def __init__(
-        self, num_inputs: int, embedding_dim: int, *, num_fm_embeddings: int, num_lcb_embeddings: int,
-        rank: Optional[int] = None, mlp_widths: Sequence[int] = (), device: Any = None,
+        self,
+        num_inputs: int,
+        embedding_dim: int,
+        *,
+        num_fm_embeddings: int,
+        num_lcb_embeddings: int,
+        rank: int | None = None,
+        mlp_widths: Sequence[int] = (),
+        device: Any = None,
     ) -> None:
         super().__init__()
         self.fmb = FactorizationMachineBlock(
-            num_inputs, embedding_dim, num_outputs=num_fm_embeddings, rank=rank, mlp_widths=mlp_widths, device=device,
+            num_inputs,
+            embedding_dim,
+            num_outputs=num_fm_embeddings,
+            rank=rank,
+            mlp_widths=mlp_widths,
+            device=device,
         )
         self.lcb = LinearCompressionBlock(num_inputs, num_lcb_embeddings, device=device)
         self.num_outputs = num_fm_embeddings + num_lcb_embeddings
         self.residual: nn.Module = (
-            nn.Identity() if num_inputs == self.num_outputs
+            nn.Identity()
+            if num_inputs == self.num_outputs
             else LinearCompressionBlock(num_inputs, self.num_outputs, device=device)
         )
         self.norm = nn.LayerNorm(embedding_dim, device=device)
@@ -243,9 +263,13 @@ class WukongInteraction(nn.Module):
         n = num_features
         for _ in range(params.num_layers):
             layer = WukongLayer(
-                n, embedding_dim, num_fm_embeddings=params.num_fm_embeddings,
-                num_lcb_embeddings=params.num_lcb_embeddings, rank=params.fm_rank,
-                mlp_widths=params.mlp_widths, device=device,
+                n,
+                embedding_dim,
+                num_fm_embeddings=params.num_fm_embeddings,
+                num_lcb_embeddings=params.num_lcb_embeddings,
+                rank=params.fm_rank,
+                mlp_widths=params.mlp_widths,
+                device=device,
             )
             layers.append(layer)
             n = layer.num_outputs

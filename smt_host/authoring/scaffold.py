@@ -23,7 +23,6 @@ import re
 import string
 from importlib import resources
 from pathlib import Path
-from typing import Optional
 
 from smt_host.errors import ScaffoldError
 from smt_host.technique import SLOTS
@@ -91,7 +90,7 @@ def render(name: str, slot: str) -> dict[str, str]:
     }
 
 
-def new_plugin(name: str, slot: str, directory: Optional[Path] = None) -> Path:
+def new_plugin(name: str, slot: str, directory: Path | None = None) -> Path:
     """Writes ``<directory>/smt-<name>/`` and returns its path.
 
     Raises:

@@ -15,8 +15,8 @@ from smt_host.technique import technique
 @attrs.frozen
 class FlatParams:
     """Args:
-        dot_products: also output the F(F-1)/2 pairwise dot products of the
-            feature embeddings (DLRM's interaction, Naumov et al. 2019).
+    dot_products: also output the F(F-1)/2 pairwise dot products of the
+        feature embeddings (DLRM's interaction, Naumov et al. 2019).
     """
 
     dot_products: bool = False

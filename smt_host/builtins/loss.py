@@ -19,9 +19,9 @@ class BCE:
         weights = torch.tensor([t.weight for t in ctx.spec.tasks])
 
         def bce(inputs: LossInputs) -> torch.Tensor:
-            per_task = F.binary_cross_entropy_with_logits(
-                inputs.logits, inputs.labels, reduction="none"
-            ).mean(dim=0)  # (T,)
+            per_task = F.binary_cross_entropy_with_logits(inputs.logits, inputs.labels, reduction="none").mean(
+                dim=0
+            )  # (T,)
             total = (per_task * weights.to(per_task.device)).sum()
             return total if loss is None else total + loss(inputs)
 

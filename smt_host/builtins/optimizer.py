@@ -15,8 +15,8 @@ from smt_host.technique import technique
 @attrs.frozen
 class OptimizerParams:
     """Args:
-        embedding_optimizer: ``"adagrad"`` (default, lr = training.embedding_lr)
-            or ``"adam"`` (lr = training.embedding_lr too), for the tables.
+    embedding_optimizer: ``"adagrad"`` (default, lr = training.embedding_lr)
+        or ``"adam"`` (lr = training.embedding_lr too), for the tables.
     """
 
     embedding_optimizer: str = attrs.field(default="adagrad", validator=one_of("adagrad", "adam"))
@@ -29,7 +29,9 @@ class AdamAdagrad:
     on embedding tables."""
 
     @hookimpl
-    def smt_optimizers(self, ctx: SlotContext, params: OptimizerParams, model: nn.Module) -> list[torch.optim.Optimizer]:
+    def smt_optimizers(
+        self, ctx: SlotContext, params: OptimizerParams, model: nn.Module
+    ) -> list[torch.optim.Optimizer]:
         tr = ctx.spec.training
         table_params = [p for p in model.embedding.parameters() if p.requires_grad]
         table_ids = {id(p) for p in table_params}

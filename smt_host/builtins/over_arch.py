@@ -17,8 +17,13 @@ class MLPOver:
 
     @hookimpl
     def smt_over_arch(self, ctx: SlotContext) -> nn.Module:
-        return MLP(ctx.in_dim, scaled(ctx.spec.arch.over_arch, ctx.width_scale),
-                   dropout=ctx.spec.arch.dropout, batch_norm=ctx.spec.arch.batch_norm, device=ctx.device)
+        return MLP(
+            ctx.in_dim,
+            scaled(ctx.spec.arch.over_arch, ctx.width_scale),
+            dropout=ctx.spec.arch.dropout,
+            batch_norm=ctx.spec.arch.batch_norm,
+            device=ctx.device,
+        )
 
 
 @hookimpl

@@ -17,10 +17,14 @@ _SLOT_HELP = ", ".join(f"{s}{'*' if s in EXCLUSIVE_SLOTS else ''}" for s in SLOT
 
 @click.command("new-plugin")
 @click.argument("name")
-@click.option("--slot", "-s", required=True, metavar="SLOT",
-              help=f"The slot the technique fills: {_SLOT_HELP}.")
-@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder to create smt-NAME/ in (default: the current folder).")
+@click.option("--slot", "-s", required=True, metavar="SLOT", help=f"The slot the technique fills: {_SLOT_HELP}.")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder to create smt-NAME/ in (default: the current folder).",
+)
 def new_plugin_cmd(name: str, slot: str, directory: Path | None) -> None:
     """Generate a plugin distribution smt-NAME/ for one technique.
 

@@ -31,11 +31,24 @@ def _cells_run(fn, *args, **kwargs):
 
 @ecosystem_group.command("run")
 @click.argument("ecosystem", required=False, type=click.Path(exists=True))
-@click.option("--out", "-o", type=click.Path(), default="runs/ecosystem", show_default=True, help="Folder for cells and reports.")
+@click.option(
+    "--out", "-o", type=click.Path(), default="runs/ecosystem", show_default=True, help="Folder for cells and reports."
+)
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds per cell.")
-@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True, help="Cells trained in parallel processes.")
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Cells trained in parallel processes.",
+)
 @click.option("--models", help="Comma-separated model names (default: all).")
-@click.option("--train-examples", type=click.IntRange(min=100), help="Override the synthetic train size (valid and test scale with it).")
+@click.option(
+    "--train-examples",
+    type=click.IntRange(min=100),
+    help="Override the synthetic train size (valid and test scale with it).",
+)
 def ecosystem_run_cmd(ecosystem, out, seeds, jobs, models, train_examples) -> None:
     """Train every model as baseline, with each applicable technique alone and
     with all of them, at neutral capacity over SEEDS seeds; write
@@ -62,14 +75,26 @@ def ecosystem_run_cmd(ecosystem, out, seeds, jobs, models, train_examples) -> No
     eco = load_ecosystem(host, ecosystem)
     if train_examples:
         s = eco.synthetic
-        eco = attrs.evolve(eco, synthetic=attrs.evolve(
-            s, train_examples=train_examples, valid_examples=max(100, train_examples // 5),
-            test_examples=max(100, train_examples * 2 // 5)))
+        eco = attrs.evolve(
+            eco,
+            synthetic=attrs.evolve(
+                s,
+                train_examples=train_examples,
+                valid_examples=max(100, train_examples // 5),
+                test_examples=max(100, train_examples * 2 // 5),
+            ),
+        )
     chosen = models.split(",") if models else None
     cells = matrix_cells(host, eco, seeds, chosen)
     started = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console(stderr=True)) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console(stderr=True),
+    ) as progress:
         task = progress.add_task("adoption matrix", total=len(cells))
         skipped = []
 
@@ -78,8 +103,9 @@ def ecosystem_run_cmd(ecosystem, out, seeds, jobs, models, train_examples) -> No
                 skipped.append(cell)
             progress.update(task, advance=1, description=f"adoption matrix: {cell.key}")
 
-        _cells_run(run_matrix, host, eco, Path(out), seeds=seeds, jobs=jobs, models=chosen, on_done=done,
-                   eco_path=ecosystem)
+        _cells_run(
+            run_matrix, host, eco, Path(out), seeds=seeds, jobs=jobs, models=chosen, on_done=done, eco_path=ecosystem
+        )
         # the adopted set of each model, trained together at neutral capacity
         extra = adopted_cells(analyse(Path(out), cells), seeds)
         if extra:
@@ -94,15 +120,29 @@ def ecosystem_run_cmd(ecosystem, out, seeds, jobs, models, train_examples) -> No
     paths = write_reports(Path(out), matrix)
     click.echo(Path(paths[1]).read_text())
     trained = len(cells) - len(skipped)
-    click.echo(f"{len(matrix['pairs'])} technique x model pairs, {len(cells)} cells ({trained} trained, "
-               f"{len(skipped)} already done) in {wall:.0f} s; reports: {', '.join(str(p) for p in paths)}")
+    click.echo(
+        f"{len(matrix['pairs'])} technique x model pairs, {len(cells)} cells ({trained} trained, "
+        f"{len(skipped)} already done) in {wall:.0f} s; reports: {', '.join(str(p) for p in paths)}"
+    )
 
 
 @ecosystem_group.command("lock")
-@click.option("--out", "-o", type=click.Path(exists=True, file_okay=False), default="runs/ecosystem", show_default=True,
-              help="The folder `smt ecosystem run` wrote.")
-@click.option("--lock", "lock_path", type=click.Path(dir_okay=False), default="smt.lock.json", show_default=True,
-              help="Lock file to write.")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(exists=True, file_okay=False),
+    default="runs/ecosystem",
+    show_default=True,
+    help="The folder `smt ecosystem run` wrote.",
+)
+@click.option(
+    "--lock",
+    "lock_path",
+    type=click.Path(dir_okay=False),
+    default="smt.lock.json",
+    show_default=True,
+    help="Lock file to write.",
+)
 def ecosystem_lock_cmd(out, lock_path) -> None:
     """Write, per model, the adopted technique set with distribution versions
     and parameters. `smt train --locked LOCK` then trains exactly that set."""

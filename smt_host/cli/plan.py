@@ -24,16 +24,25 @@ def print_plan(plan, console=None) -> None:
     console = console or make_console()
     cap = plan.capacity
     budget = "none" if cap.budget is None else f"{cap.budget:,.0f} ({cap.mode}, ±{cap.tolerance:.0%})"
-    table = Table(title=f"plan: {plan.model}", caption=(
-        f"FLOPs/example {plan.cost.flops:,.0f}  budget {budget}  over-arch scale {cap.scale:.3f}\n"
-        f"dense params {plan.cost.dense_params:,}  embedding params {plan.cost.embedding_params:,} "
-        f"({plan.cost.embedding_bytes / 2**20:.1f} MiB)  widths {plan.widths}"
-    ))
+    table = Table(
+        title=f"plan: {plan.model}",
+        caption=(
+            f"FLOPs/example {plan.cost.flops:,.0f}  budget {budget}  over-arch scale {cap.scale:.3f}\n"
+            f"dense params {plan.cost.dense_params:,}  embedding params {plan.cost.embedding_params:,} "
+            f"({plan.cost.embedding_bytes / 2**20:.1f} MiB)  widths {plan.widths}"
+        ),
+    )
     for col in ("slot", "technique", "distribution", "parameters", "out", "FLOPs/ex"):
         table.add_column(col)
     for e in plan.entries:
-        table.add_row(e.slot, e.technique, f"{e.dist} {e.version}", _fmt_params(e.params),
-                      "" if e.out_dim is None else str(e.out_dim), f"{e.flops:,.0f}" if e.flops else "")
+        table.add_row(
+            e.slot,
+            e.technique,
+            f"{e.dist} {e.version}",
+            _fmt_params(e.params),
+            "" if e.out_dim is None else str(e.out_dim),
+            f"{e.flops:,.0f}" if e.flops else "",
+        )
     console.print(table)
     shown = [s for s in plan.skipped if s.reason != "built-ins only"]
     if shown:
@@ -44,7 +53,10 @@ def print_plan(plan, console=None) -> None:
 @click.argument("models", nargs=-1)
 @click.option("--ecosystem", "-e", type=click.Path(), help="Ecosystem TOML or folder (default: the built-in one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plans as JSON.")
-@click.option("--shard", help="Print torchrec's sharding plan for a topology instead, e.g. world_size=128,device=cuda[,hbm_gb=80] (no table is allocated).")
+@click.option(
+    "--shard",
+    help="Print torchrec's sharding plan for a topology instead, e.g. world_size=128,device=cuda[,hbm_gb=80] (no table is allocated).",
+)
 def plan_cmd(models: tuple[str, ...], ecosystem: str | None, as_json: bool, shard: str | None = None) -> None:
     """Show which technique fills what in MODELS (default: every model):
     distribution, version, parameters, widths, parameter count and FLOPs per

@@ -12,7 +12,12 @@ from smt_host.cli.common import console, load_ecosystem, make_host
 
 
 @click.command("plugins")
-@click.option("--ecosystem", "-e", type=click.Path(), help="Ecosystem TOML (default: the built-in one), to list which models each technique applies to.")
+@click.option(
+    "--ecosystem",
+    "-e",
+    type=click.Path(),
+    help="Ecosystem TOML (default: the built-in one), to list which models each technique applies to.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plugins_cmd(ecosystem: str | None, as_json: bool) -> None:
     """List installed distributions, their techniques and slots, and the
@@ -35,14 +40,20 @@ def plugins_cmd(ecosystem: str | None, as_json: bool) -> None:
     dists: dict[str, dict[str, Any]] = {}
     for reg in host.spm.all_ordered():
         d = dists.setdefault(reg.dist, {"distribution": reg.dist, "version": reg.version, "techniques": []})
-        d["techniques"].append({
-            "name": reg.name, "slot": reg.info.slot, "plugin": reg.plugin,
-            "description": reg.info.description, "priority": reg.info.priority,
-            "default": reg.info.default,
-            # applies: active, or applicable but shadowed in an exclusive slot
-            "applies_to": sorted(used[reg.name] + shadowed.get(reg.name, []), key=list(eco.models).index),
-            "active_in": used[reg.name], "skipped": notes[reg.name],
-        })
+        d["techniques"].append(
+            {
+                "name": reg.name,
+                "slot": reg.info.slot,
+                "plugin": reg.plugin,
+                "description": reg.info.description,
+                "priority": reg.info.priority,
+                "default": reg.info.default,
+                # applies: active, or applicable but shadowed in an exclusive slot
+                "applies_to": sorted(used[reg.name] + shadowed.get(reg.name, []), key=list(eco.models).index),
+                "active_in": used[reg.name],
+                "skipped": notes[reg.name],
+            }
+        )
     rows = sorted(dists.values(), key=lambda d: (d["distribution"] != "smt-host", d["distribution"]))
     if as_json:
         click.echo(json.dumps({"ecosystem": eco.name, "distributions": rows}, indent=2))
@@ -54,8 +65,8 @@ def plugins_cmd(ecosystem: str | None, as_json: bool) -> None:
         table.add_column(col)
     for d in rows:
         for t in d["techniques"]:
-            models = ", ".join(
-                m if m in t["active_in"] else f"{m} ({t['skipped'][m]})" for m in t["applies_to"]) or (
-                "(none)" if t["default"] else "(off by default: a model enables it in its spec)")
+            models = ", ".join(m if m in t["active_in"] else f"{m} ({t['skipped'][m]})" for m in t["applies_to"]) or (
+                "(none)" if t["default"] else "(off by default: a model enables it in its spec)"
+            )
             table.add_row(d["distribution"], d["version"], t["name"], t["slot"], models)
     console().print(table)

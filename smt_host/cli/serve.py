@@ -16,8 +16,12 @@ FILE_KINDS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".parquet": "parquet"
 @click.command("export")
 @click.argument("run_dir", type=click.Path(exists=True))
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Output file (default: RUN_DIR/model.pt2).")
-@click.option("--ecosystem", "-e", type=click.Path(exists=True),
-              help="Ecosystem holding the model's spec, for checkpoints written before checkpoints carried their spec.")
+@click.option(
+    "--ecosystem",
+    "-e",
+    type=click.Path(exists=True),
+    help="Ecosystem holding the model's spec, for checkpoints written before checkpoints carried their spec.",
+)
 def export_cmd(run_dir: str, out: str | None, ecosystem: str | None) -> None:
     """Export the trained model of RUN_DIR (its checkpoint.pt, one-process or
     distributed) with torch.export, for serving. The file carries the plan,
@@ -52,10 +56,18 @@ def _data_source(host, info: dict, data: str, model: str | None):
     eco = host.default_ecosystem()
     p = Path(data).resolve()
     suffixes = [s.lower() for s in p.suffixes if s.lower() != ".gz"]
-    kind = spec.data.source if spec.data.source in ("csv", "criteo", "parquet", "libfm") else FILE_KINDS.get(suffixes[-1] if suffixes else "")
+    kind = (
+        spec.data.source
+        if spec.data.source in ("csv", "criteo", "parquet", "libfm")
+        else FILE_KINDS.get(suffixes[-1] if suffixes else "")
+    )
     if kind is None:
-        raise ConfigError([f"cannot tell the format of {data}: give an ecosystem TOML naming its data source and options"])
-    opts = {k: v for k, v in spec.data.options.items() if k not in ("train", "valid", "test", "file", "split", "split_seed")}
+        raise ConfigError(
+            [f"cannot tell the format of {data}: give an ecosystem TOML naming its data source and options"]
+        )
+    opts = {
+        k: v for k, v in spec.data.options.items() if k not in ("train", "valid", "test", "file", "split", "split_seed")
+    }
     opts["train"] = str(p)
     opts["streaming"] = False
     spec_f = attrs.evolve(spec, data=attrs.evolve(spec.data, source=kind, options=opts))
@@ -64,11 +76,17 @@ def _data_source(host, info: dict, data: str, model: str | None):
 
 @click.command("predict")
 @click.argument("exported", type=click.Path(exists=True, dir_okay=False))
-@click.option("--data", "-d", required=True,
-              help="An ecosystem TOML (its data source and options), or a data file (csv, parquet, libfm, criteo) read with the exported spec.")
+@click.option(
+    "--data",
+    "-d",
+    required=True,
+    help="An ecosystem TOML (its data source and options), or a data file (csv, parquet, libfm, criteo) read with the exported spec.",
+)
 @click.option("--model", "-m", help="Model of the --data ecosystem (default: the exported model's name).")
 @click.option("--split", default=None, help="Split to score (ecosystem: default test; a file: all of it).")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), default="preds.csv", show_default=True, help="CSV to write.")
+@click.option(
+    "--out", "-o", type=click.Path(dir_okay=False), default="preds.csv", show_default=True, help="CSV to write."
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4096, show_default=True)
 def predict_cmd(exported: str, data: str, model: str | None, split: str | None, out: str, batch_size: int) -> None:
     """Score data with an exported model: writes one probability column per

@@ -49,16 +49,32 @@ def interrupt_note(run_dir: Path, before: int | None, resume: bool) -> str:
 @click.command("train")
 @click.argument("targets", nargs=-1)
 @click.option("--ecosystem", "-e", type=click.Path(), help="Ecosystem TOML or folder (default: the built-in one).")
-@click.option("--out", "-o", type=click.Path(), default="runs", show_default=True, help="Output folder; each model gets OUT/<ecosystem>/<model>/.")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(),
+    default="runs",
+    show_default=True,
+    help="Output folder; each model gets OUT/<ecosystem>/<model>/.",
+)
 @click.option("--resume", is_flag=True, help="Continue runs from their checkpoints (finished runs are not retrained).")
 @click.option("--epochs", type=click.IntRange(min=1), help="Override training.epochs of every model.")
 @click.option("--seed", type=int, help="Override training.seed of every model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-@click.option("--locked", "lockfile", type=click.Path(exists=True, dir_okay=False),
-              help="Train exactly the technique set of this lock file (from `smt ecosystem lock`).")
-@click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Train on N local processes (torchrec DistributedModelParallel, launched with torch.distributed.run).")
+@click.option(
+    "--locked",
+    "lockfile",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Train exactly the technique set of this lock file (from `smt ecosystem lock`).",
+)
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Train on N local processes (torchrec DistributedModelParallel, launched with torch.distributed.run).",
+)
 def train_cmd(targets, ecosystem, out, resume, epochs, seed, as_json, no_progress, lockfile, nproc_per_node) -> None:
     """Train models: with no TARGETS, every model of the default ecosystem.
 
@@ -108,8 +124,13 @@ def train_cmd(targets, ecosystem, out, resume, epochs, seed, as_json, no_progres
     results = []
     started = time.perf_counter()
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console(stderr=True), transient=True, disable=no_progress,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console(stderr=True),
+        transient=True,
+        disable=no_progress,
     )
     with progress:
         for spec in specs:
@@ -130,15 +151,32 @@ def train_cmd(targets, ecosystem, out, resume, epochs, seed, as_json, no_progres
                 except LockError as exc:
                     raise LockError(f"{lockfile}: {exc}") from exc
                 plan = host.plan(spec, only=only)
-            results.append(train_model(host, spec, eco, run_dir, plan=plan, resume=resume, progress=progress,
-                                       parallel=parallel,
-                                       log=progress.console.print))
+            results.append(
+                train_model(
+                    host,
+                    spec,
+                    eco,
+                    run_dir,
+                    plan=plan,
+                    resume=resume,
+                    progress=progress,
+                    parallel=parallel,
+                    log=progress.console.print,
+                )
+            )
         on_interrupt(None)
     wall = time.perf_counter() - started
     rows = [
-        {"model": r.model, "task": t, **{k: m[k] for k in ("ne", "logloss", "auc", "calibration")},
-         "epochs": r.epochs, "wall_s": round(r.wall_s, 2), "out_dir": r.out_dir}
-        for r in results for t, m in r.test.items()
+        {
+            "model": r.model,
+            "task": t,
+            **{k: m[k] for k in ("ne", "logloss", "auc", "calibration")},
+            "epochs": r.epochs,
+            "wall_s": round(r.wall_s, 2),
+            "out_dir": r.out_dir,
+        }
+        for r in results
+        for t, m in r.test.items()
     ]
     if as_json:
         click.echo(json.dumps({"ecosystem": eco.name, "wall_s": round(wall, 2), "results": rows}, indent=2))
@@ -149,7 +187,15 @@ def train_cmd(targets, ecosystem, out, resume, epochs, seed, as_json, no_progres
     for col in ("model", "task", "NE", "logloss", "AUC", "calibration", "epochs", "seconds"):
         table.add_column(col, justify="right" if col not in ("model", "task") else "left")
     for row in rows:
-        table.add_row(row["model"], row["task"], f"{row['ne']:.4f}", f"{row['logloss']:.4f}", f"{row['auc']:.4f}",
-                      f"{row['calibration']:.3f}", str(row["epochs"]), f"{row['wall_s']:.1f}")
+        table.add_row(
+            row["model"],
+            row["task"],
+            f"{row['ne']:.4f}",
+            f"{row['logloss']:.4f}",
+            f"{row['auc']:.4f}",
+            f"{row['calibration']:.3f}",
+            str(row["epochs"]),
+            f"{row['wall_s']:.1f}",
+        )
     console().print(table)
     click.echo(f"runs written to {Path(out) / eco.name}")

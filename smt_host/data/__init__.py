@@ -33,7 +33,9 @@ SourceFactory = Callable[["ModelSpec", "EcosystemSpec"], DataSource]
 
 
 def open_source(
-    model: ModelSpec, eco: EcosystemSpec, sources: Mapping[str, DataSourceRecord] | None = None,
+    model: ModelSpec,
+    eco: EcosystemSpec,
+    sources: Mapping[str, DataSourceRecord] | None = None,
 ) -> DataSource:
     """The data source of ``model``, built by the factory its spec names.
 
@@ -60,7 +62,9 @@ def open_source(
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
         raise ConfigError(
-            [f"unknown data source {name!r}{hint}; known: {', '.join(known) or 'none'} @ $.models.{model.name}.data.source"],
+            [
+                f"unknown data source {name!r}{hint}; known: {', '.join(known) or 'none'} @ $.models.{model.name}.data.source"
+            ],
             eco.source,
         )
     return record.factory(model, eco)

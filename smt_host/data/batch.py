@@ -6,7 +6,8 @@ per sparse feature in spec order, labels (B, T) float32 in {0, 1}).
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping, Optional, Protocol, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol
 
 import attrs
 import torch
@@ -30,7 +31,7 @@ class Batch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(self.dense.to(device), self.sparse.to(device), self.labels.to(device))
 
 
@@ -89,20 +90,25 @@ class TensorSplit:
             col = 0
             for key in self.keys:
                 if key in self.jagged:
-                    v, l = self.jagged[key].take(idx)
+                    v, n = self.jagged[key].take(idx)
                 else:
-                    v, l = self.ids[idx, col], torch.ones(b, dtype=torch.int64)
+                    v, n = self.ids[idx, col], torch.ones(b, dtype=torch.int64)
                     col += 1
                 vals.append(v)
-                lens.append(l)
+                lens.append(n)
             values = torch.cat(vals)
             lengths = torch.cat(lens).to(torch.int32)
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=list(self.keys), values=values, lengths=lengths)
         return Batch(self.dense[idx], kjt, self.labels[idx])
 
     def batches(
-        self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-        max_batches: Optional[int] = None,
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        max_batches: int | None = None,
     ) -> Iterator[Batch]:
         """Yields batches; with ``shuffle`` the order depends only on
         (seed, epoch), so a resumed run sees the same batches."""
@@ -129,8 +135,14 @@ class DataSource(Protocol):
     task_names: Sequence[str]
 
     def batches(
-        self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-        epoch: int = 0, max_batches: Optional[int] = None,
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        max_batches: int | None = None,
     ) -> Iterator[Batch]: ...
 
     def base_rates(self) -> torch.Tensor:
@@ -146,8 +158,14 @@ class InMemorySource:
     task_names: Sequence[str]
 
     def batches(
-        self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-        epoch: int = 0, max_batches: Optional[int] = None,
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        max_batches: int | None = None,
     ) -> Iterator[Batch]:
         try:
             data = self.splits[split]

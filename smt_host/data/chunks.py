@@ -9,8 +9,8 @@ in a chunk, S single-valued sparse features, Nd dense features, T tasks.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
 
 import attrs
 import numpy as np
@@ -94,8 +94,11 @@ class FaultSet:
 
 
 def make_split(
-    keys: tuple[str, ...], ids: np.ndarray, dense: np.ndarray, labels: np.ndarray,
-    jagged: Optional[dict[str, tuple[np.ndarray, np.ndarray]]] = None,
+    keys: tuple[str, ...],
+    ids: np.ndarray,
+    dense: np.ndarray,
+    labels: np.ndarray,
+    jagged: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> TensorSplit:
     """Builds a :class:`TensorSplit` from numpy arrays.
 
@@ -128,7 +131,11 @@ def take_rows(split: TensorSplit, idx: torch.Tensor) -> TensorSplit:
         torch.cumsum(lengths, 0, out=offsets[1:])
         jag[name] = Jagged(values, offsets)
     return TensorSplit(
-        dense=split.dense[idx], ids=split.ids[idx], keys=split.keys, labels=split.labels[idx], jagged=jag,
+        dense=split.dense[idx],
+        ids=split.ids[idx],
+        keys=split.keys,
+        labels=split.labels[idx],
+        jagged=jag,
     )
 
 
@@ -154,8 +161,14 @@ def concat_splits(parts: Sequence[TensorSplit]) -> TensorSplit:
 
 
 def rebatch(
-    splits: Iterable[TensorSplit], batch_size: int, *, shuffle: bool = False, seed: int = 0,
-    epoch: int = 0, buffer_rows: int = 262_144, max_batches: Optional[int] = None,
+    splits: Iterable[TensorSplit],
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    buffer_rows: int = 262_144,
+    max_batches: int | None = None,
 ) -> Iterator[Batch]:
     """Turns a stream of splits into batches of ``batch_size`` rows.
 

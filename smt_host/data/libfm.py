@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import gzip
 import itertools
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import IO
 
 import attrs
 import numpy as np
@@ -41,7 +42,7 @@ def open_text(path: Path) -> IO[str]:
     """Opens a text file, decompressing ``.gz``."""
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8", newline="\n")
-    return open(path, "rt", encoding="utf-8", newline="\n")
+    return open(path, encoding="utf-8", newline="\n")
 
 
 @attrs.frozen
@@ -121,8 +122,12 @@ class LibfmFormat:
         for key in singles:
             k = by_name[key]
             bad = np.nonzero((per[:, k] != 1) & ~blank)[0]
-            fs.add_many(bad, lambda r, k=k, key=key: (
-                f"no id in field {key!r}" if per[r, k] == 0 else f"{per[r, k]} ids in single-valued field {key!r}"))
+            fs.add_many(
+                bad,
+                lambda r, k=k, key=key: (
+                    f"no id in field {key!r}" if per[r, k] == 0 else f"{per[r, k]} ids in single-valued field {key!r}"
+                ),
+            )
 
         good = fs.good_mask() & ~blank
         line_no = np.arange(first, first + n, dtype=np.int64)
@@ -141,7 +146,11 @@ class LibfmFormat:
                 m = (ok_field == by_name[key]) & good[ok_rows]
                 jagged[key] = (local[m], per[good, by_name[key]])
         data = make_split(
-            self.keys, single_ids[good], np.zeros((int(good.sum()), 0), np.float32), labels[good, None], jagged,
+            self.keys,
+            single_ids[good],
+            np.zeros((int(good.sum()), 0), np.float32),
+            labels[good, None],
+            jagged,
         )
         return Chunk(data, line_no[good])
 

@@ -90,12 +90,26 @@ if TYPE_CHECKING:  # pragma: no cover
     from smt_host.spec.schema import EcosystemSpec, ModelSpec
 
 __all__ = [
-    "CRITEO_COLUMNS", "OPTIONS", "ColumnOptions", "CriteoOptions", "CsvOptions", "DataFormatError", "FileOptions",
-    "FileSource", "LibfmField", "LibfmOptions", "TabularOptions", "open_file_source", "parse_options",
+    "CRITEO_COLUMNS",
+    "OPTIONS",
+    "ColumnOptions",
+    "CriteoOptions",
+    "CsvOptions",
+    "DataFormatError",
+    "FileOptions",
+    "FileSource",
+    "LibfmField",
+    "LibfmOptions",
+    "TabularOptions",
+    "open_file_source",
+    "parse_options",
 ]
 
 SPLITS = ("train", "valid", "test")
-CRITEO_COLUMNS: tuple[str, ...] = ("label",) + tuple(f"I{i}" for i in range(1, 14)) + tuple(f"C{i}" for i in range(1, 27))
+CRITEO_COLUMNS: tuple[str, ...] = (
+    ("label",) + tuple(f"I{i}" for i in range(1, 14)) + tuple(f"C{i}" for i in range(1, 27))
+)
+
 
 class FileSource:
     """A :class:`~smt_host.data.batch.DataSource` over files.
@@ -109,9 +123,16 @@ class FileSource:
     """
 
     def __init__(
-        self, fmt: Any, task_names: Sequence[str], files: Mapping[str, Sequence[Path]], *,
-        fractions: Sequence[float] | None = None, split_seed: int = 0, streaming: bool = False,
-        skip_malformed: bool = False, shuffle_buffer: int = 262_144,
+        self,
+        fmt: Any,
+        task_names: Sequence[str],
+        files: Mapping[str, Sequence[Path]],
+        *,
+        fractions: Sequence[float] | None = None,
+        split_seed: int = 0,
+        streaming: bool = False,
+        skip_malformed: bool = False,
+        shuffle_buffer: int = 262_144,
     ) -> None:
         self.fmt = fmt
         self.task_names = tuple(task_names)
@@ -187,10 +208,14 @@ class FileSource:
         if parts:
             return concat_splits(parts)
         keys = tuple(self.fmt.keys)
-        seq = set(getattr(self.fmt, "sequence", ())) | {s.feature for s in getattr(self.fmt, "sparse", ()) if s.sequence}
+        seq = set(getattr(self.fmt, "sequence", ())) | {
+            s.feature for s in getattr(self.fmt, "sparse", ()) if s.sequence
+        }
         nd = len(getattr(self.fmt, "dense", ()))
         return make_split(
-            keys, np.zeros((0, len(keys) - len(seq)), np.int64), np.zeros((0, nd), np.float32),
+            keys,
+            np.zeros((0, len(keys) - len(seq)), np.int64),
+            np.zeros((0, nd), np.float32),
             np.zeros((0, len(self.task_names)), np.float32),
             {k: (np.zeros(0, np.int64), np.zeros(0, np.int64)) for k in keys if k in seq},
         )
@@ -198,17 +223,30 @@ class FileSource:
     # ---------------------------------------------------------- DataSource
 
     def batches(
-        self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-        epoch: int = 0, max_batches: int | None = None,
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        max_batches: int | None = None,
     ) -> Iterator[Batch]:
         """Batches of ``split``; shuffled in memory by (seed, epoch), or within
         a buffer of ``shuffle_buffer`` rows when streaming."""
         self._check_split(split)
         if not self.streaming:
-            return self.load(split).batches(batch_size, shuffle=shuffle, seed=seed, epoch=epoch, max_batches=max_batches)
+            return self.load(split).batches(
+                batch_size, shuffle=shuffle, seed=seed, epoch=epoch, max_batches=max_batches
+            )
         return rebatch(
-            self.chunks(split), batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
-            buffer_rows=self.shuffle_buffer, max_batches=max_batches,
+            self.chunks(split),
+            batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            epoch=epoch,
+            buffer_rows=self.shuffle_buffer,
+            max_batches=max_batches,
         )
 
     def base_rates(self) -> torch.Tensor:
@@ -268,14 +306,15 @@ def _paths_field() -> Any:
 def _check_split(inst: Any, attribute: attrs.Attribute, value: tuple[float, ...] | None) -> None:
     if value is not None and (len(value) not in (2, 3) or min(value) < 0 or abs(sum(value) - 1.0) > 1e-6):
         raise FieldValueError(
-            attribute.name, f"expected [train, valid, test] fractions summing to 1 (each >= 0; the test one "
+            attribute.name,
+            f"expected [train, valid, test] fractions summing to 1 (each >= 0; the test one "
             f"may be left out), got {list(value)!r}",
         )
 
 
 def _check_streaming(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not (isinstance(value, bool) or value == "auto"):
-        raise FieldValueError(attribute.name, f"must be true, false or \"auto\", got {value!r}")
+        raise FieldValueError(attribute.name, f'must be true, false or "auto", got {value!r}')
 
 
 def _one_char(inst: Any, attribute: attrs.Attribute, value: str | None) -> None:
@@ -468,7 +507,10 @@ class CriteoOptions(CsvOptions):
 
 #: the options class of each file source
 OPTIONS: dict[str, type[FileOptions]] = {
-    "libfm": LibfmOptions, "criteo": CriteoOptions, "csv": CsvOptions, "parquet": TabularOptions,
+    "libfm": LibfmOptions,
+    "criteo": CriteoOptions,
+    "csv": CsvOptions,
+    "parquet": TabularOptions,
 }
 
 
@@ -503,7 +545,10 @@ def _str_table(t: Any, conv: cattrs.Converter) -> Callable[[Any, Any], dict]:
             try:
                 out[key] = conv.structure(item, item_type)
             except Exception as exc:  # noqa: BLE001 - gathered and reported by path
-                exc.__notes__ = [*getattr(exc, "__notes__", []), AttributeValidationNote(f"key {key!r}", key, item_type)]
+                exc.__notes__ = [
+                    *getattr(exc, "__notes__", []),
+                    AttributeValidationNote(f"key {key!r}", key, item_type),
+                ]
                 errors.append(exc)
         if errors:
             raise ClassValidationError(f"While structuring {t}", errors, dict)
@@ -606,11 +651,17 @@ def _libfm_format(model: ModelSpec, eco: EcosystemSpec, o: LibfmOptions) -> Libf
         if fld is None:
             _fail(model, eco, f"sparse feature {feat.name!r} has no field; fields are {', '.join(by_name)}", "fields")
         if fld.size > feat.vocab_size:
-            _fail(model, eco, f"field {feat.name!r} spans {fld.size} ids but the feature's vocab_size is {feat.vocab_size}",
-                  "fields")
+            _fail(
+                model,
+                eco,
+                f"field {feat.name!r} spans {fld.size} ids but the feature's vocab_size is {feat.vocab_size}",
+                "fields",
+            )
     return LibfmFormat(
-        fields=fields, keys=tuple(f.name for f in model.features.sparse),
-        sequence=frozenset(f.name for f in model.features.sparse if f.sequence), chunk_rows=o.chunk_rows,
+        fields=fields,
+        keys=tuple(f.name for f in model.features.sparse),
+        sequence=frozenset(f.name for f in model.features.sparse if f.sequence),
+        chunk_rows=o.chunk_rows,
     )
 
 
@@ -629,8 +680,12 @@ def _tabular_format(model: ModelSpec, eco: EcosystemSpec, o: TabularOptions) -> 
 
     sparse = tuple(
         SparseColumn(
-            feature=f.name, column=per(f.name, "column", f.name), vocab_size=f.vocab_size,
-            encode=per(f.name, "encode", o.encode), sequence=f.sequence, separator=per(f.name, "separator", o.separator),
+            feature=f.name,
+            column=per(f.name, "column", f.name),
+            vocab_size=f.vocab_size,
+            encode=per(f.name, "encode", o.encode),
+            sequence=f.sequence,
+            separator=per(f.name, "separator", o.separator),
         )
         for f in model.features.sparse
     )
@@ -642,8 +697,14 @@ def _tabular_format(model: ModelSpec, eco: EcosystemSpec, o: TabularOptions) -> 
     if not isinstance(o, CsvOptions):
         return TabularFormat("parquet", sparse, dense, labels, chunk_rows=o.chunk_rows)
     return TabularFormat(
-        "csv", sparse, dense, labels, delimiter=o.delimiter, header=o.header,
-        column_names=tuple(o.column_names) if o.column_names else None, block_bytes=o.block_bytes,
+        "csv",
+        sparse,
+        dense,
+        labels,
+        delimiter=o.delimiter,
+        header=o.header,
+        column_names=tuple(o.column_names) if o.column_names else None,
+        block_bytes=o.block_bytes,
     )
 
 
@@ -653,6 +714,12 @@ def open_file_source(model: ModelSpec, eco: EcosystemSpec, kind: str) -> FileSou
     fmt = _libfm_format(model, eco, o) if isinstance(o, LibfmOptions) else _tabular_format(model, eco, o)
     files = _files(model, eco, o)
     return FileSource(
-        fmt, model.task_names, files, fractions=o.fractions, split_seed=o.split_seed, streaming=_streams(o, files),
-        skip_malformed=o.skip_malformed, shuffle_buffer=o.shuffle_buffer,
+        fmt,
+        model.task_names,
+        files,
+        fractions=o.fractions,
+        split_seed=o.split_seed,
+        streaming=_streams(o, files),
+        skip_malformed=o.skip_malformed,
+        shuffle_buffer=o.shuffle_buffer,
     )

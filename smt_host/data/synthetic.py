@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import zlib
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 import torch
@@ -110,11 +111,22 @@ def make_world(seed: int) -> World:
         return torch.randn(*shape, generator=g)
 
     user_attr = torch.stack(
-        [randint(VOCAB["user_segment"], n_users), randint(VOCAB["age_bucket"], n_users),
-         randint(VOCAB["gender"], n_users), randint(VOCAB["country"], n_users)], dim=1)
+        [
+            randint(VOCAB["user_segment"], n_users),
+            randint(VOCAB["age_bucket"], n_users),
+            randint(VOCAB["gender"], n_users),
+            randint(VOCAB["country"], n_users),
+        ],
+        dim=1,
+    )
     ad_attr = torch.stack(
-        [randint(VOCAB["advertiser_id"], n_ads), randint(VOCAB["ad_category"], n_ads),
-         randint(VOCAB["creative_type"], n_ads)], dim=1)
+        [
+            randint(VOCAB["advertiser_id"], n_ads),
+            randint(VOCAB["ad_category"], n_ads),
+            randint(VOCAB["creative_type"], n_ads),
+        ],
+        dim=1,
+    )
     return World(
         user_attr=user_attr,
         user_vec=randn(n_users, k) * 0.45,
@@ -222,9 +234,18 @@ def make_impressions(seed: int, surface: str, n: int) -> Impressions:
         "recency": torch.rand(n, generator=g),
     }
     sparse = {
-        "user_id": users, "user_segment": seg, "age_bucket": age, "gender": gender,
-        "country": country, "ad_id": ads, "advertiser_id": adv, "ad_category": cat,
-        "creative_type": creative, "hour": hour, "device": device, "position": position,
+        "user_id": users,
+        "user_segment": seg,
+        "age_bucket": age,
+        "gender": gender,
+        "country": country,
+        "ad_id": ads,
+        "advertiser_id": adv,
+        "ad_category": cat,
+        "creative_type": creative,
+        "hour": hour,
+        "device": device,
+        "position": position,
     }
     labels = {"click": click, **rates}
     return Impressions(
@@ -234,7 +255,7 @@ def make_impressions(seed: int, surface: str, n: int) -> Impressions:
     )
 
 
-def synthetic_source(model: "ModelSpec", eco: "EcosystemSpec") -> InMemorySource:
+def synthetic_source(model: ModelSpec, eco: EcosystemSpec) -> InMemorySource:
     """The synthetic data of one model: its surface's impressions, cut into
     train/valid/test, restricted to the model's features and tasks."""
     surface = model.data.surface or model.surface
@@ -247,17 +268,23 @@ def synthetic_source(model: "ModelSpec", eco: "EcosystemSpec") -> InMemorySource
     imp = make_impressions(s.seed, surface, total)
     for f in model.features.sparse:
         if f.name not in VOCAB:
-            raise ValueError(f"synthetic data has no sparse feature {f.name!r}; it has: {', '.join(VOCAB)} @ {path}.features")
+            raise ValueError(
+                f"synthetic data has no sparse feature {f.name!r}; it has: {', '.join(VOCAB)} @ {path}.features"
+            )
         if f.vocab_size < VOCAB[f.name]:
             raise ValueError(
                 f"vocab_size of {f.name!r} must be >= {VOCAB[f.name]} for synthetic data, got {f.vocab_size} @ {path}.features"
             )
     for f in model.features.dense:
         if f.name not in imp.dense:
-            raise ValueError(f"synthetic data has no dense feature {f.name!r}; it has: {', '.join(DENSE)} @ {path}.features")
+            raise ValueError(
+                f"synthetic data has no dense feature {f.name!r}; it has: {', '.join(DENSE)} @ {path}.features"
+            )
     for t in model.tasks:
         if t.label_name not in imp.labels:
-            raise ValueError(f"synthetic data has no event {t.label_name!r}; events: {', '.join(EVENTS)} @ {path}.tasks")
+            raise ValueError(
+                f"synthetic data has no event {t.label_name!r}; events: {', '.join(EVENTS)} @ {path}.tasks"
+            )
     keys = tuple(f.name for f in model.features.sparse)
     ids = torch.stack([imp.sparse[k] for k in keys], dim=1)
     if model.features.dense:
@@ -271,4 +298,3 @@ def synthetic_source(model: "ModelSpec", eco: "EcosystemSpec") -> InMemorySource
         splits[split] = TensorSplit(dense=dense[sl], ids=ids[sl], keys=keys, labels=labels[sl])
         start += size
     return InMemorySource(splits=splits, task_names=model.task_names)
-

@@ -23,8 +23,8 @@ line) is dropped silently.
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import attrs
 import numpy as np
@@ -75,9 +75,9 @@ class TabularFormat:
     sparse: tuple[SparseColumn, ...]
     dense: tuple[DenseColumn, ...]
     labels: tuple[str, ...]
-    delimiter: Optional[str] = ","
-    header: Optional[bool] = True
-    column_names: Optional[tuple[str, ...]] = None
+    delimiter: str | None = ","
+    header: bool | None = True
+    column_names: tuple[str, ...] | None = None
     block_bytes: int = 1 << 22
     chunk_rows: int = 65_536
 
@@ -114,7 +114,8 @@ class TabularFormat:
         missing = [c for c in self.needed_columns() if c not in names]
         if missing:
             raise DataFormatError(
-                path.name, 1 if header else 0,
+                path.name,
+                1 if header else 0,
                 f"missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
                 f"the file has {len(names)} columns: {', '.join(names)}",
             )
@@ -134,12 +135,18 @@ class TabularFormat:
         reader = pacsv.open_csv(
             str(path),
             read_options=pacsv.ReadOptions(
-                use_threads=False, block_size=self.block_bytes, column_names=None if header else names,
+                use_threads=False,
+                block_size=self.block_bytes,
+                column_names=None if header else names,
             ),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid, ignore_empty_lines=False),
+            parse_options=pacsv.ParseOptions(
+                delimiter=delimiter, invalid_row_handler=on_invalid, ignore_empty_lines=False
+            ),
             convert_options=pacsv.ConvertOptions(
-                include_columns=needed, column_types={c: pa.string() for c in needed},
-                strings_can_be_null=False, quoted_strings_can_be_null=False,
+                include_columns=needed,
+                column_types={c: pa.string() for c in needed},
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
             ),
         )
         seen = 0  # rows returned so far
@@ -174,7 +181,9 @@ class TabularFormat:
         missing = [c for c in self.needed_columns() if c not in names]
         if missing:
             raise DataFormatError(
-                path.name, 0, f"missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
+                path.name,
+                0,
+                f"missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
                 f"the file has {len(names)} columns: {', '.join(names)}",
             )
         seen = 0
@@ -188,9 +197,13 @@ class TabularFormat:
     # ------------------------------------------------------------ conversion
 
     def _convert(
-        self, batch: pa.RecordBatch, lines: np.ndarray, faults: RowFaults,
-        extra: list[tuple[int, str]], blank_rows: bool,
-    ) -> Optional[Chunk]:
+        self,
+        batch: pa.RecordBatch,
+        lines: np.ndarray,
+        faults: RowFaults,
+        extra: list[tuple[int, str]],
+        blank_rows: bool,
+    ) -> Chunk | None:
         n = batch.num_rows
         fs = FaultSet(n)
         col = {name: batch.column(i) for i, name in enumerate(batch.schema.names)}
@@ -332,7 +345,7 @@ def _hash_ids(a: pa.Array, vocab_size: int) -> np.ndarray:
     return hashed[np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)]
 
 
-def _int_ids(a: pa.Array, s: SparseColumn, fs: FaultSet, rows: Optional[np.ndarray] = None) -> np.ndarray:
+def _int_ids(a: pa.Array, s: SparseColumn, fs: FaultSet, rows: np.ndarray | None = None) -> np.ndarray:
     """(n,) int64 ids of an integer column (``mod``: modulo vocab_size, ``int``:
     must be in range); empty cells give 0. ``rows`` maps cell i to its row."""
     rows = np.arange(len(a)) if rows is None else rows
@@ -378,7 +391,7 @@ def _int_ids(a: pa.Array, s: SparseColumn, fs: FaultSet, rows: Optional[np.ndarr
     return out
 
 
-def _ids(a: pa.Array, s: SparseColumn, fs: FaultSet, rows: Optional[np.ndarray] = None) -> np.ndarray:
+def _ids(a: pa.Array, s: SparseColumn, fs: FaultSet, rows: np.ndarray | None = None) -> np.ndarray:
     if s.encode == "hash":
         return _hash_ids(a, s.vocab_size)
     return _int_ids(a, s, fs, rows)

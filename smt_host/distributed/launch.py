@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def launched() -> bool:
@@ -19,10 +19,18 @@ def relaunch(nproc_per_node: int, argv: Sequence[str]) -> int:
     is shown. Returns the exit status."""
     from torch.distributed import run as torchrun
 
-    args = torchrun.get_args_parser().parse_args([
-        "--standalone", "--nproc-per-node", str(nproc_per_node), "--local-ranks-filter", "0",
-        "-m", "smt_host", *argv,
-    ])
+    args = torchrun.get_args_parser().parse_args(
+        [
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc_per_node),
+            "--local-ranks-filter",
+            "0",
+            "-m",
+            "smt_host",
+            *argv,
+        ]
+    )
     try:
         torchrun.run(args)
     except Exception as exc:  # ChildFailedError: the rank's message is already on stderr
@@ -47,5 +55,3 @@ def strip_option(argv: Sequence[str], name: str) -> list[str]:
             continue
         out.append(a)
     return out
-
-

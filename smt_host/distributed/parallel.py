@@ -43,8 +43,9 @@ planner on it (:func:`shard_plan`).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,9 +55,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from smt_host.data.batch import Batch
 
 DCP_DIR = "checkpoint.dcp"
-
-
-
 
 
 def slice_kjt(kjt: KeyedJaggedTensor, lo: int, hi: int) -> KeyedJaggedTensor:
@@ -72,8 +70,10 @@ def slice_kjt(kjt: KeyedJaggedTensor, lo: int, hi: int) -> KeyedJaggedTensor:
     weights = None
     if kjt.weights_or_none() is not None:
         w = kjt.weights()
-        weights = torch.cat([w[int(offsets[i * b + lo]):int(offsets[i * b + hi])] for i in range(len(kjt.keys()))])
-    return KeyedJaggedTensor.from_lengths_sync(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lens), weights=weights)
+        weights = torch.cat([w[int(offsets[i * b + lo]) : int(offsets[i * b + hi])] for i in range(len(kjt.keys()))])
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lens), weights=weights
+    )
 
 
 def rank_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -108,11 +108,14 @@ class RankSlices:
 # ------------------------------------------------------------------ sharding
 
 
-def _table_constraints(ebc: nn.Module, kernel: str = "dense", sharding_types: Optional[Sequence[str]] = None) -> dict:
+def _table_constraints(ebc: nn.Module, kernel: str = "dense", sharding_types: Sequence[str] | None = None) -> dict:
     from torchrec.distributed.planner.types import ParameterConstraints
 
     types = list(sharding_types) if sharding_types else None
-    return {c.name: ParameterConstraints(compute_kernels=[kernel], sharding_types=types) for c in ebc.embedding_bag_configs()}
+    return {
+        c.name: ParameterConstraints(compute_kernels=[kernel], sharding_types=types)
+        for c in ebc.embedding_bag_configs()
+    }
 
 
 def table_sharders() -> list:
@@ -140,8 +143,11 @@ def _fuse_table_optimizer(ebc: nn.Module, optimizers: Sequence[torch.optim.Optim
                 found.append((type(opt), group, params))
     if not found or any(cls not in _FUSED_KWARGS for cls, _, _ in found):
         return False
-    if any(cls is torch.optim.Adagrad and (g.get("lr_decay") or g.get("weight_decay") or g.get("initial_accumulator_value"))
-           for cls, g, _ in found):
+    if any(
+        cls is torch.optim.Adagrad
+        and (g.get("lr_decay") or g.get("weight_decay") or g.get("initial_accumulator_value"))
+        for cls, g, _ in found
+    ):
         return False
     for cls, group, params in found:
         kwargs = {dst: group[src] for src, dst in _FUSED_KWARGS[cls].items() if src in group}
@@ -158,8 +164,9 @@ class Parallel:
     batch slicing, gathering, DCP checkpoints. ``Parallel.from_env()`` inside
     ``torchrun``."""
 
-    def __init__(self, pg: Optional[dist.ProcessGroup] = None, device: Any = "cpu",
-                 sharding_types: Optional[Sequence[str]] = None) -> None:
+    def __init__(
+        self, pg: dist.ProcessGroup | None = None, device: Any = "cpu", sharding_types: Sequence[str] | None = None
+    ) -> None:
         self.pg = pg or dist.GroupMember.WORLD
         self.sharding_types = sharding_types
         self.device = torch.device(device)
@@ -168,7 +175,7 @@ class Parallel:
         self.sharding_plan = None
 
     @classmethod
-    def from_env(cls) -> "Parallel":
+    def from_env(cls) -> Parallel:
         """Initialises the default process group from the launcher's
         environment: NCCL on ``cuda:LOCAL_RANK`` when CUDA is available, else
         gloo on CPU. ``SMT_SHARDING_TYPES`` (e.g. ``table_wise,row_wise``)
@@ -213,8 +220,11 @@ class Parallel:
         sharders = table_sharders()
         self.sharding_plan = planner.collective_plan(model, sharders, self.pg)
         dmp = DistributedModelParallel(
-            model, env=ShardingEnv.from_process_group(self.pg), device=self.device,
-            plan=self.sharding_plan, sharders=sharders,
+            model,
+            env=ShardingEnv.from_process_group(self.pg),
+            device=self.device,
+            plan=self.sharding_plan,
+            sharders=sharders,
         )
         self.load_full_state(dmp, initial)
         return dmp
@@ -243,7 +253,9 @@ class Parallel:
                 src = full[key]
                 if isinstance(value, ShardedTensor):
                     for shard in value.local_shards():
-                        idx = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+                        idx = tuple(
+                            slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes)
+                        )
                         shard.tensor.copy_(src[idx])
                 else:
                     value.copy_(src)
@@ -315,5 +327,3 @@ class Parallel:
             os.replace(tmp, final)
             save_atomic({**meta, "model_dcp": DCP_DIR, "world_size": self.world_size}, path)
         self.barrier()
-
-

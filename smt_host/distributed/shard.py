@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -11,8 +12,14 @@ from smt_host.distributed.parallel import table_sharders
 
 def parse_shard(text: str) -> dict:
     """``world_size=128,device=cuda[,hbm_gb=80,ddr_gb=512,batch_size=512,local_world_size=8]``."""
-    allowed = {"world_size": int, "device": str, "hbm_gb": float, "ddr_gb": float, "batch_size": int,
-               "local_world_size": int}
+    allowed = {
+        "world_size": int,
+        "device": str,
+        "hbm_gb": float,
+        "ddr_gb": float,
+        "batch_size": int,
+        "local_world_size": int,
+    }
     out: dict[str, Any] = {"world_size": 1, "device": "cuda"}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
@@ -92,14 +99,24 @@ def shard_plan(host: Any, spec: Any, shard: dict) -> dict:
             rows, cols = s.size
             per_rank_weights[s.rank] += int(rows) * int(cols) * 4
         c = configs.get(opt.name)
-        tables.append({
-            "table": opt.name, "rows": c.num_embeddings if c else None, "dim": c.embedding_dim if c else None,
-            "sharding": opt.sharding_type, "kernel": opt.compute_kernel, "shards": len(opt.shards),
-            "ranks": _ranges(ranks), "weight_bytes": (c.num_embeddings * c.embedding_dim * 4) if c else None,
-        })
+        tables.append(
+            {
+                "table": opt.name,
+                "rows": c.num_embeddings if c else None,
+                "dim": c.embedding_dim if c else None,
+                "sharding": opt.sharding_type,
+                "kernel": opt.compute_kernel,
+                "shards": len(opt.shards),
+                "ranks": _ranges(ranks),
+                "weight_bytes": (c.num_embeddings * c.embedding_dim * 4) if c else None,
+            }
+        )
     return {
-        "model": spec.name, "world_size": shard["world_size"], "device": shard["device"],
-        "hbm_cap_per_rank": topology.devices[0].storage.hbm, "ddr_cap_per_rank": topology.devices[0].storage.ddr,
+        "model": spec.name,
+        "world_size": shard["world_size"],
+        "device": shard["device"],
+        "hbm_cap_per_rank": topology.devices[0].storage.hbm,
+        "ddr_cap_per_rank": topology.devices[0].storage.ddr,
         "tables": tables,
         "per_rank": {"hbm": per_rank_hbm, "ddr": per_rank_ddr, "weights": per_rank_weights},
         "torchrec_plan": str(plan),
@@ -133,16 +150,27 @@ def print_shard_plan(report: dict, console: Any = None) -> None:
     pr = report["per_rank"]
     mem = pr["hbm"] if report["device"] == "cuda" else pr["ddr"]
     cap = report["hbm_cap_per_rank"] if report["device"] == "cuda" else report["ddr_cap_per_rank"]
-    table = Table(title=f"sharding plan: {report['model']} on {report['world_size']} x {report['device']}", caption=(
-        f"memory per rank ({'HBM' if report['device'] == 'cuda' else 'DDR'}, torchrec estimate incl. optimizer "
-        f"state and I/O): max {_gib(max(mem))}  mean {_gib(sum(mem) / len(mem))}  min {_gib(min(mem))}  "
-        f"(cap {_gib(cap)}); table weights per rank: max {_gib(max(pr['weights']))}"
-    ))
+    table = Table(
+        title=f"sharding plan: {report['model']} on {report['world_size']} x {report['device']}",
+        caption=(
+            f"memory per rank ({'HBM' if report['device'] == 'cuda' else 'DDR'}, torchrec estimate incl. optimizer "
+            f"state and I/O): max {_gib(max(mem))}  mean {_gib(sum(mem) / len(mem))}  min {_gib(min(mem))}  "
+            f"(cap {_gib(cap)}); table weights per rank: max {_gib(max(pr['weights']))}"
+        ),
+    )
     for col in ("table", "rows", "dim", "weights", "sharding", "kernel", "shards", "ranks"):
         table.add_column(col)
     for t in report["tables"]:
-        table.add_row(t["table"], f"{t['rows']:,}", str(t["dim"]), _gib(t["weight_bytes"]), t["sharding"],
-                      t["kernel"], str(t["shards"]), t["ranks"])
+        table.add_row(
+            t["table"],
+            f"{t['rows']:,}",
+            str(t["dim"]),
+            _gib(t["weight_bytes"]),
+            t["sharding"],
+            t["kernel"],
+            str(t["shards"]),
+            t["ranks"],
+        )
     console.print(table)
 
 

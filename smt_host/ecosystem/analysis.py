@@ -55,15 +55,30 @@ def analyse(out: Path, cells: list[Cell]) -> dict:
         for arm in arms:
             d_ne, d_auc, d_cal, flops = [], [], [], None
             base_flops = None
-            over = [results[k]["over_budget"] for k in (f"{model}/{arm}/seed{s}" for s in seeds)
-                    if k in results and "over_budget" in results[k]]
+            over = [
+                results[k]["over_budget"]
+                for k in (f"{model}/{arm}/seed{s}" for s in seeds)
+                if k in results and "over_budget" in results[k]
+            ]
             if over:
-                pairs.append({
-                    "model": model, "technique": arm, "seeds": 0, "ne_delta": float("nan"), "ne_delta_std": float("nan"),
-                    "auc_delta": float("nan"), "auc_delta_std": float("nan"), "calibration_error_delta": float("nan"),
-                    "calibration_error_delta_std": float("nan"), "flops": None, "flops_delta": None,
-                    "decision": "reject", "reason": f"over the capacity budget: {over[0]}", "techniques": [],
-                })
+                pairs.append(
+                    {
+                        "model": model,
+                        "technique": arm,
+                        "seeds": 0,
+                        "ne_delta": float("nan"),
+                        "ne_delta_std": float("nan"),
+                        "auc_delta": float("nan"),
+                        "auc_delta_std": float("nan"),
+                        "calibration_error_delta": float("nan"),
+                        "calibration_error_delta_std": float("nan"),
+                        "flops": None,
+                        "flops_delta": None,
+                        "decision": "reject",
+                        "reason": f"over the capacity budget: {over[0]}",
+                        "techniques": [],
+                    }
+                )
                 continue
             for s in seeds:
                 b = results.get(f"{model}/{BASELINE}/seed{s}")
@@ -73,7 +88,9 @@ def analyse(out: Path, cells: list[Cell]) -> dict:
                 bn, an = _task_mean(b["test"], "ne"), _task_mean(a["test"], "ne")
                 d_ne.append((an - bn) / bn)
                 d_auc.append(_task_mean(a["test"], "auc") - _task_mean(b["test"], "auc"))
-                d_cal.append(abs(_task_mean(a["test"], "calibration") - 1) - abs(_task_mean(b["test"], "calibration") - 1))
+                d_cal.append(
+                    abs(_task_mean(a["test"], "calibration") - 1) - abs(_task_mean(b["test"], "calibration") - 1)
+                )
                 flops, base_flops = a["flops"], b["flops"]
                 techniques = a["techniques"]
             if not d_ne:
@@ -82,16 +99,27 @@ def analyse(out: Path, cells: list[Cell]) -> dict:
             ne_m, ne_s = _mean_std(d_ne)
             auc_m, auc_s = _mean_std(d_auc)
             cal_m, cal_s = _mean_std(d_cal)
-            pairs.append({
-                "model": model, "technique": arm, "seeds": len(d_ne),
-                "ne_delta": ne_m, "ne_delta_std": ne_s, "auc_delta": auc_m, "auc_delta_std": auc_s,
-                "calibration_error_delta": cal_m, "calibration_error_delta_std": cal_s,
-                "flops": flops, "flops_delta": (flops - base_flops) / base_flops if base_flops else None,
-                "decision": decision, "reason": reason, "techniques": techniques,
-            })
+            pairs.append(
+                {
+                    "model": model,
+                    "technique": arm,
+                    "seeds": len(d_ne),
+                    "ne_delta": ne_m,
+                    "ne_delta_std": ne_s,
+                    "auc_delta": auc_m,
+                    "auc_delta_std": auc_s,
+                    "calibration_error_delta": cal_m,
+                    "calibration_error_delta_std": cal_s,
+                    "flops": flops,
+                    "flops_delta": (flops - base_flops) / base_flops if base_flops else None,
+                    "decision": decision,
+                    "reason": reason,
+                    "techniques": techniques,
+                }
+            )
     return {
         "rule": "adopt when the mean relative NE change over seeds (paired with the baseline) is negative and "
-                "its magnitude exceeds twice its standard error, at neutral capacity (baseline FLOPs ±2%)",
+        "its magnitude exceeds twice its standard error, at neutral capacity (baseline FLOPs ±2%)",
         "models": models,
         "pairs": pairs,
     }
@@ -104,6 +132,7 @@ def adopted_sets(matrix: dict) -> dict[str, list[dict]]:
         if p["technique"] != ALL and not p["technique"].startswith(ADOPTED) and p["decision"] == "adopt":
             out[p["model"]].extend(p["techniques"])
     return out
+
 
 def adopted_cells(matrix: dict, seeds: int) -> list[Cell]:
     """One arm per model that adopted at least one technique: the adopted set

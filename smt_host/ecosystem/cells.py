@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import attrs
 
@@ -54,7 +55,7 @@ def arm_kwargs(arm: str) -> dict:
     if arm == ALL:
         return {}
     if arm.startswith(ADOPTED):
-        return {"only": frozenset(arm[len(ADOPTED):].split("+"))}
+        return {"only": frozenset(arm[len(ADOPTED) :].split("+"))}
     return {"only": frozenset({arm})}
 
 
@@ -73,7 +74,7 @@ def applicable_techniques(host: Any, spec: ModelSpec) -> list[str]:
     return names
 
 
-def matrix_cells(host: Any, eco: EcosystemSpec, seeds: int, models: Optional[Iterable[str]] = None) -> list[Cell]:
+def matrix_cells(host: Any, eco: EcosystemSpec, seeds: int, models: Iterable[str] | None = None) -> list[Cell]:
     """Every cell of the matrix, in a fixed order."""
     cells = []
     for spec in eco.models.values():
@@ -124,14 +125,15 @@ def run_cell(host: Any, eco: EcosystemSpec, cell: Cell, out: Path) -> dict:
         "capacity": host.conv.unstructure(plan.capacity),
         "techniques": [
             {"technique": e.technique, "dist": e.dist, "version": e.version, "params": e.params}
-            for e in plan.entries if e.dist != HOST_DIST
+            for e in plan.entries
+            if e.dist != HOST_DIST
         ],
     }
     write_text_atomic(json.dumps(data, indent=2), cell_path(out, cell))
     return data
 
 
-def _worker(args: tuple) -> tuple[str, Optional[str]]:
+def _worker(args: tuple) -> tuple[str, str | None]:
     """Process-pool entry: trains one cell in a fresh host."""
     eco_source, eco_is_default, cell_dict, out, synthetic = args
     import torch
@@ -152,9 +154,15 @@ def _worker(args: tuple) -> tuple[str, Optional[str]]:
 
 
 def run_matrix(
-    host: Any, eco: EcosystemSpec, out: Path, *, seeds: int = 3, jobs: int = 1,
-    models: Optional[Iterable[str]] = None, on_done: Callable[[Cell, bool], None] = lambda c, skipped: None,
-    eco_path: Optional[str] = None,
+    host: Any,
+    eco: EcosystemSpec,
+    out: Path,
+    *,
+    seeds: int = 3,
+    jobs: int = 1,
+    models: Iterable[str] | None = None,
+    on_done: Callable[[Cell, bool], None] = lambda c, skipped: None,
+    eco_path: str | None = None,
 ) -> list[Cell]:
     """Trains every unfinished cell of the matrix (``jobs`` processes);
     returns all cells. A cell whose result file exists is skipped (resume)."""
@@ -162,10 +170,15 @@ def run_matrix(
     return run_cells(host, eco, out, cells, jobs=jobs, on_done=on_done, eco_path=eco_path)
 
 
-
 def run_cells(
-    host: Any, eco: EcosystemSpec, out: Path, cells: list[Cell], *, jobs: int = 1,
-    on_done: Callable[[Cell, bool], None] = lambda c, skipped: None, eco_path: Optional[str] = None,
+    host: Any,
+    eco: EcosystemSpec,
+    out: Path,
+    cells: list[Cell],
+    *,
+    jobs: int = 1,
+    on_done: Callable[[Cell, bool], None] = lambda c, skipped: None,
+    eco_path: str | None = None,
 ) -> list[Cell]:
     """Trains the unfinished ``cells``; returns them."""
     out = Path(out)
@@ -196,5 +209,3 @@ def run_cells(
     if errors:
         raise RuntimeError("cells failed: " + "; ".join(errors))
     return cells
-
-

@@ -23,8 +23,10 @@ def check_lock(lock: dict, host: Any) -> None:
     from smt_host.model.plan import Manifest, ManifestEntry, installed_manifest
 
     for model, entries in lock.get("models", {}).items():
-        recorded = Manifest(host="", techniques=tuple(
-            ManifestEntry(e["technique"], e["dist"], e["version"], e.get("params")) for e in entries))
+        recorded = Manifest(
+            host="",
+            techniques=tuple(ManifestEntry(e["technique"], e["dist"], e["version"], e.get("params")) for e in entries),
+        )
         recorded.check(installed_manifest(host.spm, recorded), f"model {model!r}", "cannot train it as locked")
 
 

@@ -16,14 +16,19 @@ def write_reports(out: Path, matrix: dict) -> list[Path]:
     paths = [out / "adoption.json", out / "adoption.md", out / "adoption.png"]
     write_text_atomic(json.dumps(matrix, indent=2), paths[0])
     lines = [
-        "# Adoption matrix", "", f"Rule: {matrix['rule']}.", "",
+        "# Adoption matrix",
+        "",
+        f"Rule: {matrix['rule']}.",
+        "",
         "| model | technique | seeds | NE change | AUC change | calibration error change | FLOPs change | decision |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for p in matrix["pairs"]:
         fd = "" if p["flops_delta"] is None else f"{p['flops_delta']:+.1%}"
         if p["seeds"] == 0:
-            lines.append(f"| {p['model']} | {p['technique']} | 0 | n/a | n/a | n/a | over budget | **reject** ({p['reason']}) |")
+            lines.append(
+                f"| {p['model']} | {p['technique']} | 0 | n/a | n/a | n/a | over budget | **reject** ({p['reason']}) |"
+            )
             continue
         lines.append(
             f"| {p['model']} | {p['technique']} | {p['seeds']} | {p['ne_delta']:+.2%} ± {p['ne_delta_std']:.2%} | "
@@ -62,7 +67,9 @@ def _heatmap(matrix: dict, path: Path) -> None:
     ax.set_xticks(range(len(techniques)), techniques, rotation=30, ha="right")
     ax.set_yticks(range(len(models)), models)
     for (i, j), dec in marks.items():
-        value = "over\nbudget" if np.isnan(grid[i, j]) else f"{grid[i, j]:+.2f}%\n{'ADOPT' if dec == 'adopt' else 'reject'}"
+        value = (
+            "over\nbudget" if np.isnan(grid[i, j]) else f"{grid[i, j]:+.2f}%\n{'ADOPT' if dec == 'adopt' else 'reject'}"
+        )
         ax.text(j, i, value, ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="NE change vs baseline (%)")
     ax.set_title("technique x model: NE change at neutral capacity")
@@ -72,5 +79,3 @@ def _heatmap(matrix: dict, path: Path) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
-
-

@@ -6,7 +6,7 @@ FLOPs are measured on the built module with ``torch.utils.flop_counter``
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import attrs
 import torch
@@ -61,7 +61,8 @@ def measure(model: nn.Module, spec: ModelSpec, combiner: str = "") -> Cost:
     # keys are "<root class>.<qualified name>"; the root itself is "<root class>"
     counts = {
         (name.split(".", 1)[1] if "." in name else ""): sum(c.values()) / FLOP_BATCH
-        for name, c in counter.get_flop_counts().items() if name != "Global"
+        for name, c in counter.get_flop_counts().items()
+        if name != "Global"
     }
     names = {id(m): n for n, m in model.named_modules()}
 
@@ -102,7 +103,11 @@ MAX_SCALE = 16.0
 
 
 def neutral_scale(
-    flops_at: Callable[[float], float], budget: float, tolerance: float, *, max_steps: int = 40,
+    flops_at: Callable[[float], float],
+    budget: float,
+    tolerance: float,
+    *,
+    max_steps: int = 40,
 ) -> Scaled:
     """Finds an over-arch width scale whose FLOPs land within ``tolerance``
     (relative) of ``budget`` by bisection on log(scale).

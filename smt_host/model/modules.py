@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -30,8 +30,14 @@ class MLP(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, widths: Sequence[int], *, dropout: float = 0.0, batch_norm: bool = False,
-        final_activation: bool = True, device: torch.device | str | None = None,
+        self,
+        in_dim: int,
+        widths: Sequence[int],
+        *,
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+        final_activation: bool = True,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if in_dim < 1:

@@ -9,7 +9,7 @@ checkpoint carries. :func:`build_from_plan` turns it back into a module.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import attrs
 import cattrs
@@ -32,8 +32,8 @@ class PlanEntry:
     technique: str
     dist: str
     version: str
-    params: Optional[dict]
-    out_dim: Optional[int] = None
+    params: dict | None
+    out_dim: int | None = None
     flops: float = 0.0
 
 
@@ -42,7 +42,7 @@ class ManifestEntry:
     technique: str
     dist: str
     version: str
-    params: Optional[dict]
+    params: dict | None
 
 
 @attrs.frozen
@@ -53,7 +53,7 @@ class Manifest:
     host: str
     techniques: tuple[ManifestEntry, ...]
 
-    def check(self, current: "Manifest", where: str, doing: str) -> None:
+    def check(self, current: Manifest, where: str, doing: str) -> None:
         """Raises :class:`ManifestMismatch` naming every difference from
         ``self`` (what a plan, checkpoint, export or lock recorded) to
         ``current`` (what is installed, or what a run now plans): the one
@@ -65,7 +65,7 @@ class Manifest:
         if diff:
             raise ManifestMismatch(f"{where}: {doing}: it was made under another plugin set: " + "; ".join(diff))
 
-    def diff(self, current: "Manifest") -> list[str]:
+    def diff(self, current: Manifest) -> list[str]:
         """Differences from ``self`` (e.g. a checkpoint's) to ``current``."""
         old = {e.technique: e for e in self.techniques}
         new = {e.technique: e for e in current.techniques}
@@ -73,7 +73,9 @@ class Manifest:
         for name in sorted(set(old) | set(new)):
             a, b = old.get(name), new.get(name)
             if b is None:
-                out.append(f"technique {name!r} ({a.dist} {a.version}) was used but is not active now (not installed, disabled or opted out)")
+                out.append(
+                    f"technique {name!r} ({a.dist} {a.version}) was used but is not active now (not installed, disabled or opted out)"
+                )
             elif a is None:
                 out.append(f"technique {name!r} ({b.dist} {b.version}) is active now but was not used")
             elif (a.dist, a.version) != (b.dist, b.version):
@@ -89,7 +91,7 @@ class CapacityReport:
     ``flops`` or ``baseline``), the FLOPs achieved and the over-arch scale."""
 
     mode: str
-    budget: Optional[float]
+    budget: float | None
     achieved: float
     scale: float
     tolerance: float
@@ -115,7 +117,7 @@ class Plan:
         return [e.technique for e in self.entries]
 
 
-def _params_dict(conv: cattrs.Converter, params: Any) -> Optional[dict]:
+def _params_dict(conv: cattrs.Converter, params: Any) -> dict | None:
     return None if params is None else conv.unstructure(params)
 
 
@@ -135,9 +137,15 @@ def _external(res: Resolution) -> list[ActiveTechnique]:
 
 
 def make_plan(
-    spec: ModelSpec, spm: SmtPluginManager, conv: cattrs.Converter, *,
-    builtins_only: bool = False, without: frozenset[str] = frozenset(),
-    only: Optional[frozenset[str]] = None, budget: Any = ..., seed: Optional[int] = None,
+    spec: ModelSpec,
+    spm: SmtPluginManager,
+    conv: cattrs.Converter,
+    *,
+    builtins_only: bool = False,
+    without: frozenset[str] = frozenset(),
+    only: frozenset[str] | None = None,
+    budget: Any = ...,
+    seed: int | None = None,
 ) -> Plan:
     """Plans ``spec`` with the installed techniques.
 
@@ -169,7 +177,9 @@ def make_plan(
             smallest = build_model(spec, res, spm, width_scale=1 / 64, seed=seed)
             parts = measure(smallest, spec, combiner).parts
             costly = sorted(((parts.get(f"{a.slot}:{a.name}", 0.0), a) for a in _external(res)), key=lambda x: -x[0])
-            named = "; ".join(f"{a.name} ({a.dist} {a.version}) needs {f:,.0f} FLOPs per example" for f, a in costly if f > 0)
+            named = "; ".join(
+                f"{a.name} ({a.dist} {a.version}) needs {f:,.0f} FLOPs per example" for f, a in costly if f > 0
+            )
             raise CapacityError(
                 f"model {spec.name!r} cannot meet its capacity budget: {exc}"
                 + (f". Costliest techniques: {named}" if named else "")
@@ -198,8 +208,14 @@ def make_plan(
     }
     capacity = CapacityReport(mode=mode, budget=target, achieved=cost.flops, scale=scale, tolerance=tolerance)
     return Plan(
-        model=spec.name, entries=tuple(entries), skipped=res.skipped, widths=widths, cost=cost,
-        capacity=capacity, manifest=_manifest(spm, res, conv), seed=seed,
+        model=spec.name,
+        entries=tuple(entries),
+        skipped=res.skipped,
+        widths=widths,
+        cost=cost,
+        capacity=capacity,
+        manifest=_manifest(spm, res, conv),
+        seed=seed,
     )
 
 
@@ -210,7 +226,8 @@ def installed_manifest(spm: SmtPluginManager, recorded: Manifest) -> Manifest:
 
     entries = tuple(
         ManifestEntry(e.technique, spm.techniques[e.technique].dist, spm.techniques[e.technique].version, e.params)
-        for e in recorded.techniques if e.technique in spm.techniques
+        for e in recorded.techniques
+        if e.technique in spm.techniques
     )
     return Manifest(host=spm.distributions[HOST_DIST], techniques=entries)
 
@@ -254,7 +271,9 @@ class Built:
         return list(self.model.members)
 
 
-def build_from_plan(plan: Plan, spec: ModelSpec, spm: SmtPluginManager, conv: cattrs.Converter, device: Any = "cpu") -> Built:
+def build_from_plan(
+    plan: Plan, spec: ModelSpec, spm: SmtPluginManager, conv: cattrs.Converter, device: Any = "cpu"
+) -> Built:
     """The model a plan describes (same seed: same weights), with its loss
     and optimizers."""
     res = resolution_from_plan(plan, spm, conv)

@@ -6,13 +6,13 @@ the model spec in, a :class:`Resolution` out. No module is built here.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import attrs
 import cattrs
 
 from smt_host.errors import ConfigError, PluginError
-from smt_host.plugins import TechniqueRecord, SmtPluginManager
+from smt_host.plugins import SmtPluginManager, TechniqueRecord
 from smt_host.spec.converter import structure
 from smt_host.spec.schema import ModelSpec
 from smt_host.technique import EXCLUSIVE_SLOTS, OPTIONAL_SLOTS, SLOTS
@@ -75,9 +75,7 @@ def _check_configured(spec: ModelSpec, spm: SmtPluginManager) -> None:
                 f"that provides it (pip install {distribution_hint(name)}) @ {path}"
             )
         elif not isinstance(value, (bool, dict)):
-            errors.append(
-                f"must be true, false or a table of parameters, got {type(value).__name__} @ {path}"
-            )
+            errors.append(f"must be true, false or a table of parameters, got {type(value).__name__} @ {path}")
     if errors:
         raise ConfigError(errors)
 
@@ -100,7 +98,7 @@ def resolve(
     *,
     builtins_only: bool = False,
     without: frozenset[str] = frozenset(),
-    only: Optional[frozenset[str]] = None,
+    only: frozenset[str] | None = None,
 ) -> Resolution:
     """Chooses the techniques of ``spec``.
 
@@ -156,7 +154,9 @@ def resolve(
             if len(picked) > 1:
                 names = ", ".join(r.name for r in picked)
                 raise ConfigError(
-                    [f"slot {slot!r} takes one technique but the spec enables several: {names} @ $.models.{spec.name}.techniques"]
+                    [
+                        f"slot {slot!r} takes one technique but the spec enables several: {names} @ $.models.{spec.name}.techniques"
+                    ]
                 )
             winner = picked[0] if picked else regs[0][0]
             for r, _ in regs:
@@ -187,9 +187,17 @@ def resolve(
     chosen.sort(key=lambda a: order.index(a.name))
     for slot in SLOTS:
         if slot in EXCLUSIVE_SLOTS and slot not in OPTIONAL_SLOTS and not any(a.slot == slot for a in chosen):
-            raise ConfigError([f"slot {slot!r} has no technique for model {spec.name!r} (all opted out?) @ $.models.{spec.name}.techniques"])
+            raise ConfigError(
+                [
+                    f"slot {slot!r} has no technique for model {spec.name!r} (all opted out?) @ $.models.{spec.name}.techniques"
+                ]
+            )
     if not any(a.slot == "interaction" for a in chosen):
-        raise ConfigError([f"slot 'interaction' has no branch for model {spec.name!r} @ $.models.{spec.name}.techniques"])
+        raise ConfigError(
+            [f"slot 'interaction' has no branch for model {spec.name!r} @ $.models.{spec.name}.techniques"]
+        )
     if spec.features.dense and not any(a.slot == "dense_arch" for a in chosen):
-        raise ConfigError([f"slot 'dense_arch' has no technique but the model has dense features @ $.models.{spec.name}.techniques"])
+        raise ConfigError(
+            [f"slot 'dense_arch' has no technique but the model has dense features @ $.models.{spec.name}.techniques"]
+        )
     return Resolution(model=spec.name, active=tuple(chosen), skipped=tuple(skipped))

@@ -15,7 +15,8 @@ in the resolution's order and checks what comes back.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,11 +55,21 @@ class TemplateModel(nn.Module):
     """
 
     def __init__(
-        self, *, embedding: EmbeddingBagCollection, sparse_keys: Sequence[str],
-        dense_arch: Optional[nn.Module], branches: Sequence[nn.Module], branch_names: Sequence[str],
-        over_arch: nn.Module, task_arch: nn.Module, heads: Sequence[nn.Module], task_names: Sequence[str],
-        feature_transforms: Sequence[nn.Module] = (), pooled_transforms: Sequence[nn.Module] = (),
-        output_transforms: Optional[dict[str, nn.Module]] = None, part_names: Optional[dict[str, str]] = None,
+        self,
+        *,
+        embedding: EmbeddingBagCollection,
+        sparse_keys: Sequence[str],
+        dense_arch: nn.Module | None,
+        branches: Sequence[nn.Module],
+        branch_names: Sequence[str],
+        over_arch: nn.Module,
+        task_arch: nn.Module,
+        heads: Sequence[nn.Module],
+        task_names: Sequence[str],
+        feature_transforms: Sequence[nn.Module] = (),
+        pooled_transforms: Sequence[nn.Module] = (),
+        output_transforms: dict[str, nn.Module] | None = None,
+        part_names: dict[str, str] | None = None,
         transform_names: Sequence[tuple[str, str]] = (),
     ) -> None:
         super().__init__()
@@ -166,9 +177,13 @@ def _module(result: Any, technique: ActiveTechnique, hook: str) -> nn.Module:
 def base_context(spec: ModelSpec, device: Any = "cpu", width_scale: float = 1.0) -> SlotContext:
     num_dense = len(spec.features.dense)
     return SlotContext(
-        spec=spec, embedding_dim=spec.embedding_dim, num_dense=num_dense,
+        spec=spec,
+        embedding_dim=spec.embedding_dim,
+        num_dense=num_dense,
         num_features=len(spec.features.sparse) + (1 if num_dense else 0),
-        tasks=spec.task_names, width_scale=width_scale, device=device,
+        tasks=spec.task_names,
+        width_scale=width_scale,
+        device=device,
     )
 
 
@@ -184,9 +199,10 @@ def build_tables(spm: SmtPluginManager, res: Resolution, ctx: SlotContext) -> li
         tables = out
     served = [f for tb in tables for f in tb.feature_names]
     want = [f.name for f in ctx.spec.features.sparse]
-    if len(served) != len(set(served)) or (sorted(served) != sorted(want) and not any(
-        spm.implements(t.name, "smt_pooled_transform") for t in res.slot("embedding")
-    )):
+    if len(served) != len(set(served)) or (
+        sorted(served) != sorted(want)
+        and not any(spm.implements(t.name, "smt_pooled_transform") for t in res.slot("embedding"))
+    ):
         raise PluginError(
             f"embedding slot of model {ctx.spec.name!r}: tables serve features {sorted(served)}, "
             f"but the model's sparse features are {sorted(want)} (each needs exactly one table, "
@@ -194,14 +210,18 @@ def build_tables(spm: SmtPluginManager, res: Resolution, ctx: SlotContext) -> li
         )
     bad = [tb.name for tb in tables if tb.embedding_dim != ctx.embedding_dim]
     if bad:
-        raise PluginError(f"embedding slot of model {ctx.spec.name!r}: tables {bad} are not {ctx.embedding_dim} wide (D)")
+        raise PluginError(
+            f"embedding slot of model {ctx.spec.name!r}: tables {bad} are not {ctx.embedding_dim} wide (D)"
+        )
     return tables
 
 
 def make_ebc(tables: Sequence[TableSpec], device: Any = "cpu") -> EmbeddingBagCollection:
     configs = [
         EmbeddingBagConfig(
-            name=t.name, embedding_dim=t.embedding_dim, num_embeddings=t.num_embeddings,
+            name=t.name,
+            embedding_dim=t.embedding_dim,
+            num_embeddings=t.num_embeddings,
             feature_names=list(t.feature_names),
             pooling=PoolingType.MEAN if t.pooling == "mean" else PoolingType.SUM,
             init_fn=None if t.init_std is None else functools.partial(nn.init.normal_, mean=0.0, std=t.init_std),
@@ -212,8 +232,13 @@ def make_ebc(tables: Sequence[TableSpec], device: Any = "cpu") -> EmbeddingBagCo
 
 
 def build_model(
-    spec: ModelSpec, res: Resolution, spm: SmtPluginManager, *, width_scale: float = 1.0,
-    device: Any = "cpu", seed: Optional[int] = None,
+    spec: ModelSpec,
+    res: Resolution,
+    spm: SmtPluginManager,
+    *,
+    width_scale: float = 1.0,
+    device: Any = "cpu",
+    seed: int | None = None,
 ) -> nn.Module:
     """Builds the model a resolution describes (seeded for determinism): the
     module of the ensemble slot's technique, holding its template networks as
@@ -232,8 +257,11 @@ def build_model(
     members = getattr(model, "members", None)
     got = [id(m) for m in members] if isinstance(members, nn.ModuleList) else None
     if not built or got != [id(m) for m in built]:
-        what = "no members attribute" if members is None else (
-            f"members of type {type(members).__name__}" if got is None else f"{len(got)} members")
+        what = (
+            "no members attribute"
+            if members is None
+            else (f"members of type {type(members).__name__}" if got is None else f"{len(got)} members")
+        )
         raise PluginError(
             f"technique {t.name!r} ({t.dist} {t.version}): smt_ensemble() must call build() at least once and "
             f"return a module whose `members` is an nn.ModuleList of the models build() returned, in order; "
@@ -244,37 +272,54 @@ def build_model(
         logits = model(batch.dense, batch.sparse)
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, len(spec.tasks)):
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise PluginError(f"technique {t.name!r} ({t.dist} {t.version}): the model returns {shape} for 2 examples, "
-                          f"want logits (B, T) = (2, {len(spec.tasks)})")
+        raise PluginError(
+            f"technique {t.name!r} ({t.dist} {t.version}): the model returns {shape} for 2 examples, "
+            f"want logits (B, T) = (2, {len(spec.tasks)})"
+        )
     return model
 
 
-def _build_member(spec: ModelSpec, res: Resolution, spm: SmtPluginManager, ctx: SlotContext, device: Any) -> TemplateModel:
+def _build_member(
+    spec: ModelSpec, res: Resolution, spm: SmtPluginManager, ctx: SlotContext, device: Any
+) -> TemplateModel:
     """One ``TemplateModel`` with every slot but the ensemble filled."""
     tables = build_tables(spm, res, ctx)
     ebc = make_ebc(tables, device)
     emb = res.slot("embedding")
     feature_transforms = [
         _module(spm.call(t.name, "smt_feature_transform", ctx=ctx, params=t.params), t, "smt_feature_transform")
-        for t in emb if spm.implements(t.name, "smt_feature_transform")
+        for t in emb
+        if spm.implements(t.name, "smt_feature_transform")
     ]
     pooled_transforms = [
         _module(spm.call(t.name, "smt_pooled_transform", ctx=ctx, params=t.params), t, "smt_pooled_transform")
-        for t in emb if spm.implements(t.name, "smt_pooled_transform")
+        for t in emb
+        if spm.implements(t.name, "smt_pooled_transform")
     ]
-    transform_names = [(t.slot, t.name) for hook in ("smt_feature_transform", "smt_pooled_transform")
-                       for t in emb if spm.implements(t.name, hook)]
+    transform_names = [
+        (t.slot, t.name)
+        for hook in ("smt_feature_transform", "smt_pooled_transform")
+        for t in emb
+        if spm.implements(t.name, hook)
+    ]
     output_transforms = {
         t.name: _module(spm.call(t.name, "smt_output_transform", ctx=ctx, params=t.params), t, "smt_output_transform")
-        for t in res.active if spm.implements(t.name, "smt_output_transform")
+        for t in res.active
+        if spm.implements(t.name, "smt_output_transform")
     }
 
     dense_arch = None
     if spec.features.dense:
         (t,) = res.slot("dense_arch")
-        dense_arch = _module(spm.call(t.name, "smt_dense_arch", ctx=ctx.evolve(in_dim=ctx.num_dense), params=t.params), t, "smt_dense_arch")
+        dense_arch = _module(
+            spm.call(t.name, "smt_dense_arch", ctx=ctx.evolve(in_dim=ctx.num_dense), params=t.params),
+            t,
+            "smt_dense_arch",
+        )
         if _out_dim(dense_arch, t, "smt_dense_arch") != ctx.embedding_dim:
-            raise PluginError(f"technique {t.name!r} ({t.dist} {t.version}): dense arch out_dim must equal D={ctx.embedding_dim}")
+            raise PluginError(
+                f"technique {t.name!r} ({t.dist} {t.version}): dense arch out_dim must equal D={ctx.embedding_dim}"
+            )
 
     branches, names, width = [], [], 0
     for t in res.slot("interaction"):
@@ -282,22 +327,30 @@ def _build_member(spec: ModelSpec, res: Resolution, spm: SmtPluginManager, ctx: 
         out = _out_dim(branch, t, "smt_interaction")
         if adds_to_logits(branch):
             if out != len(spec.tasks):
-                raise PluginError(f"technique {t.name!r} ({t.dist} {t.version}): its interaction branch adds to the "
-                                  f"logits (to_logits) so its out_dim must be T={len(spec.tasks)}, got {out}")
+                raise PluginError(
+                    f"technique {t.name!r} ({t.dist} {t.version}): its interaction branch adds to the "
+                    f"logits (to_logits) so its out_dim must be T={len(spec.tasks)}, got {out}"
+                )
         else:
             width += out
         branches.append(branch)
         names.append(t.name)
     if not width:
-        raise ConfigError([f"slot 'interaction' of model {spec.name!r} has no branch feeding the over-arch "
-                           f"(every branch adds to the logits: {names}) @ $.models.{spec.name}.techniques"])
+        raise ConfigError(
+            [
+                f"slot 'interaction' of model {spec.name!r} has no branch feeding the over-arch "
+                f"(every branch adds to the logits: {names}) @ $.models.{spec.name}.techniques"
+            ]
+        )
 
     (t,) = res.slot("over_arch")
     over = _module(spm.call(t.name, "smt_over_arch", ctx=ctx.evolve(in_dim=width), params=t.params), t, "smt_over_arch")
     hidden = _out_dim(over, t, "smt_over_arch")
 
     (t,) = res.slot("task_arch")
-    task_arch = _module(spm.call(t.name, "smt_task_arch", ctx=ctx.evolve(in_dim=hidden), params=t.params), t, "smt_task_arch")
+    task_arch = _module(
+        spm.call(t.name, "smt_task_arch", ctx=ctx.evolve(in_dim=hidden), params=t.params), t, "smt_task_arch"
+    )
     out_dims = getattr(task_arch, "out_dims", None)
     if not isinstance(out_dims, tuple) or len(out_dims) != len(spec.tasks):
         raise PluginError(
@@ -311,12 +364,26 @@ def _build_member(spec: ModelSpec, res: Resolution, spm: SmtPluginManager, ctx: 
         for d, task in zip(out_dims, spec.task_names)
     ]
     model = TemplateModel(
-        embedding=ebc, sparse_keys=[f.name for f in spec.features.sparse], dense_arch=dense_arch,
-        branches=branches, branch_names=names, over_arch=over, task_arch=task_arch, heads=heads,
-        task_names=spec.task_names, feature_transforms=feature_transforms,
-        pooled_transforms=pooled_transforms, output_transforms=output_transforms,
-        part_names={**{slot: res.slot(slot)[0].name for slot in ("dense_arch", "over_arch", "task_arch", "heads")
-                       if res.slot(slot)}, **{f"output:{t.name}": t.slot for t in res.active if t.name in output_transforms}},
+        embedding=ebc,
+        sparse_keys=[f.name for f in spec.features.sparse],
+        dense_arch=dense_arch,
+        branches=branches,
+        branch_names=names,
+        over_arch=over,
+        task_arch=task_arch,
+        heads=heads,
+        task_names=spec.task_names,
+        feature_transforms=feature_transforms,
+        pooled_transforms=pooled_transforms,
+        output_transforms=output_transforms,
+        part_names={
+            **{
+                slot: res.slot(slot)[0].name
+                for slot in ("dense_arch", "over_arch", "task_arch", "heads")
+                if res.slot(slot)
+            },
+            **{f"output:{t.name}": t.slot for t in res.active if t.name in output_transforms},
+        },
         transform_names=transform_names,
     )
     _verify_widths(model, spec, res, device)
@@ -333,36 +400,46 @@ def _verify_widths(model: TemplateModel, spec: ModelSpec, res: Resolution, devic
         want = (2, len(spec.features.sparse) + (1 if spec.features.dense else 0), spec.embedding_dim)
         if tuple(feats.shape) != want:
             t = by_slot.get("dense_arch") if spec.features.dense else by_slot["embedding"]
-            raise PluginError(f"model {spec.name!r}: feature embeddings are {tuple(feats.shape)}, want (B, F, D) = {want}; "
-                              f"check the embedding techniques and {t.name!r} ({t.dist} {t.version})")
+            raise PluginError(
+                f"model {spec.name!r}: feature embeddings are {tuple(feats.shape)}, want (B, F, D) = {want}; "
+                f"check the embedding techniques and {t.name!r} ({t.dist} {t.version})"
+            )
         outs = {}
         for a in res.slot("interaction"):
             outs[a.name] = out = model.branches[a.name](feats)
             declared = model.branches[a.name].out_dim
             if tuple(out.shape) != (2, declared):
-                raise PluginError(f"technique {a.name!r} ({a.dist} {a.version}): its interaction branch declares "
-                                  f"out_dim {declared} but returns {tuple(out.shape)} for input {tuple(feats.shape)}")
+                raise PluginError(
+                    f"technique {a.name!r} ({a.dist} {a.version}): its interaction branch declares "
+                    f"out_dim {declared} but returns {tuple(out.shape)} for input {tuple(feats.shape)}"
+                )
         hidden = model.over_arch(torch.cat([outs[n] for n in model.deep_branches], dim=1))
         a = by_slot["over_arch"]
         if tuple(hidden.shape) != (2, model.over_arch.out_dim):
-            raise PluginError(f"technique {a.name!r} ({a.dist} {a.version}): over arch declares out_dim "
-                              f"{model.over_arch.out_dim} but returns {tuple(hidden.shape)}")
+            raise PluginError(
+                f"technique {a.name!r} ({a.dist} {a.version}): over arch declares out_dim "
+                f"{model.over_arch.out_dim} but returns {tuple(hidden.shape)}"
+            )
         towers = model.task_arch(hidden)
         a = by_slot["task_arch"]
         got = [tuple(t.shape) for t in towers]
         if got != [(2, d) for d in model.task_arch.out_dims]:
-            raise PluginError(f"technique {a.name!r} ({a.dist} {a.version}): task arch declares out_dims "
-                              f"{model.task_arch.out_dims} but returns {got}")
+            raise PluginError(
+                f"technique {a.name!r} ({a.dist} {a.version}): task arch declares out_dims "
+                f"{model.task_arch.out_dims} but returns {got}"
+            )
         logits = model(batch.dense, batch.sparse)
         if tuple(logits.shape) != (2, len(spec.tasks)):
-            raise PluginError(f"model {spec.name!r}: logits are {tuple(logits.shape)}, want (B, T) = (2, {len(spec.tasks)}); "
-                              f"check the heads and output transforms")
+            raise PluginError(
+                f"model {spec.name!r}: logits are {tuple(logits.shape)}, want (B, T) = (2, {len(spec.tasks)}); "
+                f"check the heads and output transforms"
+            )
 
 
 def build_loss(spec: ModelSpec, res: Resolution, spm: SmtPluginManager) -> LossFn:
     """Runs the loss chain (built-ins first)."""
     ctx = base_context(spec)
-    loss: Optional[LossFn] = None
+    loss: LossFn | None = None
     for t in res.slot("loss"):
         loss = spm.call(t.name, "smt_loss", ctx=ctx, params=t.params, loss=loss)
         if not callable(loss):
@@ -372,18 +449,24 @@ def build_loss(spec: ModelSpec, res: Resolution, spm: SmtPluginManager) -> LossF
     return loss
 
 
-def build_optimizers(spec: ModelSpec, res: Resolution, spm: SmtPluginManager, model: nn.Module) -> list[torch.optim.Optimizer]:
+def build_optimizers(
+    spec: ModelSpec, res: Resolution, spm: SmtPluginManager, model: nn.Module
+) -> list[torch.optim.Optimizer]:
     """The optimizer slot's optimizers of every member, in member order
     (each ``TemplateModel`` learns as if trained alone); checks they cover
     every parameter once."""
     return [o for member in model.members for o in _member_optimizers(spec, res, spm, member)]
 
 
-def _member_optimizers(spec: ModelSpec, res: Resolution, spm: SmtPluginManager, model: nn.Module) -> list[torch.optim.Optimizer]:
+def _member_optimizers(
+    spec: ModelSpec, res: Resolution, spm: SmtPluginManager, model: nn.Module
+) -> list[torch.optim.Optimizer]:
     (t,) = res.slot("optimizer")
     opts = spm.call(t.name, "smt_optimizers", ctx=base_context(spec), params=t.params, model=model)
     if not isinstance(opts, list) or not all(isinstance(o, torch.optim.Optimizer) for o in opts):
-        raise PluginError(f"technique {t.name!r} ({t.dist} {t.version}): smt_optimizers() must return a list of optimizers")
+        raise PluginError(
+            f"technique {t.name!r} ({t.dist} {t.version}): smt_optimizers() must return a list of optimizers"
+        )
     covered = [id(p) for o in opts for g in o.param_groups for p in g["params"]]
     wanted = {id(p) for p in model.parameters() if p.requires_grad}
     if len(covered) != len(set(covered)) or set(covered) != wanted:

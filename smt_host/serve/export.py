@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -38,7 +38,7 @@ def check_manifest(host: Any, saved: dict, where: str) -> Manifest:
     return recorded
 
 
-def spec_of(host: Any, saved: dict, ecosystem: Optional[str] = None) -> ModelSpec:
+def spec_of(host: Any, saved: dict, ecosystem: str | None = None) -> ModelSpec:
     """The checkpoint's model spec (``saved["spec"]``), else model
     ``spec_name`` of ``ecosystem`` (default: the built-in one)."""
     if "spec" in saved and ecosystem is None:
@@ -47,7 +47,7 @@ def spec_of(host: Any, saved: dict, ecosystem: Optional[str] = None) -> ModelSpe
     return eco.model(saved["spec_name"])
 
 
-def load_run(host: Any, run_dir: Path, ecosystem: Optional[str] = None) -> tuple[torch.nn.Module, Any, ModelSpec, dict]:
+def load_run(host: Any, run_dir: Path, ecosystem: str | None = None) -> tuple[torch.nn.Module, Any, ModelSpec, dict]:
     """(model in eval mode with the run's weights, plan, spec, checkpoint)."""
     from smt_host.train import checkpoint as ckpt
     from smt_host.train.checkpoint import load_model_state
@@ -71,7 +71,9 @@ def plain_kjt(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
     return KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=kjt.weights_or_none())
 
 
-def export_model(model: torch.nn.Module, spec: ModelSpec, batch_size: Optional[int] = None) -> torch.export.ExportedProgram:
+def export_model(
+    model: torch.nn.Module, spec: ModelSpec, batch_size: int | None = None
+) -> torch.export.ExportedProgram:
     """``torch.export`` (strict=False) of ``model``: with ``batch_size`` None a
     dynamic batch (2 .. 2**20) and number of sparse values; else static shapes
     for that batch size (example batch of :func:`smt_host.model.template.example_batch`)."""
@@ -92,7 +94,7 @@ def export_model(model: torch.nn.Module, spec: ModelSpec, batch_size: Optional[i
     return torch.export.export(model, args, strict=False, dynamic_shapes=dynamic)
 
 
-def export_run(host: Any, run_dir: Path, out: Optional[Path] = None, ecosystem: Optional[str] = None) -> Path:
+def export_run(host: Any, run_dir: Path, out: Path | None = None, ecosystem: str | None = None) -> Path:
     """Exports the run's model to ``out`` (default ``RUN_DIR/model.pt2``)."""
     from smt_host.plugins import HOST_DIST
 
@@ -101,8 +103,11 @@ def export_run(host: Any, run_dir: Path, out: Optional[Path] = None, ecosystem: 
     run_dir = Path(run_dir)
     out = Path(out) if out else (run_dir if run_dir.is_dir() else run_dir.parent) / "model.pt2"
     info = {
-        "host": host.spm.distributions[HOST_DIST], "model": spec.name, "tasks": list(spec.task_names),
-        "dense": [f.name for f in spec.features.dense], "sparse": [f.name for f in spec.features.sparse],
+        "host": host.spm.distributions[HOST_DIST],
+        "model": spec.name,
+        "tasks": list(spec.task_names),
+        "dense": [f.name for f in spec.features.dense],
+        "sparse": [f.name for f in spec.features.sparse],
         "flops_per_example": plan.cost.flops,
     }
     extra = {
@@ -132,9 +137,11 @@ def run_exported(module: torch.nn.Module, dense: torch.Tensor, sparse: KeyedJagg
         keys = sparse.keys()
         lengths = sparse.lengths().repeat_interleave(2)
         offs = sparse.offsets()
-        values = torch.cat([sparse.values()[int(offs[i]):int(offs[i + 1])].repeat(2) for i in range(len(keys))])
+        values = torch.cat([sparse.values()[int(offs[i]) : int(offs[i + 1])].repeat(2) for i in range(len(keys))])
         w = sparse.weights_or_none()
-        weights = None if w is None else torch.cat([w[int(offs[i]):int(offs[i + 1])].repeat(2) for i in range(len(keys))])
+        weights = (
+            None if w is None else torch.cat([w[int(offs[i]) : int(offs[i + 1])].repeat(2) for i in range(len(keys))])
+        )
         sparse = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
         return module(dense.repeat(2, 1), sparse)[:1]
     return module(dense, plain_kjt(sparse))

@@ -3,7 +3,8 @@ that keep the validators' messages."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
@@ -57,7 +58,7 @@ def _structure_budget(value: Any, _type: Any) -> Budget:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FieldValueError("budget", f"must be a number or \"baseline\", got {value!r}")
+        raise FieldValueError("budget", f'must be a number or "baseline", got {value!r}')
     return float(value)
 
 
@@ -108,7 +109,7 @@ def _no_string_sequences(t: Any, conv: cattrs.Converter) -> Any:
     return hook
 
 
-def structure(conv: cattrs.Converter, data: Any, cls: type, path: str, source: Optional[str] = None) -> Any:
+def structure(conv: cattrs.Converter, data: Any, cls: type, path: str, source: str | None = None) -> Any:
     """Structures ``data`` as ``cls``; raises :class:`ConfigError` with paths."""
     try:
         return conv.structure(data, cls)
@@ -120,5 +121,3 @@ def structure(conv: cattrs.Converter, data: Any, cls: type, path: str, source: O
 
 def unstructure(conv: cattrs.Converter, obj: Any) -> Any:
     return conv.unstructure(obj)
-
-

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 import attrs
 import cattrs
@@ -14,7 +15,7 @@ from smt_host.spec.converter import make_converter, structure
 from smt_host.spec.schema import EcosystemSpec, ModelSpec, PluginRequirements, SyntheticSettings
 
 
-def _model_from_table(conv: cattrs.Converter, name: str, table: Mapping[str, Any], source: Optional[str]) -> ModelSpec:
+def _model_from_table(conv: cattrs.Converter, name: str, table: Mapping[str, Any], source: str | None) -> ModelSpec:
     path = f"$.models.{name}"
     if not isinstance(table, Mapping):
         raise ConfigError([f"expected a table, got {type(table).__name__} @ {path}"], source)
@@ -25,7 +26,9 @@ def _model_from_table(conv: cattrs.Converter, name: str, table: Mapping[str, Any
     return structure(conv, data, ModelSpec, path, source)
 
 
-def ecosystem_from_dict(data: Mapping[str, Any], *, source: Optional[str] = None, conv: Optional[cattrs.Converter] = None) -> EcosystemSpec:
+def ecosystem_from_dict(
+    data: Mapping[str, Any], *, source: str | None = None, conv: cattrs.Converter | None = None
+) -> EcosystemSpec:
     """Builds an :class:`EcosystemSpec` from plain data (a parsed TOML file).
 
     A file holding one model (a top-level ``[model]`` table) becomes an
@@ -78,7 +81,7 @@ def ecosystem_from_dict(data: Mapping[str, Any], *, source: Optional[str] = None
     return EcosystemSpec(name=str(name), models=models, synthetic=synthetic, plugins=plugins, source=source)
 
 
-def load_ecosystem(path: Union[str, Path]) -> EcosystemSpec:
+def load_ecosystem(path: str | Path) -> EcosystemSpec:
     """Loads an ecosystem from a TOML file, or from a folder of TOML files
     (one model or ecosystem per file, merged; model names must not repeat)."""
     path = Path(path)
@@ -87,13 +90,15 @@ def load_ecosystem(path: Union[str, Path]) -> EcosystemSpec:
         if not files:
             raise ConfigError([f"no *.toml files in folder {path}"], str(path))
         merged: dict[str, ModelSpec] = {}
-        first: Optional[EcosystemSpec] = None
+        first: EcosystemSpec | None = None
         for f in files:
             eco = load_ecosystem(f)
             first = first or eco
             for name, m in eco.models.items():
                 if name in merged:
-                    raise ConfigError([f"model {name!r} is defined twice (again in {f.name}) @ $.models.{name}"], str(f))
+                    raise ConfigError(
+                        [f"model {name!r} is defined twice (again in {f.name}) @ $.models.{name}"], str(f)
+                    )
                 merged[name] = m
         assert first is not None
         return attrs.evolve(first, name=path.name, models=merged, source=str(path))
@@ -115,5 +120,3 @@ def default_ecosystem_path() -> Path:
 
 def load_default_ecosystem() -> EcosystemSpec:
     return load_ecosystem(default_ecosystem_path())
-
-

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any, Union
 
 import attrs
 
@@ -38,7 +39,7 @@ class Features:
 
     sparse: tuple[SparseFeature, ...] = ()
     dense: tuple[DenseFeature, ...] = ()
-    embedding_init_std: Optional[float] = attrs.field(default=None, validator=at_least(0.0))
+    embedding_init_std: float | None = attrs.field(default=None, validator=at_least(0.0))
 
 
 @attrs.frozen
@@ -46,7 +47,7 @@ class Task:
     """An optimization event (click, conversion, install...), a binary label."""
 
     name: str = attrs.field(validator=identifier)
-    label: Optional[str] = None
+    label: str | None = None
     weight: float = attrs.field(default=1.0, validator=at_least(0.0))
 
     @property
@@ -54,14 +55,14 @@ class Task:
         return self.label or self.name
 
 
-Budget = Union[float, str, None]
+Budget = Union[float, str, None]  # noqa: UP007 - a runtime value (cattrs hook key), not an annotation
 
 
 def _check_budget(inst: Any, attribute: attrs.Attribute, value: Budget) -> None:
     if value is None or value == "baseline":
         return
     if isinstance(value, str) or not value > 0:
-        raise FieldValueError(attribute.name, f"must be a positive number of FLOPs or \"baseline\", got {value!r}")
+        raise FieldValueError(attribute.name, f'must be a positive number of FLOPs or "baseline", got {value!r}')
 
 
 @attrs.frozen
@@ -100,7 +101,7 @@ class Training:
     patience: int = attrs.field(default=1, validator=at_least(0))
     lr_decay: float = attrs.field(default=1.0, validator=in_range(0.0, 1.0))
     early_stop_metric: str = attrs.field(default="auc", validator=one_of("auc", "logloss", "ne"))
-    max_steps_per_epoch: Optional[int] = attrs.field(default=None, validator=at_least(1))
+    max_steps_per_epoch: int | None = attrs.field(default=None, validator=at_least(1))
     eval_batch_size: int = attrs.field(default=8192, validator=at_least(1))
 
 
@@ -130,7 +131,7 @@ class DataSpec:
     """
 
     source: str = "synthetic"
-    surface: Optional[str] = None
+    surface: str | None = None
     options: Mapping[str, Any] = attrs.Factory(dict)
 
 
@@ -146,7 +147,7 @@ class ModelSpec:
     name: str = attrs.field(validator=identifier)
     tasks: tuple[Task, ...] = attrs.field(converter=tuple)
     features: Features = attrs.field()
-    surface: Optional[str] = None
+    surface: str | None = None
     description: str = ""
     data: DataSpec = attrs.Factory(DataSpec)
     capacity: Capacity = attrs.Factory(Capacity)
@@ -216,12 +217,10 @@ class EcosystemSpec:
     models: Mapping[str, ModelSpec]
     synthetic: SyntheticSettings = attrs.Factory(SyntheticSettings)
     plugins: PluginRequirements = attrs.Factory(PluginRequirements)
-    source: Optional[str] = None
+    source: str | None = None
 
     def model(self, name: str) -> ModelSpec:
         try:
             return self.models[name]
         except KeyError:
             raise ConfigError([f"no model named {name!r}; models are: {', '.join(self.models)}"], self.source) from None
-
-

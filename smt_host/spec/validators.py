@@ -91,6 +91,5 @@ def positive_widths(inst: Any, attribute: attrs.Attribute, value: tuple) -> None
             raise FieldValueError(attribute.name, f"every width must be >= 1, got {w!r} at [{i}]")
 
 
-
 def finite(x: float) -> bool:
     return not (math.isnan(x) or math.isinf(x))

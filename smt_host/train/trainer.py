@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import attrs
 import torch
@@ -53,14 +54,17 @@ class RunResult:
     out_dir: str
     stopped_early: bool
     plan: Any = None
-    test_before_fit: Optional[dict] = None
+    test_before_fit: dict | None = None
     reports: dict = attrs.Factory(dict)
 
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module, data: DataSource, split: str, batch_size: int,
-    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    model: torch.nn.Module,
+    data: DataSource,
+    split: str,
+    batch_size: int,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities (N, T), labels (N, T)) of a split; ``gather`` (distributed
     runs) concatenates every rank's rows."""
@@ -77,8 +81,12 @@ def predict(
 
 
 def evaluate(
-    model: torch.nn.Module, data: DataSource, split: str, batch_size: int, tasks: list[str],
-    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    model: torch.nn.Module,
+    data: DataSource,
+    split: str,
+    batch_size: int,
+    tasks: list[str],
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """``{task: binary_metrics}`` on a split; NE uses the train base rate."""
     pred, label = predict(model, data, split, batch_size, gather)
@@ -95,7 +103,7 @@ def _score(metrics: dict, name: str) -> float:
     return mean if name == "auc" else -mean
 
 
-def decay_learning_rates(optimizers: list, factor: float, model: Optional[torch.nn.Module] = None) -> None:
+def decay_learning_rates(optimizers: list, factor: float, model: torch.nn.Module | None = None) -> None:
     """Multiplies the learning rate of every param group by ``factor``;
     also the fused table optimizer of a ``DistributedModelParallel``
     ``model`` (torchrec applies a changed lr on its next ``step()``)."""
@@ -120,12 +128,12 @@ def train_model(
     eco: EcosystemSpec,
     out_dir: Path,
     *,
-    plan: Optional[Plan] = None,
+    plan: Plan | None = None,
     resume: bool = False,
-    progress: Optional[Any] = None,
-    data: Optional[DataSource] = None,
+    progress: Any | None = None,
+    data: DataSource | None = None,
     log: Callable[[str], None] = lambda s: None,
-    parallel: Optional[Any] = None,
+    parallel: Any | None = None,
 ) -> RunResult:
     """Trains one model; writes ``checkpoint.pt`` and ``metrics.json`` in ``out_dir``.
 
@@ -158,9 +166,11 @@ def train_model(
     if parallel is not None:
         if len(members) > 1:
             (t,) = [e for e in plan.entries if e.slot == "ensemble"]
-            raise TrainingError(f"{spec.name}: distributed training of a model of {len(members)} networks ({t.technique}, "
-                                f"{t.dist}) is not supported yet; train it in one process, or opt out "
-                                f"@ $.models.{spec.name}.techniques.{t.technique}")
+            raise TrainingError(
+                f"{spec.name}: distributed training of a model of {len(members)} networks ({t.technique}, "
+                f"{t.dist}) is not supported yet; train it in one process, or opt out "
+                f"@ $.models.{spec.name}.techniques.{t.technique}"
+            )
         if resume and (out_dir / ckpt.CHECKPOINT).exists():
             raise TrainingError(f"{spec.name}: --resume of a distributed run is not supported")
         model = parallel.wrap(model, opts)  # DistributedModelParallel
@@ -209,7 +219,12 @@ def train_model(
             parallel.save(model, meta, path)
             return
         ckpt.save_atomic(
-            {"model": model.state_dict(), "optimizers": [o.state_dict() for o in opts], "best_model": best_state, **meta},
+            {
+                "model": model.state_dict(),
+                "optimizers": [o.state_dict() for o in opts],
+                "best_model": best_state,
+                **meta,
+            },
             path,
         )
 
@@ -228,12 +243,20 @@ def train_model(
                 n_batches = min(n_batches, tr.max_steps_per_epoch)
         if progress is not None:
             task_id = progress.add_task(f"{spec.name} epoch {epoch}/{tr.epochs}", total=n_batches)
-        for batch in data.batches("train", tr.batch_size, shuffle=True, seed=tr.seed, epoch=epoch, max_batches=tr.max_steps_per_epoch):
-            loss = sum(loss_fn(LossInputs(logits=logits, labels=batch.labels, batch=batch, model=m))
-                       for m, logits in zip(members, member_logits(batch)))
+        for batch in data.batches(
+            "train", tr.batch_size, shuffle=True, seed=tr.seed, epoch=epoch, max_batches=tr.max_steps_per_epoch
+        ):
+            loss = sum(
+                loss_fn(LossInputs(logits=logits, labels=batch.labels, batch=batch, model=m))
+                for m, logits in zip(members, member_logits(batch))
+            )
             value = float(loss.detach()) / len(members)
             if not math.isfinite(value):
-                kept = f"the last good checkpoint (epoch {state['epoch']}) is kept at {path}" if path.exists() else "no checkpoint was written yet"
+                kept = (
+                    f"the last good checkpoint (epoch {state['epoch']}) is kept at {path}"
+                    if path.exists()
+                    else "no checkpoint was written yet"
+                )
                 raise TrainingError(
                     f"{spec.name}: loss is {value} at epoch {epoch}, step {state['step'] + 1}; "
                     f"training stopped, {kept}. Lower training.lr @ $.models.{spec.name}.training.lr"
@@ -247,7 +270,9 @@ def train_model(
             seen += len(batch)
             host.lifecycle(built, "smt_step_end", ctx=ctx, step=state["step"], loss=value)
             if progress is not None:
-                progress.update(task_id, advance=1, description=f"{spec.name} epoch {epoch}/{tr.epochs} loss {value:.4f}")
+                progress.update(
+                    task_id, advance=1, description=f"{spec.name} epoch {epoch}/{tr.epochs} loss {value:.4f}"
+                )
         valid = evaluate(model, data, "valid", tr.eval_batch_size, tasks, gather)
         host.lifecycle(built, "smt_eval_end", ctx=ctx, split="valid", epoch=epoch, metrics=valid)
         score = _score(valid, tr.early_stop_metric)
@@ -265,7 +290,10 @@ def train_model(
                 log(f"{spec.name} epoch {epoch}: no improvement, learning rates x{tr.lr_decay}")
         if progress is not None:
             progress.remove_task(task_id)
-        log(f"{spec.name} epoch {epoch}: " + ", ".join(f"{t} valid auc {m['auc']:.4f} ne {m['ne']:.4f}" for t, m in valid.items()))
+        log(
+            f"{spec.name} epoch {epoch}: "
+            + ", ".join(f"{t} valid auc {m['auc']:.4f} ne {m['ne']:.4f}" for t, m in valid.items())
+        )
         save()
     wall = time.perf_counter() - started
 
@@ -281,11 +309,24 @@ def train_model(
     test = evaluate(model, data, "test", tr.eval_batch_size, tasks, gather)
     host.lifecycle(built, "smt_eval_end", ctx=ctx, split="test", epoch=0, metrics=test)
     host.lifecycle(built, "smt_train_end", ctx=ctx, metrics=test)
-    best_valid = max(state["history"], key=lambda h: _score(h["valid"], tr.early_stop_metric))["valid"] if state["history"] else {}
+    best_valid = (
+        max(state["history"], key=lambda h: _score(h["valid"], tr.early_stop_metric))["valid"]
+        if state["history"]
+        else {}
+    )
     result = RunResult(
-        model=spec.name, test=test, valid=best_valid, history=state["history"], epochs=state["epoch"],
-        steps=state["step"], wall_s=wall, examples_per_s=seen / wall if wall > 0 else 0.0,
-        out_dir=str(out_dir), stopped_early=stopped_early, plan=plan, test_before_fit=test_before_fit,
+        model=spec.name,
+        test=test,
+        valid=best_valid,
+        history=state["history"],
+        epochs=state["epoch"],
+        steps=state["step"],
+        wall_s=wall,
+        examples_per_s=seen / wall if wall > 0 else 0.0,
+        out_dir=str(out_dir),
+        stopped_early=stopped_early,
+        plan=plan,
+        test_before_fit=test_before_fit,
         reports=dict(ctx.state),
     )
     state["done"] = True

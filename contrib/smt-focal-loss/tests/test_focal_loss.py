@@ -16,7 +16,9 @@ pytest_plugins = ["smt_host.testing"]
 def test_smt_plugins_lists_it():
     out = subprocess.run(
         [sys.executable, "-m", "smt_host", "plugins", "--json"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     dists = {d["distribution"]: d for d in json.loads(out.stdout)["distributions"]}
     assert "smt-focal-loss" in dists, f"smt-focal-loss not listed; installed: {sorted(dists)}"

@@ -47,8 +47,9 @@ def chain_loss(host, spec) -> torch.Tensor:
 @pytest.mark.parametrize("gamma, alpha", [(2.0, None), (1.0, 0.25), (0.0, None), (3.5, 0.75)])
 def test_terms_match_hand_computation(gamma, alpha):
     got = focal_terms(LOGITS, LABELS, gamma, alpha)
-    want = torch.tensor([[hand_focal(x, y, gamma, alpha) for x, y in zip(rx, ry)]
-                         for rx, ry in zip(LOGITS.tolist(), LABELS.tolist())])
+    want = torch.tensor(
+        [[hand_focal(x, y, gamma, alpha) for x, y in zip(rx, ry)] for rx, ry in zip(LOGITS.tolist(), LABELS.tolist())]
+    )
     torch.testing.assert_close(got, want)
 
 
@@ -74,8 +75,10 @@ def test_no_bce_added_twice(host):
     # gamma 0 and no alpha is BCE: the chain total must equal the plain bce chain
     with_focal = chain_loss(host, spec_with({"focal_loss": {"gamma": 0.0}}))
     plain = chain_loss(host, spec_with({}))
-    want = sum(w * sum(hand_bce(LOGITS[b, t].item(), LABELS[b, t].item()) for b in range(3)) / 3
-               for t, w in enumerate((1.0, 0.5)))
+    want = sum(
+        w * sum(hand_bce(LOGITS[b, t].item(), LABELS[b, t].item()) for b in range(3)) / 3
+        for t, w in enumerate((1.0, 0.5))
+    )
     torch.testing.assert_close(plain, torch.tensor(want), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(with_focal, plain)
 
@@ -93,11 +96,14 @@ def test_requires_bce(host):
         host.plan(spec_with({"focal_loss": True, "bce": False}))
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"gamma": -1.0}, "gamma"),
-    ({"alpha": 1.5}, "'alpha' must be in (0, 1) or unset, got 1.5"),
-    ({"beta": 1.0}, "extra fields found (beta)"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"gamma": -1.0}, "gamma"),
+        ({"alpha": 1.5}, "'alpha' must be in (0, 1) or unset, got 1.5"),
+        ({"beta": 1.0}, "extra fields found (beta)"),
+    ],
+)
 def test_bad_params_are_refused(host, params, message):
     with pytest.raises(ConfigError) as err:
         host.plan(spec_with({"focal_loss": params}))

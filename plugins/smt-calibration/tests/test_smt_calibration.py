@@ -123,11 +123,17 @@ def test_bad_arguments_raise_value_error():
         Calibrator(2).fit(torch.zeros(3, 1), torch.zeros(3, 1))
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"method": "beta"}, "must be one of 'platt', 'isotonic', got 'beta' @ $.models.feed_ctr.techniques.calibration.method"),
-    ({"steps": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.calibration.steps"),
-    ({"num_knots": 1}, "must be >= 2, got 1 @ $.models.feed_ctr.techniques.calibration.num_knots"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            {"method": "beta"},
+            "must be one of 'platt', 'isotonic', got 'beta' @ $.models.feed_ctr.techniques.calibration.method",
+        ),
+        ({"steps": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.calibration.steps"),
+        ({"num_knots": 1}, "must be >= 2, got 1 @ $.models.feed_ctr.techniques.calibration.num_knots"),
+    ],
+)
 def test_parameter_validation_names_the_path(eco, override, message):
     spec = attrs.evolve(eco.model("feed_ctr"), techniques={"calibration": override})
     with pytest.raises(ConfigError) as exc:
@@ -196,8 +202,10 @@ def test_conformance(smt_check):
 
 def test_conformance_isotonic(smt_check):
     eco = tiny_ecosystem()
-    eco = attrs.evolve(eco, models={k: attrs.evolve(v, techniques={"calibration": {"method": "isotonic"}})
-                                    for k, v in eco.models.items()})
+    eco = attrs.evolve(
+        eco,
+        models={k: attrs.evolve(v, techniques={"calibration": {"method": "isotonic"}}) for k, v in eco.models.items()},
+    )
     assert smt_check("calibration", eco) == ["tiny_ctr", "tiny_multi", "tiny_nodense"]
 
 

@@ -38,7 +38,9 @@ def test_smt_plugins_text_says_how_to_enable_it():
     import sys
 
     env = {**os.environ, "SMT_LOAD_PLUGINS": DIST, "COLUMNS": "200"}
-    out = subprocess.run([sys.executable, "-m", "smt_host", "plugins"], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "smt_host", "plugins"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     (row,) = [ln for ln in out.stdout.splitlines() if "deep_ensemble" in ln]
     assert "(off by default: a model enables it in its spec)" in row
@@ -88,14 +90,18 @@ def test_known_values():
 
 def test_a_short_run_learns_and_saves_every_member(host, tmp_path):
     eco = host.default_ecosystem()
-    eco = attrs.evolve(eco, synthetic=attrs.evolve(eco.synthetic, train_examples=20000, valid_examples=5000, test_examples=5000))
+    eco = attrs.evolve(
+        eco, synthetic=attrs.evolve(eco.synthetic, train_examples=20000, valid_examples=5000, test_examples=5000)
+    )
     spec = enable(eco.model("feed_ctr"))
     spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1, batch_size=128))
     result = train_model(host, spec, eco, tmp_path)
     assert result.test["click"]["auc"] > 0.62, result.test  # a broken ensemble (members untrained) stays near 0.5
     saved = saved_checkpoint(tmp_path)
     assert {k.split(".")[1] for k in saved["best_model"]} == {"0", "1"}
-    assert len(saved["optimizers"]) == len(host.build(result.plan, spec).optimizers) == 2 * 2  # Adam + Adagrad per member
+    assert (
+        len(saved["optimizers"]) == len(host.build(result.plan, spec).optimizers) == 2 * 2
+    )  # Adam + Adagrad per member
 
 
 def test_a_capacity_budget_shrinks_every_member(host):
@@ -106,4 +112,8 @@ def test_a_capacity_budget_shrinks_every_member(host):
     assert plan.capacity.mode == "baseline" and plan.capacity.scale < 1
     assert abs(plan.cost.flops - base) <= 0.02 * base
     a, b = host.build(plan, spec).members
-    assert a.over_arch.out_dim == b.over_arch.out_dim < host.plan(enable(host.default_ecosystem().model("feed_ctr"))).widths["over_arch"]
+    assert (
+        a.over_arch.out_dim
+        == b.over_arch.out_dim
+        < host.plan(enable(host.default_ecosystem().model("feed_ctr"))).widths["over_arch"]
+    )

@@ -189,13 +189,24 @@ def test_bad_module_arguments_name_the_values():
     "override, message",
     [
         ({"num_layers": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.dhen.num_layers"),
-        ({"modules": ["dot", "conv"]},
-         f"unknown module 'conv' at [1]; allowed: {ALLOWED} @ $.models.feed_ctr.techniques.dhen.modules"),
-        ({"modules": []}, f"must name at least one module; allowed: {ALLOWED} @ $.models.feed_ctr.techniques.dhen.modules"),
-        ({"ensemble": "mean"}, "must be one of 'concat', 'sum', got 'mean' @ $.models.feed_ctr.techniques.dhen.ensemble"),
+        (
+            {"modules": ["dot", "conv"]},
+            f"unknown module 'conv' at [1]; allowed: {ALLOWED} @ $.models.feed_ctr.techniques.dhen.modules",
+        ),
+        (
+            {"modules": []},
+            f"must name at least one module; allowed: {ALLOWED} @ $.models.feed_ctr.techniques.dhen.modules",
+        ),
+        (
+            {"ensemble": "mean"},
+            "must be one of 'concat', 'sum', got 'mean' @ $.models.feed_ctr.techniques.dhen.ensemble",
+        ),
         ({"num_embeddings": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.dhen.num_embeddings"),
         ({"attention_heads": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.dhen.attention_heads"),
-        ({"attention_heads": 3}, "must divide the embedding dim D=16, got 3 @ $.models.feed_ctr.techniques.dhen.attention_heads"),
+        (
+            {"attention_heads": 3},
+            "must divide the embedding dim D=16, got 3 @ $.models.feed_ctr.techniques.dhen.attention_heads",
+        ),
         ({"cross_layers": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.dhen.cross_layers"),
         ({"cross_rank": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.dhen.cross_rank"),
         ({"mlp_widths": [0]}, "every width must be >= 1, got 0 at [0] @ $.models.feed_ctr.techniques.dhen.mlp_widths"),
@@ -229,7 +240,9 @@ def _readme_toml(marker: str) -> str:
 
 
 def test_readme_override_example_plans(host):
-    text = default_ecosystem_path().read_text(encoding="utf-8") + "\n" + _readme_toml("[models.feed_ctr.techniques.dhen]")
+    text = (
+        default_ecosystem_path().read_text(encoding="utf-8") + "\n" + _readme_toml("[models.feed_ctr.techniques.dhen]")
+    )
     eco = ecosystem_from_dict(tomllib.loads(text), conv=host.conv)
     plan = host.plan(eco.model("feed_ctr"))
     (entry,) = [e for e in plan.entries if e.technique == "dhen"]

@@ -69,8 +69,12 @@ def test_total_loss_is_base_loss_plus_the_term_by_hand(host, eco, unique):
     hand = _by_hand(model, batch, unique)
     assert hand > 0
     torch.testing.assert_close(total.double(), base.double() + 0.01 * hand, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(embedding_l2(model, batch.sparse, unique=unique).double(),
-                               torch.tensor(hand, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        embedding_l2(model, batch.sparse, unique=unique).double(),
+        torch.tensor(hand, dtype=torch.float64),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_unique_counts_repeated_rows_once(host, eco):
@@ -103,10 +107,13 @@ def test_zero_weight_leaves_the_loss_unchanged(host, eco):
     torch.testing.assert_close(host.build(plan, spec).loss(inputs), base)
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"weight": -1.0}, "must be >= 0.0, got -1.0 @ $.models.feed_ctr.techniques.embedding_reg.weight"),
-    ({"lambda": 1.0}, "extra fields found (lambda) @ $.models.feed_ctr.techniques.embedding_reg"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"weight": -1.0}, "must be >= 0.0, got -1.0 @ $.models.feed_ctr.techniques.embedding_reg.weight"),
+        ({"lambda": 1.0}, "extra fields found (lambda) @ $.models.feed_ctr.techniques.embedding_reg"),
+    ],
+)
 def test_parameter_validation_names_the_path(eco, override, message):
     spec = attrs.evolve(eco.model("feed_ctr"), techniques={"embedding_reg": override})
     with pytest.raises(ConfigError) as exc:

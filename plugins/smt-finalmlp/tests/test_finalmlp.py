@@ -176,14 +176,25 @@ def test_bad_params_name_the_path(host, eco, value, message):
 
 
 def test_params_reach_the_branch(host, eco):
-    value = {"stream1_widths": [64, 32], "stream2_widths": [48], "num_heads": 8, "fusion_dim": 16,
-             "gating": False, "dropout": 0.1, "batch_norm": True}
+    value = {
+        "stream1_widths": [64, 32],
+        "stream2_widths": [48],
+        "num_heads": 8,
+        "fusion_dim": 16,
+        "gating": False,
+        "dropout": 0.1,
+        "batch_norm": True,
+    }
     spec = with_params(eco.model("feed_ctr"), value)
     plan = host.plan(spec)
     (entry,) = [e for e in plan.entries if e.technique == "finalmlp"]
     assert entry.out_dim == 16
     assert {k: list(v) if isinstance(v, tuple) else v for k, v in entry.params.items()} == value | {
-        "gate_hidden": 64, "gate1_context": [], "gate2_context": [], "to_logits": False}
+        "gate_hidden": 64,
+        "gate1_context": [],
+        "gate2_context": [],
+        "to_logits": False,
+    }
     branch = host.build(plan, spec).members[0].branches["finalmlp"]
     assert (branch.stream1.out_dim, branch.stream2.out_dim, branch.fusion.num_heads) == (32, 48, 8)
     assert not any(isinstance(m, FeatureGate) for m in branch.modules())
@@ -206,8 +217,10 @@ def test_gate_context_unknown_feature_names_the_path(host, eco):
     spec = with_params(model, {"gate2_context": ["nope"]})
     with pytest.raises(ConfigError) as err:
         host.build(host.plan(spec), spec).members[0]
-    assert str(err.value) == (f"names no sparse feature of the model: ['nope']; the model has {names} "
-                              "@ $.models.feed_ctr.techniques.finalmlp.gate2_context")
+    assert str(err.value) == (
+        f"names no sparse feature of the model: ['nope']; the model has {names} "
+        "@ $.models.feed_ctr.techniques.finalmlp.gate2_context"
+    )
 
 
 def _readme_toml_blocks() -> list[str]:
@@ -241,7 +254,12 @@ def test_plan_counts_the_branch_flops(host, eco):
     fusion = 2 * 64 * 32 + 2 * 128 * 32 + 2 * 4 * 16 * 32 * 32 + 2 * 4 * 32 * 32
     assert entry.flops == gates + streams + fusion
     branch = host.build(plan, spec).members[0].branches["finalmlp"]
-    weights = 2 * (n * 64 + 64 + 64 * n + n) + (n * 128 + 128 + 128 * 64 + 64) + (n * 128 + 128) + (64 * 32 + 32 + 128 * 32 + 4 * 16 * 32 * 32)
+    weights = (
+        2 * (n * 64 + 64 + 64 * n + n)
+        + (n * 128 + 128 + 128 * 64 + 64)
+        + (n * 128 + 128)
+        + (64 * 32 + 32 + 128 * 32 + 4 * 16 * 32 * 32)
+    )
     assert sum(p.numel() for p in branch.parameters()) == weights
     base = host.plan(spec, without=frozenset({"finalmlp"}))
     assert plan.widths["interaction"] == base.widths["interaction"] + 32
@@ -274,7 +292,8 @@ def test_gradients_reach_every_branch_parameter(host, eco, model, value):
 
 
 @pytest.mark.parametrize(
-    "value", [True, {"gating": False}, {"stream1_widths": [16, 8], "stream2_widths": [12], "num_heads": 2, "fusion_dim": 4}]
+    "value",
+    [True, {"gating": False}, {"stream1_widths": [16, 8], "stream2_widths": [12], "num_heads": 2, "fusion_dim": 4}],
 )
 def test_conformance(smt_check, smt_tiny_ecosystem, value):
     eco = smt_tiny_ecosystem

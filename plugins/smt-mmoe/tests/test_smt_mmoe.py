@@ -54,11 +54,17 @@ def test_enabling_mmoe_on_a_single_task_model_is_an_error(host, eco):
     )
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"num_experts": 0}, "must be >= 1, got 0 @ $.models.feed_ctr_cvr.techniques.mmoe.num_experts"),
-    ({"expert_widths": [32, 0]}, "every width must be >= 1, got 0 at [1] @ $.models.feed_ctr_cvr.techniques.mmoe.expert_widths"),
-    ({"experts": 3}, "extra fields found (experts) @ $.models.feed_ctr_cvr.techniques.mmoe"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"num_experts": 0}, "must be >= 1, got 0 @ $.models.feed_ctr_cvr.techniques.mmoe.num_experts"),
+        (
+            {"expert_widths": [32, 0]},
+            "every width must be >= 1, got 0 at [1] @ $.models.feed_ctr_cvr.techniques.mmoe.expert_widths",
+        ),
+        ({"experts": 3}, "extra fields found (experts) @ $.models.feed_ctr_cvr.techniques.mmoe"),
+    ],
+)
 def test_parameter_validation_names_the_path(eco, override, message):
     spec = attrs.evolve(eco.model("feed_ctr_cvr"), techniques={"mmoe": override})
     with pytest.raises(ConfigError) as exc:
@@ -67,7 +73,9 @@ def test_parameter_validation_names_the_path(eco, override, message):
 
 
 def test_overrides_reach_the_module(host, eco):
-    spec = attrs.evolve(eco.model("feed_ctr_cvr"), techniques={"mmoe": {"num_experts": 3, "expert_widths": [32, 24], "tower_width": 16}})
+    spec = attrs.evolve(
+        eco.model("feed_ctr_cvr"), techniques={"mmoe": {"num_experts": 3, "expert_widths": [32, 24], "tower_width": 16}}
+    )
     plan = host.plan(spec)
     model = host.build(plan, spec).members[0]
     assert isinstance(model.task_arch, MMoE)
@@ -146,7 +154,9 @@ def test_conformance(smt_check):
 def test_short_training_learns_clicks(host, eco, tmp_path):
     from smt_host.testing import train_model
 
-    small = attrs.evolve(eco, synthetic=attrs.evolve(eco.synthetic, train_examples=20000, valid_examples=5000, test_examples=5000))
+    small = attrs.evolve(
+        eco, synthetic=attrs.evolve(eco.synthetic, train_examples=20000, valid_examples=5000, test_examples=5000)
+    )
     spec = small.model("feed_ctr_cvr")
     # 1 epoch of 20k examples: batches of 128 give enough steps (1024 give 20, too few for any arch)
     spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1, batch_size=128))

@@ -35,8 +35,9 @@ def eco(host):
 def test_smt_plugins_lists_the_distribution():
     env = {**os.environ, "SMT_LOAD_PLUGINS": DIST}
     env.pop("SMT_DISABLE_PLUGINS", None)
-    out = subprocess.run([sys.executable, "-m", "smt_host", "plugins", "--json"], env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "smt_host", "plugins", "--json"], env=env, capture_output=True, text=True, check=True
+    ).stdout
     dists = {d["distribution"]: d for d in json.loads(out)["distributions"]}
     assert dists[DIST]["version"] == "0.1.0"
     (t,) = dists[DIST]["techniques"]
@@ -51,7 +52,9 @@ def test_not_applicable_without_dense_features(host):
     spec = tiny_ecosystem().model("tiny_nodense")
     plan = host.plan(spec)
     assert plan.slot("dense_arch") == []
-    assert {s.name: s.reason for s in plan.skipped}["numeric_embedding"] == "not applicable: the model has no dense features"
+    assert {s.name: s.reason for s in plan.skipped}[
+        "numeric_embedding"
+    ] == "not applicable: the model has no dense features"
     from smt_numeric_embedding import _applies
 
     assert _applies(spec) == "needs dense features"
@@ -70,12 +73,18 @@ def test_plan_and_widths(host, eco):
     assert model.dense_arch.frequencies.shape == (3, 16)
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"num_frequencies": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.numeric_embedding.num_frequencies"),
-    ({"sigma": 0.0}, "must be > 0, got 0.0 @ $.models.feed_ctr.techniques.numeric_embedding.sigma"),
-    ({"feature_dim": -2}, "must be >= 1, got -2 @ $.models.feed_ctr.techniques.numeric_embedding.feature_dim"),
-    ({"bins": 8}, "extra fields found (bins) @ $.models.feed_ctr.techniques.numeric_embedding"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            {"num_frequencies": 0},
+            "must be >= 1, got 0 @ $.models.feed_ctr.techniques.numeric_embedding.num_frequencies",
+        ),
+        ({"sigma": 0.0}, "must be > 0, got 0.0 @ $.models.feed_ctr.techniques.numeric_embedding.sigma"),
+        ({"feature_dim": -2}, "must be >= 1, got -2 @ $.models.feed_ctr.techniques.numeric_embedding.feature_dim"),
+        ({"bins": 8}, "extra fields found (bins) @ $.models.feed_ctr.techniques.numeric_embedding"),
+    ],
+)
 def test_parameter_validation_names_the_path(eco, override, message):
     spec = attrs.evolve(eco.model("feed_ctr"), techniques={"numeric_embedding": override})
     with pytest.raises(ConfigError) as exc:

@@ -32,6 +32,7 @@ def eco(host):
 
 def _fake_task_arch_plugin(priority: int) -> types.ModuleType:
     """A plugin module with one task-arch technique ``other_arch`` (a shared bottom)."""
+
     class SharedBottom(torch.nn.Module):
         """(B, H) -> T x (B, width): one linear layer shared by every task."""
 
@@ -44,8 +45,9 @@ def _fake_task_arch_plugin(priority: int) -> types.ModuleType:
             h = self.shared(x)
             return [h for _ in self.out_dims]
 
-    @technique(name="other_arch", slot="task_arch", priority=priority,
-               applies=lambda m: len(m.tasks) >= 2 or "needs 2+ tasks")
+    @technique(
+        name="other_arch", slot="task_arch", priority=priority, applies=lambda m: len(m.tasks) >= 2 or "needs 2+ tasks"
+    )
     class OtherArch:
         @hookimpl
         def smt_task_arch(self, ctx):
@@ -73,7 +75,11 @@ def test_ple_fills_the_multi_task_model_only(host, eco):
     plan = host.plan(eco.model("feed_ctr_cvr"))
     assert [e.technique for e in plan.slot("task_arch")] == ["ple"]
     assert plan.slot("task_arch")[0].params == {
-        "num_levels": 2, "num_shared_experts": 2, "num_task_experts": 1, "expert_widths": [64], "tower_width": None,
+        "num_levels": 2,
+        "num_shared_experts": 2,
+        "num_task_experts": 1,
+        "expert_widths": [64],
+        "tower_width": None,
     }
     for name in ("feed_ctr", "shop_cvr", "video_ctr", "video_install"):
         assert [e.technique for e in host.plan(eco.model(name)).slot("task_arch")] == ["shared_bottom"], name
@@ -118,15 +124,19 @@ def test_with_mmoe_installed_ple_wins_and_mmoe_is_shadowed(eco):
 def test_with_mmoe_installed_smt_plan_shows_mmoe_shadowed():
     pytest.importorskip("smt_mmoe", reason="smt-mmoe is not installed")
     env = {**os.environ, "SMT_LOAD_PLUGINS": "smt-mmoe,smt-ple", "COLUMNS": "200"}
-    out = subprocess.run([sys.executable, "-m", "smt_host", "plan", "feed_ctr_cvr"], env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "smt_host", "plan", "feed_ctr_cvr"], env=env, capture_output=True, text=True, check=True
+    ).stdout
     assert "mmoe (smt-mmoe): shadowed by ple" in out
 
 
-@pytest.mark.parametrize("toml", [
-    "[models.feed_ctr_cvr.techniques.mmoe]\nnum_experts = 3\n",
-    "[models.feed_ctr_cvr.techniques]\nmmoe = true\n",
-])
+@pytest.mark.parametrize(
+    "toml",
+    [
+        "[models.feed_ctr_cvr.techniques.mmoe]\nnum_experts = 3\n",
+        "[models.feed_ctr_cvr.techniques]\nmmoe = true\n",
+    ],
+)
 def test_a_spec_can_choose_mmoe_explicitly(tmp_path, toml):
     h = _with_mmoe()
     path = tmp_path / "eco.toml"
@@ -146,11 +156,14 @@ def test_opting_out_of_ple_falls_back(host, eco):
     assert {s.name: s.reason for s in plan.skipped}["ple"] == "opted out"
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"num_levels": 0}, "must be >= 1, got 0 @ $.models.feed_ctr_cvr.techniques.ple.num_levels"),
-    ({"num_shared_experts": -1}, "must be >= 1, got -1 @ $.models.feed_ctr_cvr.techniques.ple.num_shared_experts"),
-    ({"tower_width": 0}, "must be >= 1, got 0 @ $.models.feed_ctr_cvr.techniques.ple.tower_width"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"num_levels": 0}, "must be >= 1, got 0 @ $.models.feed_ctr_cvr.techniques.ple.num_levels"),
+        ({"num_shared_experts": -1}, "must be >= 1, got -1 @ $.models.feed_ctr_cvr.techniques.ple.num_shared_experts"),
+        ({"tower_width": 0}, "must be >= 1, got 0 @ $.models.feed_ctr_cvr.techniques.ple.tower_width"),
+    ],
+)
 def test_parameter_validation_names_the_path(eco, override, message):
     spec = attrs.evolve(eco.model("feed_ctr_cvr"), techniques={"ple": override})
     with pytest.raises(ConfigError) as exc:
@@ -221,7 +234,9 @@ def test_build_forward_backward(host, eco):
 
 
 def test_params_defaults():
-    assert PLEParams() == PLEParams(num_levels=2, num_shared_experts=2, num_task_experts=1, expert_widths=(64,), tower_width=None)
+    assert PLEParams() == PLEParams(
+        num_levels=2, num_shared_experts=2, num_task_experts=1, expert_widths=(64,), tower_width=None
+    )
 
 
 def test_conformance(smt_check):

@@ -83,7 +83,8 @@ def test_num_collisions_override(host, eco):
 def test_ids_split_exactly():
     ids = torch.arange(0, 20000)
     kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=["small", "user_id"], values=torch.cat([torch.tensor([3, 1]), ids]),
+        keys=["small", "user_id"],
+        values=torch.cat([torch.tensor([3, 1]), ids]),
         lengths=torch.tensor([1, 1, 10000, 10000]),
     )
     out = QRFeatureTransform({"user_id": 142})(kjt)
@@ -99,7 +100,9 @@ def test_ids_split_exactly():
 
 
 def test_multi_valued_features_keep_their_lengths():
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["u"], values=torch.tensor([5, 17, 9]), lengths=torch.tensor([2, 0, 1]))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["u"], values=torch.tensor([5, 17, 9]), lengths=torch.tensor([2, 0, 1])
+    )
     out = QRFeatureTransform({"u": 4})(kjt)
     torch.testing.assert_close(out.lengths(), torch.tensor([2, 0, 1, 2, 0, 1]))
     torch.testing.assert_close(out.values(), torch.tensor([1, 4, 2, 1, 1, 1]))
@@ -146,11 +149,14 @@ def test_pooled_transform_leaves_other_keys():
         QRPooledTransform(["u"], "max")
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"num_collisions": 1}, "must be >= 2, got 1 @ $.models.feed_ctr.techniques.qr_embedding.num_collisions"),
-    ({"op": "concat"}, "must be one of 'mult', 'add', got 'concat' @ $.models.feed_ctr.techniques.qr_embedding.op"),
-    ({"min_vocab": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.qr_embedding.min_vocab"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"num_collisions": 1}, "must be >= 2, got 1 @ $.models.feed_ctr.techniques.qr_embedding.num_collisions"),
+        ({"op": "concat"}, "must be one of 'mult', 'add', got 'concat' @ $.models.feed_ctr.techniques.qr_embedding.op"),
+        ({"min_vocab": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.qr_embedding.min_vocab"),
+    ],
+)
 def test_parameter_validation_names_the_path(eco, override, message):
     spec = attrs.evolve(eco.model("feed_ctr"), techniques={"qr_embedding": override})
     with pytest.raises(ConfigError) as exc:

@@ -96,9 +96,7 @@ def test_layer_is_layernorm_of_concat_plus_residual():
 
     grow = WukongLayer(5, 4, num_fm_embeddings=4, num_lcb_embeddings=3)
     assert isinstance(grow.residual, LinearCompressionBlock) and grow.residual.weight.shape == (7, 5)
-    expected = torch.nn.functional.layer_norm(
-        torch.cat([grow.fmb(x), grow.lcb(x)], 1) + grow.residual.weight @ x, (4,)
-    )
+    expected = torch.nn.functional.layer_norm(torch.cat([grow.fmb(x), grow.lcb(x)], 1) + grow.residual.weight @ x, (4,))
     torch.testing.assert_close(grow(x), expected)
 
 
@@ -152,7 +150,10 @@ def test_bad_module_arguments_name_the_values():
         ({"num_fm_embeddings": -2}, "must be >= 1, got -2 @ $.models.feed_ctr.techniques.wukong.num_fm_embeddings"),
         ({"num_lcb_embeddings": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.wukong.num_lcb_embeddings"),
         ({"fm_rank": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.wukong.fm_rank"),
-        ({"mlp_widths": [64, 0]}, "every width must be >= 1, got 0 at [1] @ $.models.feed_ctr.techniques.wukong.mlp_widths"),
+        (
+            {"mlp_widths": [64, 0]},
+            "every width must be >= 1, got 0 at [1] @ $.models.feed_ctr.techniques.wukong.mlp_widths",
+        ),
         ({"rank": 4}, "extra fields found (rank) @ $.models.feed_ctr.techniques.wukong"),
     ],
 )
@@ -178,7 +179,11 @@ def _readme_toml(marker: str) -> str:
 
 
 def test_readme_override_example_plans(host):
-    text = default_ecosystem_path().read_text(encoding="utf-8") + "\n" + _readme_toml("[models.feed_ctr.techniques.wukong]")
+    text = (
+        default_ecosystem_path().read_text(encoding="utf-8")
+        + "\n"
+        + _readme_toml("[models.feed_ctr.techniques.wukong]")
+    )
     eco = ecosystem_from_dict(tomllib.loads(text), conv=host.conv)
     plan = host.plan(eco.model("feed_ctr"))
     (entry,) = [e for e in plan.entries if e.technique == "wukong"]
