@@ -274,7 +274,7 @@ def test_default_ecosystem_model_trains_through_the_branch(host, eco, model):
     (entry,) = [e for e in plan.entries if e.technique == "dhen"]
     assert entry.slot == "interaction" and entry.dist == "smt-dhen" and entry.version == "0.1.0"
     assert entry.out_dim == 4 * 4 * spec.embedding_dim
-    assert entry.flops > 0 and plan.cost.parts["branches.dhen"] == entry.flops
+    assert entry.flops > 0 and plan.cost.parts["interaction:dhen"] == entry.flops
 
     model_ = host.build(plan, spec).members[0]
     branch = model_.branches["dhen"]

@@ -103,7 +103,8 @@ def test_zero_weight_leaves_the_loss_unchanged(host, eco):
     model = host.build(plan, spec).members[0]
     batch = example_batch(spec, batch_size=8)
     inputs = LossInputs(logits=model(batch.dense, batch.sparse), labels=torch.ones(8, 1), batch=batch, model=model)
-    base = host.loss(host.plan(attrs.evolve(spec, techniques={"embedding_reg": False})), spec)(inputs)
+    off = attrs.evolve(spec, techniques={"embedding_reg": False})
+    base = host.build(host.plan(off), off).loss(inputs)
     torch.testing.assert_close(host.build(plan, spec).loss(inputs), base)
 
 

@@ -214,7 +214,7 @@ def test_default_ecosystem_model_trains_through_the_branch(host, eco, model):
     (entry,) = [e for e in plan.entries if e.technique == "wukong"]
     assert entry.slot == "interaction" and entry.dist == "smt-wukong" and entry.version == "0.1.0"
     assert entry.out_dim == (8 + 8) * spec.embedding_dim
-    assert entry.flops > 0 and plan.cost.parts["branches.wukong"] == entry.flops
+    assert entry.flops > 0 and plan.cost.parts["interaction:wukong"] == entry.flops
 
     model_ = host.build(plan, spec).members[0]
     branch = model_.branches["wukong"]
