@@ -103,6 +103,8 @@ class SmtPluginManager:
         self.techniques: dict[str, TechniqueRecord] = {}
         #: (dist, version, entry point name) of every loaded external plugin
         self.distributions: dict[str, str] = {HOST_DIST: _host_version()}
+        #: entry points installed but not loaded: name -> (distribution, why)
+        self.filtered: dict[str, tuple[str, str]] = {}
         #: data source name -> who provides it (``smt_data_sources``)
         self.data_sources: dict[str, DataSourceRecord] = {}
         self._callers: dict[tuple[str, str], Any] = {}
@@ -344,8 +346,10 @@ def get_plugin_manager(
     for ep in _entry_points():
         dist, version = _dist_name(ep)
         if only is not None and dist not in only and ep.name not in only:
+            spm.filtered[ep.name] = (dist, "not loaded: SMT_LOAD_PLUGINS does not name it")
             continue
         if dist in blocked or ep.name in blocked:
+            spm.filtered[ep.name] = (dist, "disabled by SMT_DISABLE_PLUGINS")
             continue
         if ep.name in seen_eps and seen_eps[ep.name] != dist:
             raise PluginError(
