@@ -65,19 +65,69 @@ def _override(spec: ModelSpec, name: str) -> Any:
     return spec.techniques.get(name)
 
 
-def _check_configured(spec: ModelSpec, spm: SmtPluginManager) -> None:
-    errors = []
+def _canonical(dist: str) -> str:
+    return dist.replace("_", "-").lower()
+
+
+def unmet_requirements(requirements: tuple[str, ...], spm: SmtPluginManager) -> list[str]:
+    """What is wrong with each ``required_plugins`` entry (``"smt-dcnv2>=0.1"``,
+    as pytest's ``required_plugins``): not installed, disabled, or another
+    version. Empty when every requirement is met."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    installed = {_canonical(d): v for d, v in spm.distributions.items()}
+    filtered = {_canonical(d): why for d, why in spm.filtered.values()}
+    problems = []
+    for text in requirements:
+        try:
+            req = Requirement(text)
+        except InvalidRequirement as exc:
+            problems.append(f"{text!r} is not a requirement ({exc})")
+            continue
+        have = installed.get(_canonical(req.name))
+        if have is None and _canonical(req.name) in filtered:
+            problems.append(f"{text} is required but {filtered[_canonical(req.name)]}")
+        elif have is None:
+            problems.append(f"{text} is required but not installed (pip install '{text}')")
+        elif req.specifier and have not in req.specifier:
+            problems.append(f"{text} is required but {req.name} {have} is installed")
+    return problems
+
+
+def _absent(name: str, spm: SmtPluginManager) -> tuple[str, str]:
+    """(distribution, why) for a technique a spec names that is not loaded:
+    an entry point filtered out by the environment, or not installed (the
+    distribution by convention, with a did-you-mean for a likely typo)."""
+    import difflib
+
+    hint = distribution_hint(name)
+    for ep, (dist, why) in spm.filtered.items():
+        if ep == name or _canonical(dist) == hint:
+            return dist, why
+    close = difflib.get_close_matches(name, list(spm.techniques), n=1)
+    typo = f"; did you mean {close[0]!r}?" if close else ""
+    return hint, f"not installed (pip install {hint}){typo}"
+
+
+def _check_configured(spec: ModelSpec, spm: SmtPluginManager) -> list[SkippedTechnique]:
+    """Checks the spec's technique table; returns the entries that name a
+    technique that is absent (uninstalled or disabled): their opt-outs and
+    parameters are skipped, so uninstalling a plugin never breaks a spec.
+    ``required_plugins`` turns an absent distribution into an error."""
+    problems = unmet_requirements(spec.required_plugins, spm)
+    if problems:
+        raise PluginError(f"model {spec.name!r}: " + "; ".join(problems) + f" @ $.models.{spec.name}.required_plugins")
+    errors, absent = [], []
     for name, value in spec.techniques.items():
         path = f"$.models.{spec.name}.techniques.{name}"
-        if name not in spm.techniques:
-            errors.append(
-                f"technique {name!r} is configured but not installed; install the distribution "
-                f"that provides it (pip install {distribution_hint(name)}) @ {path}"
-            )
-        elif not isinstance(value, (bool, dict)):
+        if not isinstance(value, (bool, dict)):
             errors.append(f"must be true, false or a table of parameters, got {type(value).__name__} @ {path}")
+        elif name not in spm.techniques:
+            dist, why = _absent(name, spm)
+            absent.append(SkippedTechnique(name, "", dist, f"{why}; its settings at {path} are skipped"))
     if errors:
         raise ConfigError(errors)
+    return absent
 
 
 def structure_params(conv: cattrs.Converter, reg: TechniqueRecord, value: Any, path: str) -> Any:
@@ -111,14 +161,18 @@ def resolve(
         only: if given, external techniques outside this set are left out
             (the ecosystem loop's "baseline + one technique").
 
+    A technique the spec configures that is not loaded (uninstalled, or
+    filtered by ``SMT_DISABLE_PLUGINS`` / ``SMT_LOAD_PLUGINS``) is skipped
+    with the reason, unless the spec's ``required_plugins`` names it.
+
     Raises:
-        ConfigError: a configured technique is not installed, its parameters
-            do not validate, or it is enabled where it does not apply.
-        PluginError: requirements or conflicts between techniques fail.
+        ConfigError: a technique's parameters do not validate, or it is
+            enabled where it does not apply.
+        PluginError: ``required_plugins`` is not met, or requirements or
+            conflicts between techniques fail.
     """
-    _check_configured(spec, spm)
+    skipped: list[SkippedTechnique] = _check_configured(spec, spm)
     chosen: list[ActiveTechnique] = []
-    skipped: list[SkippedTechnique] = []
     candidates: dict[str, list[tuple[TechniqueRecord, bool]]] = {s: [] for s in SLOTS}
     for reg in spm.all_ordered():
         name, info = reg.name, reg.info

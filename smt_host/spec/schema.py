@@ -141,7 +141,10 @@ class ModelSpec:
 
     ``techniques`` maps a technique name to ``false`` (opt out), ``true``
     (opt in, for techniques that are off by default or to insist they apply)
-    or a table of parameters (opt in with overrides).
+    or a table of parameters (opt in with overrides). A technique that is
+    not installed (or is disabled) is skipped with a notice, so removing a
+    plugin never breaks a spec; ``required_plugins`` (distributions with
+    optional version specifiers, as pytest's) makes its absence an error.
     """
 
     name: str = attrs.field(validator=identifier)
@@ -154,6 +157,7 @@ class ModelSpec:
     training: Training = attrs.Factory(Training)
     arch: Arch = attrs.Factory(Arch)
     techniques: Mapping[str, Any] = attrs.Factory(dict)
+    required_plugins: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
     @tasks.validator
     def _check_tasks(self, attribute: attrs.Attribute, value: tuple) -> None:
