@@ -104,10 +104,14 @@ def test_technique_not_installed_is_skipped_naming_the_distribution(no_env, caps
     spec = attrs.evolve(spec, techniques={"dcnv2": {"num_layers": 2}, "mmoe": False})
     plan = host.plan(spec)
     reasons = {s.name: (s.dist, s.reason) for s in plan.skipped}
-    assert reasons["dcnv2"] == ("smt-dcnv2", "not installed (pip install smt-dcnv2); its settings at "
-                                             "$.models.feed_ctr.techniques.dcnv2 are skipped")
-    assert reasons["mmoe"] == ("smt-mmoe", "not installed (pip install smt-mmoe); its settings at "
-                                           "$.models.feed_ctr.techniques.mmoe are skipped")
+    assert reasons["dcnv2"] == (
+        "smt-dcnv2",
+        "not installed (pip install smt-dcnv2); its settings at $.models.feed_ctr.techniques.dcnv2 are skipped",
+    )
+    assert reasons["mmoe"] == (
+        "smt-mmoe",
+        "not installed (pip install smt-mmoe); its settings at $.models.feed_ctr.techniques.mmoe are skipped",
+    )
     assert capsys.readouterr().err.splitlines() == [
         "notice: technique 'dcnv2' (smt-dcnv2) not installed (pip install smt-dcnv2); its settings at "
         "$.models.feed_ctr.techniques.dcnv2 are skipped",
@@ -122,29 +126,39 @@ def test_a_typo_gets_a_suggestion(no_env):
     host = Host.create(load="")
     spec = attrs.evolve(load_default_ecosystem().model("feed_ctr"), techniques={"flta": False})
     (skip,) = [s for s in host.plan(spec).skipped if s.name == "flta"]
-    assert skip.reason == ("not installed (pip install smt-flta); did you mean 'flat'?; its settings at "
-                           "$.models.feed_ctr.techniques.flta are skipped")
+    assert skip.reason == (
+        "not installed (pip install smt-flta); did you mean 'flat'?; its settings at "
+        "$.models.feed_ctr.techniques.flta are skipped"
+    )
 
 
 def test_disabled_is_told_apart_from_not_installed(fake_dist, no_env, monkeypatch):
-    fake_dist("smt-meanpool", "0.1", {"meanpool": "meanpool_plugin"}, {"meanpool_plugin": GOOD_PLUGIN.format(name="meanpool")})
+    fake_dist(
+        "smt-meanpool", "0.1", {"meanpool": "meanpool_plugin"}, {"meanpool_plugin": GOOD_PLUGIN.format(name="meanpool")}
+    )
     monkeypatch.setenv("SMT_DISABLE_PLUGINS", "smt-meanpool")
     host = Host.create()
     spec = attrs.evolve(load_default_ecosystem().model("feed_ctr"), techniques={"meanpool": {"width": 4}})
     (skip,) = [s for s in host.plan(spec).skipped if s.name == "meanpool"]
-    assert (skip.dist, skip.reason) == ("smt-meanpool", "disabled by SMT_DISABLE_PLUGINS; its settings at "
-                                                        "$.models.feed_ctr.techniques.meanpool are skipped")
+    assert (skip.dist, skip.reason) == (
+        "smt-meanpool",
+        "disabled by SMT_DISABLE_PLUGINS; its settings at $.models.feed_ctr.techniques.meanpool are skipped",
+    )
     required = attrs.evolve(spec, required_plugins=("smt-meanpool>=0.1",))
     with pytest.raises(PluginError) as err:
         host.plan(required)
-    assert str(err.value) == ("model 'feed_ctr': smt-meanpool>=0.1 is required but disabled by SMT_DISABLE_PLUGINS "
-                              "@ $.models.feed_ctr.required_plugins")
+    assert str(err.value) == (
+        "model 'feed_ctr': smt-meanpool>=0.1 is required but disabled by SMT_DISABLE_PLUGINS "
+        "@ $.models.feed_ctr.required_plugins"
+    )
     monkeypatch.delenv("SMT_DISABLE_PLUGINS")
     assert "meanpool" in Host.create().plan(required).techniques()
     with pytest.raises(PluginError) as err:
         Host.create().plan(attrs.evolve(spec, required_plugins=("smt-meanpool>=0.2",)))
-    assert str(err.value) == ("model 'feed_ctr': smt-meanpool>=0.2 is required but smt-meanpool 0.1 is installed "
-                              "@ $.models.feed_ctr.required_plugins")
+    assert str(err.value) == (
+        "model 'feed_ctr': smt-meanpool>=0.2 is required but smt-meanpool 0.1 is installed "
+        "@ $.models.feed_ctr.required_plugins"
+    )
 
 
 def test_override_opt_out_and_param_errors(fake_dist, no_env):

@@ -15,10 +15,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("SMT_PROPAGATION_TESTS") != "1",
-    reason="installs and uninstalls plugins in this environment; set SMT_PROPAGATION_TESTS=1 (tox -e host does)",
-)
+pytestmark = [
+    pytest.mark.propagation,
+    pytest.mark.skipif(
+        os.environ.get("SMT_PROPAGATION_TESTS") != "1",
+        reason="installs and uninstalls plugins in this environment; set SMT_PROPAGATION_TESTS=1 (tox -e host does)",
+    ),
+]
 
 
 def _pip(*args):
@@ -86,8 +89,9 @@ num_layers = 2
 def _plan_file(path, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k not in ("SMT_LOAD_PLUGINS", "SMT_DISABLE_PLUGINS")}
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "smt_host", "plan", str(path), "--json"], capture_output=True,
-                          text=True, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "smt_host", "plan", str(path), "--json"], capture_output=True, text=True, env=env
+    )
 
 
 def test_a_spec_that_tunes_a_technique_plans_after_uninstall_with_a_notice(tmp_path):
@@ -108,8 +112,10 @@ def test_a_spec_that_tunes_a_technique_plans_after_uninstall_with_a_notice(tmp_p
         assert entry["params"]["num_layers"] == 2 and "notice:" not in out.stderr
         disabled = _plan_file(spec, {"SMT_DISABLE_PLUGINS": "smt-dcnv2"})
         assert disabled.returncode == 0, disabled.stderr
-        assert ("notice: technique 'dcnv2' (smt-dcnv2) disabled by SMT_DISABLE_PLUGINS; its settings at "
-                "$.models.tuned.techniques.dcnv2 are skipped") in disabled.stderr
+        assert (
+            "notice: technique 'dcnv2' (smt-dcnv2) disabled by SMT_DISABLE_PLUGINS; its settings at "
+            "$.models.tuned.techniques.dcnv2 are skipped"
+        ) in disabled.stderr
     finally:
         _pip("uninstall", "--yes", "--quiet", "smt-dcnv2")
     out = _plan_file(spec)
@@ -117,12 +123,17 @@ def test_a_spec_that_tunes_a_technique_plans_after_uninstall_with_a_notice(tmp_p
     plan = json.loads(out.stdout)
     assert "dcnv2" not in [e["technique"] for e in plan["entries"]]
     notices = [ln for ln in out.stderr.splitlines() if ln.startswith("notice:")]
-    assert notices == ["notice: technique 'dcnv2' (smt-dcnv2) not installed (pip install smt-dcnv2); its settings at "
-                       "$.models.tuned.techniques.dcnv2 are skipped"]
+    assert notices == [
+        "notice: technique 'dcnv2' (smt-dcnv2) not installed (pip install smt-dcnv2); its settings at "
+        "$.models.tuned.techniques.dcnv2 are skipped"
+    ]
     assert [s["reason"] for s in plan["skipped"] if s["name"] == "dcnv2"] == [notices[0].split(") ", 1)[1]]
-    spec.write_text(SPEC_NAMING_DCNV2.replace('name = "tuned"', 'name = "tuned"\nrequired_plugins = ["smt-dcnv2>=0.1"]'))
+    spec.write_text(
+        SPEC_NAMING_DCNV2.replace('name = "tuned"', 'name = "tuned"\nrequired_plugins = ["smt-dcnv2>=0.1"]')
+    )
     out = _plan_file(spec)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == (
         "error: model 'tuned': smt-dcnv2>=0.1 is required but not installed (pip install 'smt-dcnv2>=0.1') "
-        "@ $.models.tuned.required_plugins")
+        "@ $.models.tuned.required_plugins"
+    )

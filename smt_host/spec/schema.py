@@ -190,10 +190,6 @@ class ModelSpec:
     def embedding_dim(self) -> int:
         return self.features.sparse[0].embedding_dim
 
-    @property
-    def has_sequence(self) -> bool:
-        return any(f.sequence for f in self.features.sparse)
-
 
 @attrs.frozen
 class SyntheticSettings:
