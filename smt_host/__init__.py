@@ -6,6 +6,8 @@ host's internal modules, which may move between releases.
 
 * declaring a technique: :data:`hookimpl`, :func:`technique`,
   :class:`TechniqueInfo`, :data:`SLOTS`;
+* declaring a reporter (``smt_reporters``: loggers, trackers):
+  :func:`reporter`, :class:`ReporterInfo`;
 * what the hooks receive: :class:`SlotContext`, :class:`TrainContext`,
   :class:`LossInputs` (and ``LossFn``), :class:`TableSpec`;
 * building blocks: :class:`MLP`, :func:`scaled`, :func:`example_batch`,
@@ -48,7 +50,7 @@ from smt_host.errors import (
 )
 from smt_host.hookspecs import hookimpl
 from smt_host.spec.validators import at_least, identifier, in_range, one_of, positive_widths
-from smt_host.technique import SLOTS, TechniqueInfo, technique
+from smt_host.technique import SLOTS, ReporterInfo, TechniqueInfo, reporter, technique
 
 #: names that import torch: resolved on first access (PEP 562)
 _LAZY = {
@@ -95,6 +97,7 @@ __all__ = [
     "MLP",
     "ManifestMismatch",
     "PluginError",
+    "ReporterInfo",
     "SlotContext",
     "SmtError",
     "TableSpec",
@@ -111,6 +114,7 @@ __all__ = [
     "in_range",
     "one_of",
     "positive_widths",
+    "reporter",
     "scaled",
     "technique",
 ]

@@ -116,7 +116,9 @@ class TrainContext:
         resumed: True when the run continues from a checkpoint.
         state: a dict techniques write reports into, by technique name; the
             trainer returns it as ``RunResult.reports`` and writes it to
-            metrics.json under ``reports``.
+            metrics.json under ``reports``. It is not checkpointed: state a
+            technique needs after ``--resume`` (an EMA shadow, a counter)
+            goes through ``smt_state_dict`` / ``smt_load_state_dict``.
     """
 
     model: Any

@@ -13,6 +13,10 @@ Only the host declares hooks; plugins implement them with the public
   and implements the hook of its slot plus any lifecycle hooks. The host calls
   one technique's hook at a time, in the host's order (see
   docs/architecture.md), never in registration order.
+* A plugin may also implement :func:`smt_reporters` and return *reporter*
+  objects (loggers, trackers): each is registered as a pluggy plugin
+  ``reporter:<name>`` and implements lifecycle hooks only, called with
+  ``params=None`` after the techniques. Reporters are no part of any plan.
 
 Shapes use: B batch, F features (sparse features, plus one for the dense
 arch's output when the model has dense features), D embedding dim, T tasks,
@@ -72,6 +76,28 @@ def smt_data_sources() -> dict[str, Callable[[Any, Any], Any]]:
         ``{name: factory}``; ``factory(model, ecosystem)`` returns a
         :class:`smt_host.data.batch.DataSource` for that model spec and its
         ecosystem. Names must be unique across all installed distributions.
+    """
+
+
+@_hookspec
+def smt_reporters() -> list[Any]:
+    """Declare the reporters a plugin provides (loggers, trackers, progress sinks).
+
+    Fires once per plugin module, when the plugin manager loads it, like
+    :func:`smt_techniques`; a plugin module may implement it alone.
+
+    Returns:
+        a list of reporter objects, each decorated with
+        :func:`smt_host.reporter`. The host registers each as a plugin of
+        its own (``reporter:<name>``; names unique across all installed
+        distributions). A reporter implements lifecycle hooks only
+        (:func:`smt_train_start`, :func:`smt_step_end`, :func:`smt_eval_end`,
+        :func:`smt_before_test`, :func:`smt_train_end`); the trainer calls
+        them with ``params=None`` after every technique has seen the event,
+        on the main process only (rank 0 of a distributed run). A reporter
+        never enters a plan, a manifest or the adoption matrix. An
+        exception from a reporter stops the run as a ``PluginError`` naming
+        the reporter and its distribution.
     """
 
 
@@ -328,7 +354,9 @@ def smt_train_start(ctx: TrainContext, params: Any) -> None:
     """Training lifecycle: fires once before the first step of a run.
 
     Called for every active technique of the model, in host order, also when
-    a run resumes from a checkpoint (``ctx.resumed`` is then True).
+    a run resumes from a checkpoint (``ctx.resumed`` is then True; the model,
+    optimizers and RNG state are restored, and :func:`smt_load_state_dict`
+    fires right after this hook).
 
     Args:
         ctx: the training context (model, plan, spec, output folder).
@@ -388,4 +416,57 @@ def smt_train_end(ctx: TrainContext, params: Any, metrics: dict) -> None:
         ctx: the training context.
         params: this technique's parameters.
         metrics: the final test metrics, as in :func:`smt_eval_end`.
+    """
+
+
+# ------------------------------------------------------ state in checkpoints
+
+
+@_hookspec
+def smt_state_dict(ctx: TrainContext, params: Any) -> dict | None:
+    """Training state of a technique to save in every checkpoint.
+
+    Fires for every active technique that implements it, in host order,
+    each time the trainer writes ``checkpoint.pt`` (after every epoch and at
+    the end). The trainer saves ``{technique: state}`` under the
+    checkpoint's ``techniques`` key and hands each technique its state back
+    through :func:`smt_load_state_dict` on ``--resume``. Implement both or
+    neither (the host refuses a technique implementing one alone).
+
+    Use it for what must survive an interruption and is not in the model's
+    own ``state_dict()``: an EMA shadow of the weights, a running
+    statistic, a schedule's position. (``ctx.state`` holds reports for
+    metrics.json and is *not* checkpointed.)
+
+    Args:
+        ctx: the training context.
+        params: this technique's parameters.
+
+    Returns:
+        a dict of tensors and plain data (dict, list, tuple, str, int,
+        float, bool, None), loadable with ``torch.load(weights_only=True)``
+        (checked when saved: anything else is a ``PluginError`` naming the
+        technique and where in the dict it is), or None to save nothing.
+    """
+
+
+@_hookspec
+def smt_load_state_dict(ctx: TrainContext, params: Any, state: dict) -> None:
+    """Restore a technique's training state when a run resumes.
+
+    Fires on ``--resume`` for every active technique that implements it and
+    whose state the checkpoint holds, in host order, after the model, the
+    optimizers and the RNG state are restored and after
+    :func:`smt_train_start` (which sees ``ctx.resumed`` True): set your
+    state up in ``smt_train_start`` as for a fresh run, and let this hook
+    overwrite it with the saved one (the construct-then-load order of
+    ``torch.nn.Module.load_state_dict``). It is not called for a technique
+    whose saved state was None; it runs before the first step of the
+    resumed run.
+
+    Args:
+        ctx: the training context (``ctx.resumed`` is True).
+        params: this technique's parameters.
+        state: what :func:`smt_state_dict` returned when the checkpoint was
+            written (tensors on the CPU).
     """

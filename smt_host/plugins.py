@@ -7,7 +7,9 @@
    distribution and entry point name, filtered by ``SMT_LOAD_PLUGINS`` and
    ``SMT_DISABLE_PLUGINS`` (read when the factory is called),
 3. asks each plugin module for its techniques (``smt_techniques``) and
-   registers each technique object as a plugin of its own,
+   registers each technique object as a plugin of its own (likewise its
+   data sources, ``smt_data_sources``, and its reporters, ``smt_reporters``,
+   each reporter a plugin ``reporter:<name>``),
 4. calls ``check_pending()`` so a misspelled hook is an error.
 
 Any failure raises :class:`PluginError` naming the distribution, its version
@@ -28,18 +30,31 @@ import pluggy
 
 import smt_host.hookspecs as hookspecs
 from smt_host.errors import ConfigError, FieldValueError, PluginError, SmtError
-from smt_host.technique import EXCLUSIVE_SLOTS, SLOT_HOOKS, SLOTS, TechniqueInfo, info_of
+from smt_host.technique import (
+    EXCLUSIVE_SLOTS,
+    MODULE_HOOKS,
+    SHAPING_HOOKS,
+    SLOT_HOOKS,
+    SLOTS,
+    ReporterInfo,
+    TechniqueInfo,
+    info_of,
+    reporter_info_of,
+)
 
 HOST_DIST = "smt-host"
 ENTRY_POINT_GROUP = "smt"
 
 #: hooks a plugin module (not a technique) implements to declare what it provides
-PLUGIN_HOOKS = ("smt_techniques", "smt_data_sources")
+PLUGIN_HOOKS = ("smt_techniques", "smt_data_sources", "smt_reporters")
 
 
 #: the training lifecycle hooks (a KeyboardInterrupt raised there stops a run;
 #: being a BaseException, it is never wrapped)
 LIFECYCLE_HOOKS = ("smt_train_start", "smt_step_end", "smt_eval_end", "smt_before_test", "smt_train_end")
+
+#: a technique's training state in checkpoints (implemented both or neither)
+STATE_HOOKS = ("smt_state_dict", "smt_load_state_dict")
 
 
 @attrs.frozen
@@ -52,6 +67,8 @@ class TechniqueRecord:
         dist: its distribution name (``smt-host`` for built-ins).
         version: the distribution's version.
         plugin: the plugin (entry point) name that provided it.
+        shapes_model: whether it shapes the saved and exported model
+            (``info.shapes_model``, or derived from its hooks when None).
     """
 
     info: TechniqueInfo
@@ -59,6 +76,7 @@ class TechniqueRecord:
     dist: str
     version: str
     plugin: str
+    shapes_model: bool = True
 
     @property
     def name(self) -> str:
@@ -67,6 +85,21 @@ class TechniqueRecord:
     @property
     def builtin(self) -> bool:
         return self.dist == HOST_DIST
+
+
+@attrs.frozen
+class ReporterRecord:
+    """One reporter known to the host (``smt_reporters``): no part of any plan."""
+
+    info: ReporterInfo
+    obj: Any
+    dist: str
+    version: str
+    plugin: str
+
+    @property
+    def name(self) -> str:
+        return self.info.name
 
 
 @attrs.frozen
@@ -107,7 +140,10 @@ class SmtPluginManager:
         self.filtered: dict[str, tuple[str, str]] = {}
         #: data source name -> who provides it (``smt_data_sources``)
         self.data_sources: dict[str, DataSourceRecord] = {}
+        #: reporter name -> who provides it (``smt_reporters``)
+        self.reporters: dict[str, ReporterRecord] = {}
         self._callers: dict[tuple[str, str], Any] = {}
+        self._report_callers: dict[tuple[str, str], Any] = {}
         self._plugin_dist: dict[int, tuple[str, str]] = {}
 
     # ------------------------------------------------------------ loading
@@ -138,6 +174,9 @@ class SmtPluginManager:
                 if not callable(factory):
                     raise PluginError(f"{where}: data source {source!r} must be a callable factory(model, ecosystem)")
                 self.data_sources[source] = DataSourceRecord(source, factory, dist, version)
+        if "smt_reporters" in provided:
+            for obj in self._declared(module, "smt_reporters", list, where):
+                self._register_reporter(obj, dist=dist, version=version, plugin=name)
 
     def _implements(self, plugin: Any, hook: str) -> bool:
         return any(i.plugin is plugin for i in getattr(self.pm.hook, hook).get_hookimpls())
@@ -188,8 +227,58 @@ class SmtPluginManager:
                 f"{where}: technique {info.name!r} declares slot {info.slot!r} but implements "
                 f"{', '.join(foreign)}, the hook of another slot (it would never be called)"
             )
+        state = [h for h in STATE_HOOKS if self._implements(obj, h)]
+        if len(state) == 1:
+            (other,) = set(STATE_HOOKS) - set(state)
+            raise PluginError(
+                f"{where}: technique {info.name!r} implements {state[0]}() but not {other}(): its state would "
+                f"{'never be restored' if state[0] == 'smt_state_dict' else 'never be saved'}; implement both"
+            )
+        shaping = [h for h in SHAPING_HOOKS if self._implements(obj, h)]
+        builds = [h for h in shaping if h in MODULE_HOOKS]
+        if info.shapes_model is False and builds:
+            raise PluginError(
+                f"{where}: technique {info.name!r} declares shapes_model=False but implements "
+                f"{', '.join(h + '()' for h in builds)}, which builds part of the saved and exported model"
+            )
+        shapes = bool(shaping) if info.shapes_model is None else bool(info.shapes_model)
         self._plugin_dist[id(obj)] = (dist, version)
-        self.techniques[info.name] = TechniqueRecord(info=info, obj=obj, dist=dist, version=version, plugin=plugin)
+        self.techniques[info.name] = TechniqueRecord(
+            info=info, obj=obj, dist=dist, version=version, plugin=plugin, shapes_model=shapes
+        )
+
+    def _register_reporter(self, obj: Any, *, dist: str, version: str, plugin: str) -> None:
+        where = f"plugin {plugin!r} from {dist} {version}"
+        try:
+            info = reporter_info_of(obj)
+        except TypeError as exc:
+            raise PluginError(f"{where}: {exc}") from None
+        if info.name in self.reporters:
+            other = self.reporters[info.name]
+            raise PluginError(
+                f"{where}: reporter name {info.name!r} clashes with the reporter of the same name "
+                f"from {other.dist} {other.version}; uninstall one of them"
+            )
+        try:
+            self.pm.register(obj, name=f"reporter:{info.name}")
+        except ValueError as exc:
+            raise PluginError(f"{where}: reporter {info.name!r}: {exc}") from None
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"{where}: reporter {info.name!r} has a bad hook: {exc}") from None
+        hooks = [c.name for c in self.pm.get_hookcallers(obj) or [] if c.spec is not None]
+        foreign = [h for h in hooks if h not in LIFECYCLE_HOOKS]
+        if foreign:
+            raise PluginError(
+                f"{where}: reporter {info.name!r} implements {', '.join(h + '()' for h in foreign)}; "
+                f"a reporter implements lifecycle hooks only ({', '.join(LIFECYCLE_HOOKS)})"
+            )
+        if not hooks:
+            raise PluginError(
+                f"{where}: reporter {info.name!r} implements no lifecycle hook "
+                f"({', '.join(LIFECYCLE_HOOKS)}), so it would receive nothing"
+            )
+        self._plugin_dist[id(obj)] = (dist, version)
+        self.reporters[info.name] = ReporterRecord(info=info, obj=obj, dist=dist, version=version, plugin=plugin)
 
     def check_pending(self) -> None:
         """Raises PluginError for hook implementations that match no hook."""
@@ -216,7 +305,7 @@ class SmtPluginManager:
             spec = getattr(kwargs.get("ctx"), "spec", None)
             if isinstance(exc, SmtError) and not isinstance(exc, FieldValueError):
                 raise
-            if hook in LIFECYCLE_HOOKS or spec is None:
+            if hook in LIFECYCLE_HOOKS or hook in STATE_HOOKS or spec is None:
                 raise self._wrapped(technique, hook, exc) from exc
             # a slot hook refusing its parameters: the spec's technique table is where to look
             path = f"$.models.{spec.name}.techniques.{technique}"
@@ -236,6 +325,40 @@ class SmtPluginManager:
     def implements(self, technique: str, hook: str) -> bool:
         obj = self.techniques[technique].obj
         return any(i.plugin is obj for i in getattr(self.pm.hook, hook).get_hookimpls())
+
+    def report(self, hook: str, **kwargs: Any) -> None:
+        """Calls lifecycle ``hook`` on every reporter that implements it, by
+        reporter name (``params=None``). A failure is a PluginError naming
+        the reporter; an ``SmtError`` or a ``KeyboardInterrupt`` passes
+        unchanged."""
+        if hook not in LIFECYCLE_HOOKS:
+            raise ValueError(f"unknown lifecycle hook {hook!r}")
+        for name in sorted(self.reporters):
+            rec = self.reporters[name]
+            key = (hook, name)
+            if key not in self._report_callers:
+                others = [p for p in self.pm.get_plugins() if p is not rec.obj]
+                implements = self._implements(rec.obj, hook)
+                self._report_callers[key] = (
+                    self.pm.subset_hook_caller(hook, remove_plugins=others) if implements else None
+                )
+            caller = self._report_callers[key]
+            if caller is None:
+                continue
+            try:
+                caller(**{"params": None, **kwargs})
+            except SmtError as exc:
+                if not isinstance(exc, FieldValueError):
+                    raise
+                raise self._wrapped_reporter(name, hook, exc) from exc
+            except Exception as exc:
+                raise self._wrapped_reporter(name, hook, exc) from exc
+
+    def _wrapped_reporter(self, name: str, hook: str, exc: Exception) -> PluginError:
+        rec = self.reporters[name]
+        return PluginError(
+            f"reporter {name!r} ({rec.dist} {rec.version}) failed in {hook}(): {type(exc).__name__}: {exc}"
+        )
 
     # ------------------------------------------------------------- order
 

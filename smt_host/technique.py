@@ -16,6 +16,10 @@ the slot hooks of :mod:`smt_host.hookspecs` that its slot needs. The
 A plugin module returns its technique objects from ``smt_techniques()``.
 The host registers each object as its own pluggy plugin, named after the
 technique, so it can call one technique's hook at a time, in the host's order.
+
+A *reporter* (:func:`reporter`) is the other kind of object a plugin
+provides (from ``smt_reporters()``): it receives the training lifecycle
+events but is no part of any model.
 """
 
 from __future__ import annotations
@@ -62,6 +66,27 @@ SLOT_HOOKS: dict[str, str] = {
     "training": None,  # lifecycle hooks only
 }
 
+#: Hooks that build part of the module a checkpoint saves and ``smt export``
+#: serves: every slot hook but ``smt_loss`` and ``smt_optimizers``, plus the
+#: optional transforms. A technique implementing one always shapes the model.
+MODULE_HOOKS: tuple[str, ...] = (
+    "smt_embedding_tables",
+    "smt_feature_transform",
+    "smt_pooled_transform",
+    "smt_dense_arch",
+    "smt_interaction",
+    "smt_over_arch",
+    "smt_task_arch",
+    "smt_head",
+    "smt_ensemble",
+    "smt_output_transform",
+)
+
+#: Hooks whose technique shapes the model unless it declares
+#: ``shapes_model=False``: the module hooks and ``smt_optimizers`` (an
+#: optimizer rule may declare itself training-only).
+SHAPING_HOOKS: tuple[str, ...] = (*MODULE_HOOKS, "smt_optimizers")
+
 Applies = Callable[[Any], "bool | str"]
 
 
@@ -89,6 +114,16 @@ class TechniqueInfo:
         default: when False the technique is installed but only used by models
             that enable it explicitly in their spec.
         description: one line for ``smt plugins``.
+        shapes_model: whether the technique shapes the saved and exported
+            model, so that exporting or serving a run needs it installed at
+            the version it was trained with. None (the default) derives it
+            when the technique registers: True when it implements a hook of
+            :data:`SHAPING_HOOKS` (every slot hook but ``smt_loss``, plus
+            the embedding and output transforms), False otherwise (a loss
+            term, a lifecycle-only training technique). Declare True for a
+            technique that changes the module in a lifecycle hook; False
+            only for a technique that builds no module (an optimizer rule).
+            Resuming a run still refuses any change of technique.
     """
 
     name: str = attrs.field()
@@ -101,6 +136,7 @@ class TechniqueInfo:
     priority: int = 0
     default: bool = True
     description: str = ""
+    shapes_model: bool | None = None
 
     @name.validator
     def _check_name(self, attribute: Any, value: str) -> None:
@@ -142,6 +178,7 @@ def technique(
     priority: int = 0,
     default: bool = True,
     description: str = "",
+    shapes_model: bool | None = None,
 ) -> Callable[[type], type]:
     """Class decorator: declares the decorated class a technique.
 
@@ -172,6 +209,7 @@ def technique(
         priority=priority,
         default=default,
         description=description,
+        shapes_model=shapes_model,
     )
 
     def decorate(cls: type) -> type:
@@ -188,4 +226,60 @@ def info_of(obj: Any) -> TechniqueInfo:
     info = getattr(obj, "smt_technique", None)
     if not isinstance(info, TechniqueInfo):
         raise TypeError(f"{obj!r} is not a technique: decorate its class with @smt_host.technique(...)")
+    return info
+
+
+@attrs.frozen
+class ReporterInfo:
+    """What a reporter declares about itself.
+
+    Args:
+        name: unique reporter name, ``[a-z][a-z0-9_]*`` (``jsonl``).
+        description: one line (default: the class docstring's first line).
+    """
+
+    name: str = attrs.field()
+    description: str = ""
+
+    @name.validator
+    def _check_name(self, attribute: Any, value: str) -> None:
+        import re
+
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", value):
+            raise ValueError(f"reporter name {value!r} must match [a-z][a-z0-9_]* (lower case, digits, underscores)")
+
+
+def reporter(*, name: str, description: str = "") -> Callable[[type], type]:
+    """Class decorator: declares the decorated class a reporter.
+
+    A reporter (a logger, a tracker, a progress sink) is not a technique: it
+    never enters a plan or a manifest. It implements lifecycle hooks only
+    (``smt_train_start``, ``smt_step_end``, ``smt_eval_end``,
+    ``smt_before_test``, ``smt_train_end``), which the host calls with
+    ``params=None`` after every technique has seen the event. Return
+    instances from your plugin's ``smt_reporters()`` hook.
+
+    Example:
+        >>> @reporter(name="stdout")
+        ... class Stdout:
+        ...     'Prints each validation AUC.'
+        >>> Stdout.smt_reporter.name, Stdout.smt_reporter.description
+        ('stdout', 'Prints each validation AUC.')
+    """
+    info = ReporterInfo(name=name, description=description)
+
+    def decorate(cls: type) -> type:
+        cls.smt_reporter = info
+        if not description and cls.__doc__:
+            object.__setattr__(info, "description", cls.__doc__.strip().splitlines()[0])
+        return cls
+
+    return decorate
+
+
+def reporter_info_of(obj: Any) -> ReporterInfo:
+    """The :class:`ReporterInfo` of a reporter object (raises TypeError)."""
+    info = getattr(obj, "smt_reporter", None)
+    if not isinstance(info, ReporterInfo):
+        raise TypeError(f"{obj!r} is not a reporter: decorate its class with @smt_host.reporter(name=...)")
     return info

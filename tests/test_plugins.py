@@ -144,7 +144,8 @@ def test_plugin_without_techniques_hook(fake_dist, no_env):
     with pytest.raises(PluginError) as err:
         get_plugin_manager()
     assert str(err.value) == (
-        "plugin 'empty' from smt-empty 0.1: implements none of smt_techniques(), smt_data_sources(), so it provides nothing"
+        "plugin 'empty' from smt-empty 0.1: implements none of smt_techniques(), smt_data_sources(), "
+        "smt_reporters(), so it provides nothing"
     )
 
 

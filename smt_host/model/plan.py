@@ -39,10 +39,15 @@ class PlanEntry:
 
 @attrs.frozen
 class ManifestEntry:
+    """One active technique: distribution, version, parameters, and whether
+    it shapes the saved and exported model (``shapes_model``; True in
+    manifests written before it was recorded, so nothing is assumed away)."""
+
     technique: str
     dist: str
     version: str
     params: dict | None
+    shapes_model: bool = True
 
 
 @attrs.frozen
@@ -52,6 +57,19 @@ class Manifest:
 
     host: str
     techniques: tuple[ManifestEntry, ...]
+
+    def shaping(self) -> Manifest:
+        """The entries that shape the saved and exported model: what export
+        and serving compare (a training-only technique, such as a loss term,
+        need not be installed to export a run it trained).
+
+        Example:
+            >>> m = Manifest("0.3.0", (ManifestEntry("flat", "smt-host", "0.3.0", None),
+            ...                        ManifestEntry("l2", "smt-l2", "1.0", None, shapes_model=False)))
+            >>> [e.technique for e in m.shaping().techniques]
+            ['flat']
+        """
+        return attrs.evolve(self, techniques=tuple(e for e in self.techniques if e.shapes_model))
 
     def check(self, current: Manifest, where: str, doing: str) -> None:
         """Raises :class:`ManifestMismatch` naming every difference from
@@ -126,7 +144,16 @@ def _manifest(spm: SmtPluginManager, res: Resolution, conv: cattrs.Converter) ->
 
     return Manifest(
         host=spm.distributions[HOST_DIST],
-        techniques=tuple(ManifestEntry(a.name, a.dist, a.version, _params_dict(conv, a.params)) for a in res.active),
+        techniques=tuple(
+            ManifestEntry(
+                a.name,
+                a.dist,
+                a.version,
+                _params_dict(conv, a.params),
+                shapes_model=spm.techniques[a.name].shapes_model,
+            )
+            for a in res.active
+        ),
     )
 
 
@@ -225,19 +252,33 @@ def installed_manifest(spm: SmtPluginManager, recorded: Manifest) -> Manifest:
     from smt_host.plugins import HOST_DIST
 
     entries = tuple(
-        ManifestEntry(e.technique, spm.techniques[e.technique].dist, spm.techniques[e.technique].version, e.params)
+        ManifestEntry(
+            e.technique,
+            spm.techniques[e.technique].dist,
+            spm.techniques[e.technique].version,
+            e.params,
+            shapes_model=e.shapes_model,
+        )
         for e in recorded.techniques
         if e.technique in spm.techniques
     )
     return Manifest(host=spm.distributions[HOST_DIST], techniques=entries)
 
 
-def resolution_from_plan(plan: Plan, spm: SmtPluginManager, conv: cattrs.Converter) -> Resolution:
+def resolution_from_plan(
+    plan: Plan, spm: SmtPluginManager, conv: cattrs.Converter, *, shaping_only: bool = False
+) -> Resolution:
     """The resolution a plan records, refusing installed plugins that differ
-    from the plan's manifest (:meth:`Manifest.check`)."""
-    plan.manifest.check(installed_manifest(spm, plan.manifest), f"model {plan.model!r}", "cannot build its plan")
+    from the plan's manifest (:meth:`Manifest.check`). With ``shaping_only``
+    only the techniques that shape the model (:meth:`Manifest.shaping`) are
+    compared and resolved: enough to build the module, not to train it."""
+    manifest = plan.manifest.shaping() if shaping_only else plan.manifest
+    manifest.check(installed_manifest(spm, manifest), f"model {plan.model!r}", "cannot build its plan")
+    keep = {e.technique for e in manifest.techniques}
     active = []
     for e in plan.entries:
+        if e.technique not in keep:
+            continue
         reg = spm.techniques[e.technique]
         params = None
         if reg.info.params is not None:
@@ -279,6 +320,17 @@ def build_from_plan(
     res = resolution_from_plan(plan, spm, conv)
     model = build_model(spec, res, spm, width_scale=plan.capacity.scale, device=device, seed=plan.seed)
     return Built(model, build_loss(spec, res, spm), build_optimizers(spec, res, spm, model), res)
+
+
+def build_model_from_plan(
+    plan: Plan, spec: ModelSpec, spm: SmtPluginManager, conv: cattrs.Converter, device: Any = "cpu"
+) -> nn.Module:
+    """The module a plan describes, built from the techniques that shape it
+    only (what export and serving load: a training-only technique of the
+    plan need not be installed). Same seed: same initial weights as
+    :func:`build_from_plan`'s model."""
+    res = resolution_from_plan(plan, spm, conv, shaping_only=True)
+    return build_model(spec, res, spm, width_scale=plan.capacity.scale, device=device, seed=plan.seed)
 
 
 def plan_to_dict(plan: Plan, conv: cattrs.Converter) -> dict:

@@ -2,12 +2,15 @@
 plan, manifest and spec.
 
 ``export_run(host, RUN_DIR)`` rebuilds the model of ``RUN_DIR/checkpoint.pt``
-from the checkpoint's plan (``Host.build``), loads its weights (one-process
-checkpoints, or the DCP shards of a distributed run), refuses a model whose
-manifest differs from the installed plugins (naming the difference), and
-exports ``forward(dense (B, Nd), sparse KJT) -> logits (B, T)`` with
-``torch.export`` (``strict=False``) with a dynamic batch size (B >= 2; one
-example is padded to two by :func:`run_exported`). The file saved with
+from the checkpoint's plan (``Host.build_model``: the techniques that shape
+the module only), loads its weights (one-process checkpoints, or the DCP
+shards of a distributed run), refuses a model whose manifest differs from
+the installed plugins in a technique that shapes the model (naming the
+difference; a training-only technique such as a loss term may be
+uninstalled, and stays named in the exported manifest), and exports
+``forward(dense (B, Nd), sparse KJT) -> logits (B, T)`` with ``torch.export``
+(``strict=False``) with a dynamic batch size (B >= 2; one example is padded
+to two by :func:`run_exported`). The file saved with
 ``torch.export.save`` holds ``plan.json``, ``manifest.json``, ``spec.json``
 and ``smt.json`` (host version, tasks, features) as extra files.
 """
@@ -32,9 +35,13 @@ MAX_BATCH = 1 << 20
 
 def check_manifest(host: Any, saved: dict, where: str) -> Manifest:
     """Raises ManifestMismatch naming every difference between the
-    checkpoint's manifest and the installed plugins."""
+    checkpoint's manifest and the installed plugins among the techniques
+    that shape the model (``ManifestEntry.shapes_model``; all of them in a
+    checkpoint written before it was recorded). Returns the whole recorded
+    manifest."""
     recorded = host.conv.structure(saved["manifest"], Manifest)
-    recorded.check(installed_manifest(host.spm, recorded), where, f"cannot export model {saved.get('spec_name')!r}")
+    shaping = recorded.shaping()
+    shaping.check(installed_manifest(host.spm, shaping), where, f"cannot export model {saved.get('spec_name')!r}")
     return recorded
 
 
@@ -60,7 +67,7 @@ def load_run(host: Any, run_dir: Path, ecosystem: str | None = None) -> tuple[to
     check_manifest(host, saved, str(path))
     plan = host.plan_from_dict(saved["plan"])
     spec = spec_of(host, saved, ecosystem)
-    model = host.build(plan, spec).model
+    model = host.build_model(plan, spec)
     load_model_state(model, saved, path)
     return model.eval(), plan, spec, saved
 

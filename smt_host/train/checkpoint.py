@@ -3,7 +3,9 @@
 A checkpoint is a dict of tensors and plain data (loadable with
 ``torch.load(weights_only=True)``): model and optimizer state, the best
 model state so far, the plan and manifest (as plain dicts), the epoch, step,
-early-stopping state, history and RNG state.
+early-stopping state, history and RNG state, and under ``techniques`` each
+technique's own training state (``{technique: smt_state_dict()}``, only for
+techniques that return one; absent in checkpoints written before it).
 """
 
 from __future__ import annotations

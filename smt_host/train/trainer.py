@@ -2,7 +2,11 @@
 final test metrics, atomic checkpoints, resume.
 
 The trainer never knows which techniques exist: it builds what the plan
-says and fires the lifecycle hooks.
+says and fires the lifecycle hooks, on the active techniques (in plan order)
+and then on the installed reporters (``smt_reporters``, main process only).
+Each checkpoint also holds every technique's own training state
+(``smt_state_dict``) under ``techniques``, handed back on resume
+(``smt_load_state_dict``, right after ``smt_train_start``).
 """
 
 from __future__ import annotations
@@ -188,7 +192,15 @@ def train_model(
     loss_fn = built.loss
     tasks = list(spec.task_names)
     ctx = TrainContext(model=inner, plan=plan, spec=spec, out_dir=out_dir, data=data)
+    main = parallel is None or parallel.is_main
 
+    def fire(hook: str, **kwargs: Any) -> None:
+        """One lifecycle event: the techniques, then the reporters (on the main process)."""
+        host.lifecycle(built, hook, ctx=ctx, **kwargs)
+        if main:
+            host.report(hook, ctx=ctx, **kwargs)
+
+    saved: dict | None = None
     state = {"epoch": 0, "step": 0, "best": float("-inf"), "bad_epochs": 0, "history": [], "done": False}
     best_state = state_copy(model)
     path = out_dir / ckpt.CHECKPOINT
@@ -201,7 +213,7 @@ def train_model(
         best_state = saved["best_model"]
         state = saved["state"]
         torch.set_rng_state(saved["rng"])
-        ctx.resumed = True
+        ctx.resumed = True  # technique states are loaded after smt_train_start, below
         log(f"{spec.name}: resumed from {path} at epoch {state['epoch']}, step {state['step']}")
     else:
         torch.manual_seed(plan.seed)
@@ -214,6 +226,7 @@ def train_model(
             "manifest": host.conv.unstructure(plan.manifest),
             "spec_name": spec.name,
             "spec": host.conv.unstructure(spec),
+            "techniques": host.technique_states(built, ctx),
         }
         if parallel is not None:  # weights as DCP shards, see smt_host.distributed
             parallel.save(model, meta, path)
@@ -228,7 +241,9 @@ def train_model(
             path,
         )
 
-    host.lifecycle(built, "smt_train_start", ctx=ctx)
+    fire("smt_train_start")
+    if saved is not None:  # construct, then load: smt_train_start set each technique up as for a fresh run
+        host.load_technique_states(built, ctx, saved.get("techniques") or {})
     started = time.perf_counter()
     seen = 0
     task_id = None
@@ -268,13 +283,13 @@ def train_model(
                 o.step()
             state["step"] += 1
             seen += len(batch)
-            host.lifecycle(built, "smt_step_end", ctx=ctx, step=state["step"], loss=value)
+            fire("smt_step_end", step=state["step"], loss=value)
             if progress is not None:
                 progress.update(
                     task_id, advance=1, description=f"{spec.name} epoch {epoch}/{tr.epochs} loss {value:.4f}"
                 )
         valid = evaluate(model, data, "valid", tr.eval_batch_size, tasks, gather)
-        host.lifecycle(built, "smt_eval_end", ctx=ctx, split="valid", epoch=epoch, metrics=valid)
+        fire("smt_eval_end", split="valid", epoch=epoch, metrics=valid)
         score = _score(valid, tr.early_stop_metric)
         state["epoch"] = epoch
         state["history"].append({"epoch": epoch, "valid": valid})
@@ -302,13 +317,15 @@ def train_model(
     else:
         parallel.load_state_copy(model, best_state)
     test_before_fit = None
-    if host.implements(plan, "smt_before_test"):
+    fits = host.implements(plan, "smt_before_test")
+    if fits:
         test_before_fit = evaluate(model, data, "test", tr.eval_batch_size, tasks, gather)
-        host.lifecycle(built, "smt_before_test", ctx=ctx)
+    fire("smt_before_test")  # reporters see it in every run
+    if fits:
         best_state = state_copy(model)  # post-training fits are part of the saved model
     test = evaluate(model, data, "test", tr.eval_batch_size, tasks, gather)
-    host.lifecycle(built, "smt_eval_end", ctx=ctx, split="test", epoch=0, metrics=test)
-    host.lifecycle(built, "smt_train_end", ctx=ctx, metrics=test)
+    fire("smt_eval_end", split="test", epoch=0, metrics=test)
+    fire("smt_train_end", metrics=test)
     best_valid = (
         max(state["history"], key=lambda h: _score(h["valid"], tr.early_stop_metric))["valid"]
         if state["history"]
