@@ -543,7 +543,10 @@ def test_csv_skip_malformed_and_line_numbers(tmp_path: Path, caplog) -> None:
 def test_bad_options_are_config_errors(tmp_path: Path) -> None:
     path = tmp_path / "ok.libfm"
     path.write_text(GOOD)
-    with pytest.raises(ConfigError, match=r"^extra fields found \(trian\) @ \$\.models\.m\.data\.options$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^unknown key 'trian' \(did you mean 'train'\?\); valid keys: train, valid, .* @ \$\.models\.m\.data\.options$",
+    ):
         open_model("libfm", {"trian": str(path), "fields": FIELDS}, ["a", "b"])
     with pytest.raises(
         ConfigError, match=r"data file not found: .*nope\.libfm .*@ \$\.models\.m\.data\.options\.train$"
@@ -592,7 +595,7 @@ def test_options_are_structured_with_paths(tmp_path: Path) -> None:
         f"must be >= 0, got -1 @ {opts}.fields[0].start",
         f"give one of 'end' (inclusive) or 'size' @ {opts}.fields[1].end",
         f"must be >= start (3), got 1 @ {opts}.fields[2].end",
-        f"extra fields found (x) @ {opts}.fields[3]",
+        f"unknown key 'x'; valid keys: name, start, end, size @ {opts}.fields[3]",
         f"expected a table with keys name, start, end, size, got 'e' @ {opts}.fields[4]",
     ]
     assert errors_of(
@@ -618,12 +621,15 @@ def test_options_are_structured_with_paths(tmp_path: Path) -> None:
         f"give either 'file' with 'split' or 'train', not both @ {opts}.file"
     ]
     assert errors_of("parquet", {"train": path, "delimiter": ";"}, ["a"]) == [
-        f"extra fields found (delimiter) @ {opts}"
+        "unknown key 'delimiter'; valid keys: train, valid, test, file, split, split_seed, schema, streaming, "
+        "stream_above_mb, shuffle_buffer, skip_malformed, chunk_rows, encode, transform, separator, features, "
+        f"labels @ {opts}"
     ]
     assert errors_of("csv", {"train": path, "features": {"a": {"encode": "x"}, "b": "s", "c": {"col": "a"}}}) == [
         f"must be one of 'hash', 'mod', 'int', got 'x' @ {opts}.features.a.encode",
         f"expected a table with keys column, encode, separator, transform, got 's' @ {opts}.features.b",
-        f"extra fields found (col) @ {opts}.features.c",
+        "unknown key 'col' (did you mean 'column'?); valid keys: column, encode, separator, transform "
+        f"@ {opts}.features.c",
     ]
     assert errors_of("csv", {"train": path, "features": {"zz": {}}}) == [
         f"no feature named 'zz' in the model @ {opts}.features.zz"

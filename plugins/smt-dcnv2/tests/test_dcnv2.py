@@ -149,10 +149,13 @@ def test_branch_refuses_bad_arguments(kwargs, message):
             "a mixture of 4 experts needs low_rank (the experts are low rank), got low_rank=None"
             " @ $.models.feed_ctr.techniques.dcnv2.num_experts",
         ),
-        ({"lowrank": 8}, "extra fields found (lowrank) @ $.models.feed_ctr.techniques.dcnv2"),
+        (
+            {"lowrank": 8},
+            "unknown key 'lowrank' (did you mean 'low_rank'?); valid keys: num_layers, low_rank, num_experts @ $.models.feed_ctr.techniques.dcnv2",
+        ),
         (
             {"num_layers": "three"},
-            "invalid value for type, expected int @ $.models.feed_ctr.techniques.dcnv2.num_layers",
+            "expected an integer, got the string 'three' @ $.models.feed_ctr.techniques.dcnv2.num_layers",
         ),
     ],
 )

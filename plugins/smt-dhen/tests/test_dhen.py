@@ -210,7 +210,10 @@ def test_bad_module_arguments_name_the_values():
         ({"cross_layers": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.dhen.cross_layers"),
         ({"cross_rank": 0}, "must be >= 1, got 0 @ $.models.feed_ctr.techniques.dhen.cross_rank"),
         ({"mlp_widths": [0]}, "every width must be >= 1, got 0 at [0] @ $.models.feed_ctr.techniques.dhen.mlp_widths"),
-        ({"heads": 2}, "extra fields found (heads) @ $.models.feed_ctr.techniques.dhen"),
+        (
+            {"heads": 2},
+            "unknown key 'heads'; valid keys: num_layers, modules, ensemble, num_embeddings, attention_heads, cross_layers, cross_rank, mlp_widths @ $.models.feed_ctr.techniques.dhen",
+        ),
     ],
 )
 def test_bad_parameters_are_refused_with_their_path(host, eco, override, message):

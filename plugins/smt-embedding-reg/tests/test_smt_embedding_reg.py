@@ -112,7 +112,10 @@ def test_zero_weight_leaves_the_loss_unchanged(host, eco):
     "override, message",
     [
         ({"weight": -1.0}, "must be >= 0.0, got -1.0 @ $.models.feed_ctr.techniques.embedding_reg.weight"),
-        ({"lambda": 1.0}, "extra fields found (lambda) @ $.models.feed_ctr.techniques.embedding_reg"),
+        (
+            {"lambda": 1.0},
+            "unknown key 'lambda'; valid keys: weight, unique @ $.models.feed_ctr.techniques.embedding_reg",
+        ),
     ],
 )
 def test_parameter_validation_names_the_path(eco, override, message):

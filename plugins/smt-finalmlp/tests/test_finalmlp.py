@@ -166,7 +166,10 @@ P = "$.models.feed_ctr.techniques.finalmlp"
         ({"fusion_dim": 0}, f"must be >= 1, got 0 @ {P}.fusion_dim"),
         ({"gate_hidden": -1}, f"must be >= 1, got -1 @ {P}.gate_hidden"),
         ({"dropout": 0.95}, f"must be in [0.0, 0.9], got 0.95 @ {P}.dropout"),
-        ({"heads": 2}, f"extra fields found (heads) @ {P}"),
+        (
+            {"heads": 2},
+            f"unknown key 'heads' (did you mean 'num_heads'?); valid keys: stream1_widths, stream2_widths, num_heads, fusion_dim, to_logits, gating, gate_hidden, gate1_context, gate2_context, dropout, batch_norm @ {P}",
+        ),
     ],
 )
 def test_bad_params_name_the_path(host, eco, value, message):

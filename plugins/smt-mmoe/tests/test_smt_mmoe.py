@@ -62,7 +62,10 @@ def test_enabling_mmoe_on_a_single_task_model_is_an_error(host, eco):
             {"expert_widths": [32, 0]},
             "every width must be >= 1, got 0 at [1] @ $.models.feed_ctr_cvr.techniques.mmoe.expert_widths",
         ),
-        ({"experts": 3}, "extra fields found (experts) @ $.models.feed_ctr_cvr.techniques.mmoe"),
+        (
+            {"experts": 3},
+            "unknown key 'experts' (did you mean 'num_experts'?); valid keys: num_experts, expert_widths, tower_width @ $.models.feed_ctr_cvr.techniques.mmoe",
+        ),
     ],
 )
 def test_parameter_validation_names_the_path(eco, override, message):

@@ -82,7 +82,10 @@ def test_plan_and_widths(host, eco):
         ),
         ({"sigma": 0.0}, "must be > 0, got 0.0 @ $.models.feed_ctr.techniques.numeric_embedding.sigma"),
         ({"feature_dim": -2}, "must be >= 1, got -2 @ $.models.feed_ctr.techniques.numeric_embedding.feature_dim"),
-        ({"bins": 8}, "extra fields found (bins) @ $.models.feed_ctr.techniques.numeric_embedding"),
+        (
+            {"bins": 8},
+            "unknown key 'bins'; valid keys: num_frequencies, sigma, feature_dim @ $.models.feed_ctr.techniques.numeric_embedding",
+        ),
     ],
 )
 def test_parameter_validation_names_the_path(eco, override, message):

@@ -154,7 +154,10 @@ def test_bad_module_arguments_name_the_values():
             {"mlp_widths": [64, 0]},
             "every width must be >= 1, got 0 at [1] @ $.models.feed_ctr.techniques.wukong.mlp_widths",
         ),
-        ({"rank": 4}, "extra fields found (rank) @ $.models.feed_ctr.techniques.wukong"),
+        (
+            {"rank": 4},
+            "unknown key 'rank' (did you mean 'fm_rank'?); valid keys: num_layers, num_fm_embeddings, num_lcb_embeddings, fm_rank, mlp_widths @ $.models.feed_ctr.techniques.wukong",
+        ),
     ],
 )
 def test_bad_parameters_are_refused_with_their_path(host, eco, override, message):
