@@ -8,9 +8,9 @@ reports it. Nothing here imports torch at module level.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -44,21 +44,57 @@ def make_host(quiet: bool = False) -> Host:
     return host
 
 
-def load_ecosystem(host: Host, path: str | None) -> EcosystemSpec:
-    """The ecosystem at ``path`` (a TOML file or folder), or the built-in one."""
-    return host.load_ecosystem(path)
+#: a parsed ``--set``: the dotted path and the value
+Override = tuple[Sequence[str], Any]
 
 
-def load_targets(host: Host, targets: tuple[str, ...], ecosystem: str | None) -> tuple[EcosystemSpec, list[ModelSpec]]:
+def _parse_overrides(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[Override, ...]:
+    from smt_host.spec.layers import parse_override
+
+    out = []
+    for text in values:
+        try:
+            out.append(parse_override(text))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return tuple(out)
+
+
+def overrides_option(fn: Callable) -> Callable:
+    """``--set KEY=VALUE`` (repeatable), passed to the command as ``overrides``:
+    ``(path, value)`` pairs set on the ecosystem's data before it is checked."""
+    return click.option(
+        "--set",
+        "overrides",
+        metavar="KEY=VALUE",
+        multiple=True,
+        callback=_parse_overrides,
+        help=(
+            "Set a spec key before the spec is checked (repeatable): a dotted path and a TOML value, "
+            "e.g. --set models.feed_ctr.training.epochs=2 --set models.feed_ctr.techniques.dcnv2=false "
+            "(a value that is not TOML is a string). Keys: `smt spec`."
+        ),
+    )(fn)
+
+
+def load_ecosystem(host: Host, path: str | None, overrides: Sequence[Override] = ()) -> EcosystemSpec:
+    """The ecosystem at ``path`` (a TOML file or folder), or the built-in one,
+    with ``overrides`` (``--set``) applied."""
+    return host.load_ecosystem(path, overrides)
+
+
+def load_targets(
+    host: Host, targets: tuple[str, ...], ecosystem: str | None, overrides: Sequence[Override] = ()
+) -> tuple[EcosystemSpec, list[ModelSpec]]:
     """TARGETS: spec files/folders (each an ecosystem) or model names of the
-    ecosystem (default: the built-in one)."""
+    ecosystem (default: the built-in one); ``overrides`` (``--set``) apply to it."""
     files = [t for t in targets if t.endswith(".toml") or Path(t).is_dir()]
     names = [t for t in targets if t not in files]
     if files and ecosystem:
         raise click.UsageError("give spec files as TARGETS or --ecosystem, not both")
     if len(files) > 1:
         raise click.UsageError("give one ecosystem file or folder at a time")
-    eco = load_ecosystem(host, files[0] if files else ecosystem)
+    eco = load_ecosystem(host, files[0] if files else ecosystem, overrides)
     if not names:
         return eco, list(eco.models.values())
     return eco, [eco.model(n) for n in names]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from smt_host.cli.common import console, load_ecosystem, make_host
+from smt_host.cli.common import console, load_ecosystem, make_host, overrides_option
 from smt_host.errors import ConfigError, SmtError, TrainingError
 
 
@@ -49,7 +49,8 @@ def _cells_run(fn, *args, **kwargs):
     type=click.IntRange(min=100),
     help="Override the synthetic train size (valid and test scale with it).",
 )
-def ecosystem_run_cmd(ecosystem, out, seeds, jobs, models, train_examples) -> None:
+@overrides_option
+def ecosystem_run_cmd(ecosystem, out, seeds, jobs, models, train_examples, overrides) -> None:
     """Train every model as baseline, with each applicable technique alone and
     with all of them, at neutral capacity over SEEDS seeds; write
     adoption.json, adoption.md and adoption.png (NE-change heatmap) to OUT.
@@ -71,8 +72,16 @@ def ecosystem_run_cmd(ecosystem, out, seeds, jobs, models, train_examples) -> No
     from smt_host.ecosystem.cells import matrix_cells, run_cells, run_matrix
     from smt_host.ecosystem.reports import write_reports
 
+    # the worker processes of --jobs reload the spec from its file and get
+    # only the synthetic settings passed on (smt_host.ecosystem.cells)
+    lost = [".".join(p) for p, _ in overrides if tuple(p[:1]) != ("synthetic",)]
+    if jobs > 1 and lost:
+        raise click.UsageError(
+            f"--set {', '.join(lost)} with --jobs {jobs}: the worker processes would not see it; "
+            "use --jobs 1, or put the setting in a spec file (extends = ...)"
+        )
     host = make_host()
-    eco = load_ecosystem(host, ecosystem)
+    eco = load_ecosystem(host, ecosystem, overrides)
     if train_examples:
         s = eco.synthetic
         eco = attrs.evolve(

@@ -10,8 +10,8 @@ interrupted`` with what the command attached (see
 prints the traceback first. click's own usage errors keep click's output
 (exit 2).
 
-The commands live one family per module (plugins, plan, train, ecosystem,
-serve, authoring); none imports torch at module level, so ``smt --help``
+The commands live one family per module (spec, plugins, plan, train,
+ecosystem, serve, authoring); none imports torch at module level, so ``smt --help``
 and ``smt --version`` start without it.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from smt_host._version import __version__
-from smt_host.cli import authoring, ecosystem, plan, plugins, serve, train
+from smt_host.cli import authoring, ecosystem, plan, plugins, serve, spec, train
 from smt_host.cli.common import INTERRUPT_NOTE
 from smt_host.errors import ExitCode, SmtError
 
@@ -79,6 +79,8 @@ def cli() -> None:
 
 
 for _command in (
+    spec.init_cmd,
+    spec.spec_cmd,
     plugins.plugins_cmd,
     plan.plan_cmd,
     train.train_cmd,

@@ -8,7 +8,7 @@ import json
 import click
 
 from smt_host.cli.common import console as make_console
-from smt_host.cli.common import load_targets, make_host
+from smt_host.cli.common import load_targets, make_host, overrides_option
 
 
 def _fmt_params(params: dict | None) -> str:
@@ -52,12 +52,15 @@ def print_plan(plan, console=None) -> None:
 @click.command("plan")
 @click.argument("models", nargs=-1)
 @click.option("--ecosystem", "-e", type=click.Path(), help="Ecosystem TOML or folder (default: the built-in one).")
+@overrides_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plans as JSON.")
 @click.option(
     "--shard",
     help="Print torchrec's sharding plan for a topology instead, e.g. world_size=128,device=cuda[,hbm_gb=80] (no table is allocated).",
 )
-def plan_cmd(models: tuple[str, ...], ecosystem: str | None, as_json: bool, shard: str | None = None) -> None:
+def plan_cmd(
+    models: tuple[str, ...], ecosystem: str | None, overrides: tuple, as_json: bool, shard: str | None = None
+) -> None:
     """Show which technique fills what in MODELS (default: every model):
     distribution, version, parameters, widths, parameter count and FLOPs per
     example. A MODEL may also be a spec file."""
@@ -69,7 +72,7 @@ def plan_cmd(models: tuple[str, ...], ecosystem: str | None, as_json: bool, shar
         except ValueError as exc:
             raise click.UsageError(str(exc)) from exc
     host = make_host(quiet=as_json)
-    _eco, specs = load_targets(host, models, ecosystem)
+    _eco, specs = load_targets(host, models, ecosystem, overrides)
     if shard:
         from smt_host.distributed.shard import shard_command
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from smt_host.cli.common import console, load_targets, make_host, on_interrupt
+from smt_host.cli.common import console, load_targets, make_host, on_interrupt, overrides_option
 
 
 def _finished_epochs(checkpoint: Path) -> int | None:
@@ -57,6 +57,7 @@ def interrupt_note(run_dir: Path, before: int | None, resume: bool) -> str:
     show_default=True,
     help="Output folder; each model gets OUT/<ecosystem>/<model>/.",
 )
+@overrides_option
 @click.option("--resume", is_flag=True, help="Continue runs from their checkpoints (finished runs are not retrained).")
 @click.option("--epochs", type=click.IntRange(min=1), help="Override training.epochs of every model.")
 @click.option("--seed", type=int, help="Override training.seed of every model.")
@@ -75,7 +76,9 @@ def interrupt_note(run_dir: Path, before: int | None, resume: bool) -> str:
     show_default=True,
     help="Train on N local processes (torchrec DistributedModelParallel, launched with torch.distributed.run).",
 )
-def train_cmd(targets, ecosystem, out, resume, epochs, seed, as_json, no_progress, lockfile, nproc_per_node) -> None:
+def train_cmd(
+    targets, ecosystem, out, overrides, resume, epochs, seed, as_json, no_progress, lockfile, nproc_per_node
+) -> None:
     """Train models: with no TARGETS, every model of the default ecosystem.
 
     TARGETS are model names of the ecosystem, or one ecosystem TOML file or
@@ -106,7 +109,7 @@ def train_cmd(targets, ecosystem, out, resume, epochs, seed, as_json, no_progres
     from smt_host.train.trainer import train_model
 
     host = make_host(quiet=False)
-    eco, specs = load_targets(host, targets, ecosystem)
+    eco, specs = load_targets(host, targets, ecosystem, overrides)
     parallel = None
     if launch.launched():  # one rank of a torchrun job: tables sharded with torchrec DMP
         from smt_host.distributed.parallel import Parallel

@@ -15,18 +15,41 @@ from smt_host.spec.validators import at_least, identifier, in_range, one_of, pos
 class SparseFeature:
     """A categorical feature: ids in [0, vocab_size), embedded in D dims."""
 
-    name: str = attrs.field(validator=identifier)
-    vocab_size: int = attrs.field(validator=at_least(1))
-    embedding_dim: int = attrs.field(default=16, validator=at_least(1))
-    pooling: str = attrs.field(default="sum", validator=one_of("sum", "mean"))
-    sequence: bool = False
+    name: str = attrs.field(
+        validator=identifier,
+        metadata={
+            "doc": "The feature's name (letters, digits, `_`, `-`); a data source reads the column or field of this name."
+        },
+    )
+    vocab_size: int = attrs.field(
+        validator=at_least(1),
+        metadata={"doc": "Number of ids, at least 1: ids lie in [0, vocab_size), one embedding row each."},
+    )
+    embedding_dim: int = attrs.field(
+        default=16,
+        validator=at_least(1),
+        metadata={"doc": "Width D of the feature's embedding, at least 1; all sparse features of a model share one."},
+    )
+    pooling: str = attrs.field(
+        default="sum",
+        validator=one_of("sum", "mean"),
+        metadata={"doc": 'How the embeddings of a sequence feature\'s ids are pooled: "sum" or "mean".'},
+    )
+    sequence: bool = attrs.field(
+        default=False,
+        metadata={
+            "doc": "Whether the feature holds a list of ids per example (pooled by `pooling`) instead of one id."
+        },
+    )
 
 
 @attrs.frozen
 class DenseFeature:
     """A numeric feature, one float per example."""
 
-    name: str = attrs.field(validator=identifier)
+    name: str = attrs.field(
+        validator=identifier, metadata={"doc": "The feature's name (letters, digits, `_`, `-`); one float per example."}
+    )
 
 
 @attrs.frozen
@@ -37,18 +60,33 @@ class Features:
     default, uniform(+-sqrt(1 / rows)).
     """
 
-    sparse: tuple[SparseFeature, ...] = ()
-    dense: tuple[DenseFeature, ...] = ()
-    embedding_init_std: float | None = attrs.field(default=None, validator=at_least(0.0))
+    sparse: tuple[SparseFeature, ...] = attrs.field(
+        default=(),
+        metadata={"doc": "The categorical features, at least one; feature names are unique across sparse and dense."},
+    )
+    dense: tuple[DenseFeature, ...] = attrs.field(default=(), metadata={"doc": "The numeric features."})
+    embedding_init_std: float | None = attrs.field(
+        default=None,
+        validator=at_least(0.0),
+        metadata={
+            "doc": "Embedding tables start from N(0, std^2), std >= 0; unset: torchrec's default, uniform(+-sqrt(1 / rows))."
+        },
+    )
 
 
 @attrs.frozen
 class Task:
     """An optimization event (click, conversion, install...), a binary label."""
 
-    name: str = attrs.field(validator=identifier)
-    label: str | None = None
-    weight: float = attrs.field(default=1.0, validator=at_least(0.0))
+    name: str = attrs.field(
+        validator=identifier, metadata={"doc": "The task's name (click, conversion, install...); unique in the model."}
+    )
+    label: str | None = attrs.field(
+        default=None, metadata={"doc": "The label (event or column) the task predicts; unset: the task's name."}
+    )
+    weight: float = attrs.field(
+        default=1.0, validator=at_least(0.0), metadata={"doc": "Weight (>= 0) of the task's loss in the model's loss."}
+    )
 
     @property
     def label_name(self) -> str:
@@ -75,8 +113,18 @@ class Capacity:
     ``tolerance`` of it.
     """
 
-    budget: Budget = attrs.field(default=None, validator=_check_budget)
-    tolerance: float = attrs.field(default=0.02, validator=in_range(0.0, 1.0))
+    budget: Budget = attrs.field(
+        default=None,
+        validator=_check_budget,
+        metadata={
+            "doc": 'Serving budget in FLOPs per example: a positive number, "baseline" (the FLOPs of the model with built-in techniques only) or unset (no budget, no rescaling).'
+        },
+    )
+    tolerance: float = attrs.field(
+        default=0.02,
+        validator=in_range(0.0, 1.0),
+        metadata={"doc": "How close to the budget, as a fraction in [0, 1], the rescaled plan's FLOPs must land."},
+    )
 
 
 @attrs.frozen
@@ -91,18 +139,62 @@ class Training:
     ``lambda * row``, the same as adding ``lambda / 2 * ||E||^2`` to the loss).
     """
 
-    epochs: int = attrs.field(default=3, validator=at_least(1))
-    batch_size: int = attrs.field(default=1024, validator=at_least(1))
-    lr: float = attrs.field(default=1e-3, validator=at_least(0.0))
-    embedding_lr: float = attrs.field(default=0.01, validator=at_least(0.0))
-    weight_decay: float = attrs.field(default=0.0, validator=at_least(0.0))
-    embedding_weight_decay: float = attrs.field(default=0.0, validator=at_least(0.0))
-    seed: int = 0
-    patience: int = attrs.field(default=1, validator=at_least(0))
-    lr_decay: float = attrs.field(default=1.0, validator=in_range(0.0, 1.0))
-    early_stop_metric: str = attrs.field(default="auc", validator=one_of("auc", "logloss", "ne"))
-    max_steps_per_epoch: int | None = attrs.field(default=None, validator=at_least(1))
-    eval_batch_size: int = attrs.field(default=8192, validator=at_least(1))
+    epochs: int = attrs.field(
+        default=3,
+        validator=at_least(1),
+        metadata={"doc": "Passes over the train split, at least 1 (early stopping may end sooner)."},
+    )
+    batch_size: int = attrs.field(
+        default=1024, validator=at_least(1), metadata={"doc": "Examples per training step, at least 1."}
+    )
+    lr: float = attrs.field(
+        default=1e-3,
+        validator=at_least(0.0),
+        metadata={"doc": "Learning rate (>= 0) of the dense parameters' optimizer."},
+    )
+    embedding_lr: float = attrs.field(
+        default=0.01,
+        validator=at_least(0.0),
+        metadata={"doc": "Learning rate (>= 0) of the embedding tables' optimizer."},
+    )
+    weight_decay: float = attrs.field(
+        default=0.0, validator=at_least(0.0), metadata={"doc": "L2 penalty (>= 0) on the dense parameters."}
+    )
+    embedding_weight_decay: float = attrs.field(
+        default=0.0,
+        validator=at_least(0.0),
+        metadata={"doc": "L2 penalty (>= 0) on every row of the embedding tables (the gradient gains lambda * row)."},
+    )
+    seed: int = attrs.field(
+        default=0, metadata={"doc": "Seed of the parameters' initialization and of the batch order."}
+    )
+    patience: int = attrs.field(
+        default=1,
+        validator=at_least(0),
+        metadata={"doc": "Epochs in a row without validation improvement allowed before training stops (>= 0)."},
+    )
+    lr_decay: float = attrs.field(
+        default=1.0,
+        validator=in_range(0.0, 1.0),
+        metadata={
+            "doc": "Factor in [0, 1] on every learning rate after an epoch without validation improvement; 1.0: never."
+        },
+    )
+    early_stop_metric: str = attrs.field(
+        default="auc",
+        validator=one_of("auc", "logloss", "ne"),
+        metadata={"doc": 'The validation metric of early stopping and lr_decay: "auc", "logloss" or "ne".'},
+    )
+    max_steps_per_epoch: int | None = attrs.field(
+        default=None,
+        validator=at_least(1),
+        metadata={"doc": "At most this many training steps per epoch (>= 1); unset: the whole train split."},
+    )
+    eval_batch_size: int = attrs.field(
+        default=8192,
+        validator=at_least(1),
+        metadata={"doc": "Examples per batch when evaluating (validation and test), at least 1."},
+    )
 
 
 @attrs.frozen
@@ -113,11 +205,29 @@ class Arch:
     ``BatchNorm1d`` between each over-arch linear layer and its activation.
     """
 
-    dense_arch: tuple[int, ...] = attrs.field(default=(64,), converter=tuple, validator=positive_widths)
-    over_arch: tuple[int, ...] = attrs.field(default=(512, 256, 128), converter=tuple, validator=positive_widths)
-    task_width: int = attrs.field(default=64, validator=at_least(1))
-    dropout: float = attrs.field(default=0.0, validator=in_range(0.0, 0.9))
-    batch_norm: bool = False
+    dense_arch: tuple[int, ...] = attrs.field(
+        default=(64,),
+        converter=tuple,
+        validator=positive_widths,
+        metadata={"doc": "Layer widths (each >= 1) of the built-in MLP over the dense features."},
+    )
+    over_arch: tuple[int, ...] = attrs.field(
+        default=(512, 256, 128),
+        converter=tuple,
+        validator=positive_widths,
+        metadata={"doc": "Layer widths (each >= 1) of the built-in over-arch MLP; rescaled to meet a capacity budget."},
+    )
+    task_width: int = attrs.field(
+        default=64, validator=at_least(1), metadata={"doc": "Width (>= 1) of each task's built-in tower."}
+    )
+    dropout: float = attrs.field(
+        default=0.0,
+        validator=in_range(0.0, 0.9),
+        metadata={"doc": "Dropout after each over-arch activation, in [0, 0.9]."},
+    )
+    batch_norm: bool = attrs.field(
+        default=False, metadata={"doc": "Put a BatchNorm1d between each over-arch linear layer and its activation."}
+    )
 
 
 @attrs.frozen
@@ -130,9 +240,22 @@ class DataSpec:
     ``SMT_DATA_DIR``.
     """
 
-    source: str = "synthetic"
-    surface: str | None = None
-    options: Mapping[str, Any] = attrs.Factory(dict)
+    source: str = attrs.field(
+        default="synthetic",
+        metadata={
+            "doc": 'The data source: "synthetic" (the built-in ads world) or a file reader ("libfm", "csv", "criteo", "parquet", or a plugin\'s).'
+        },
+    )
+    surface: str | None = attrs.field(
+        default=None,
+        metadata={"doc": "The synthetic surface to read (feed, shop or video); unset: the model's `surface`."},
+    )
+    options: Mapping[str, Any] = attrs.field(
+        factory=dict,
+        metadata={
+            "doc": "The source's own settings (see the data-source options); relative paths resolve against SMT_DATA_DIR."
+        },
+    )
 
 
 @attrs.frozen
@@ -147,17 +270,37 @@ class ModelSpec:
     optional version specifiers, as pytest's) makes its absence an error.
     """
 
-    name: str = attrs.field(validator=identifier)
-    tasks: tuple[Task, ...] = attrs.field(converter=tuple)
-    features: Features = attrs.field()
-    surface: str | None = None
-    description: str = ""
-    data: DataSpec = attrs.Factory(DataSpec)
-    capacity: Capacity = attrs.Factory(Capacity)
-    training: Training = attrs.Factory(Training)
-    arch: Arch = attrs.Factory(Arch)
-    techniques: Mapping[str, Any] = attrs.Factory(dict)
-    required_plugins: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    name: str = attrs.field(
+        validator=identifier,
+        metadata={"doc": "The model's name (letters, digits, `_`, `-`, `.`); in `[models.<name>]` the table's key."},
+    )
+    tasks: tuple[Task, ...] = attrs.field(
+        converter=tuple, metadata={"doc": "The model's tasks (one head each), at least one, names unique."}
+    )
+    features: Features = attrs.field(
+        metadata={"doc": "The model's inputs: at least one sparse feature, and dense features."}
+    )
+    surface: str | None = attrs.field(
+        default=None, metadata={"doc": "The ad surface the model ranks for (synthetic data: feed, shop or video)."}
+    )
+    description: str = attrs.field(default="", metadata={"doc": "Free text, shown in listings."})
+    data: DataSpec = attrs.field(factory=DataSpec, metadata={"doc": "Where the model's batches come from."})
+    capacity: Capacity = attrs.field(factory=Capacity, metadata={"doc": "The serving-capacity budget."})
+    training: Training = attrs.field(factory=Training, metadata={"doc": "Training settings."})
+    arch: Arch = attrs.field(factory=Arch, metadata={"doc": "Widths of the built-in MLP parts."})
+    techniques: Mapping[str, Any] = attrs.field(
+        factory=dict,
+        metadata={
+            "doc": "Per technique name: false (opt out), true (opt in) or a table of its parameters (opt in with them)."
+        },
+    )
+    required_plugins: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=tuple,
+        metadata={
+            "doc": 'Distributions with optional version specifiers (e.g. "smt-dcnv2>=0.1") that must be installed and loaded to plan this model.'
+        },
+    )
 
     @tasks.validator
     def _check_tasks(self, attribute: attrs.Attribute, value: tuple) -> None:
@@ -195,10 +338,22 @@ class ModelSpec:
 class SyntheticSettings:
     """Size and seed of the built-in synthetic ads ecosystem."""
 
-    seed: int = 0
-    train_examples: int = attrs.field(default=100_000, validator=at_least(100))
-    valid_examples: int = attrs.field(default=20_000, validator=at_least(100))
-    test_examples: int = attrs.field(default=40_000, validator=at_least(100))
+    seed: int = attrs.field(default=0, metadata={"doc": "Seed of the synthetic world and its impressions."})
+    train_examples: int = attrs.field(
+        default=100_000,
+        validator=at_least(100),
+        metadata={"doc": "Impressions in the train split of each surface, at least 100."},
+    )
+    valid_examples: int = attrs.field(
+        default=20_000,
+        validator=at_least(100),
+        metadata={"doc": "Impressions in the validation split of each surface, at least 100."},
+    )
+    test_examples: int = attrs.field(
+        default=40_000,
+        validator=at_least(100),
+        metadata={"doc": "Impressions in the test split of each surface, at least 100."},
+    )
 
 
 @attrs.frozen
@@ -206,18 +361,30 @@ class PluginRequirements:
     """``required``: distributions with optional version specifiers that must
     be installed for this ecosystem (as pytest's ``required_plugins``)."""
 
-    required: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    required: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=tuple,
+        metadata={
+            "doc": 'Distributions with optional version specifiers (e.g. "smt-dcnv2>=0.1") that must be installed for this ecosystem.'
+        },
+    )
 
 
 @attrs.frozen
 class EcosystemSpec:
     """A set of model specs, with shared settings."""
 
-    name: str
-    models: Mapping[str, ModelSpec]
-    synthetic: SyntheticSettings = attrs.Factory(SyntheticSettings)
-    plugins: PluginRequirements = attrs.Factory(PluginRequirements)
-    source: str | None = None
+    name: str = attrs.field(metadata={"doc": "The ecosystem's name; runs go to `runs/<name>/<model>`."})
+    models: Mapping[str, ModelSpec] = attrs.field(
+        metadata={"doc": "The models, one `[models.<name>]` table each, at least one."}
+    )
+    synthetic: SyntheticSettings = attrs.field(
+        factory=SyntheticSettings, metadata={"doc": "Size and seed of the built-in synthetic data."}
+    )
+    plugins: PluginRequirements = attrs.field(
+        factory=PluginRequirements, metadata={"doc": "Plugins the ecosystem requires."}
+    )
+    source: str | None = attrs.field(default=None, metadata={"doc": "The file or folder the ecosystem was read from."})
 
     def model(self, name: str) -> ModelSpec:
         try:
