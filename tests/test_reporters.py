@@ -117,8 +117,13 @@ def test_a_reporter_leaves_no_trace_in_plan_manifest_or_technique_lists(jsonl, s
     assert applicable_techniques(with_it, spec) == applicable_techniques(without, spec) == []
     out = CliRunner().invoke(cli, ["plugins", "--json"])
     assert out.exit_code == 0, out.output
-    listed = {t["name"] for d in json.loads(out.output)["distributions"] for t in d["techniques"]}
+    dists = json.loads(out.output)["distributions"]
+    listed = {t["name"] for d in dists for t in d["techniques"]}
     assert listed == set(with_it.spm.techniques) and "jsonl" not in listed
+    # listed as what it is: a reporter of its distribution, applying to no model
+    assert [(d["distribution"], [r["name"] for r in d.get("reporters", [])]) for d in dists if d.get("reporters")] == [
+        ("smt-jsonl", ["jsonl"])
+    ]
 
 
 def _module(*reporters: object) -> types.ModuleType:

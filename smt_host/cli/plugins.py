@@ -21,7 +21,9 @@ from smt_host.cli.common import console, load_ecosystem, make_host
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plugins_cmd(ecosystem: str | None, as_json: bool) -> None:
     """List installed distributions, their techniques and slots, and the
-    models of the ecosystem each technique is used in."""
+    models of the ecosystem each technique is used in; reporters (loggers,
+    trackers) are listed too, and apply to every run without entering any
+    plan."""
     from smt_host.model.resolve import resolve
 
     host = make_host(quiet=as_json)
@@ -54,6 +56,12 @@ def plugins_cmd(ecosystem: str | None, as_json: bool) -> None:
                 "skipped": notes[reg.name],
             }
         )
+    for rep in sorted(host.spm.reporters.values(), key=lambda r: r.info.name):
+        d = dists.setdefault(rep.dist, {"distribution": rep.dist, "version": rep.version, "techniques": []})
+        # a reporter is no technique: it is in no plan, so it applies to no model
+        d.setdefault("reporters", []).append(
+            {"name": rep.info.name, "plugin": rep.plugin, "description": rep.info.description}
+        )
     rows = sorted(dists.values(), key=lambda d: (d["distribution"] != "smt-host", d["distribution"]))
     if as_json:
         click.echo(json.dumps({"ecosystem": eco.name, "distributions": rows}, indent=2))
@@ -69,4 +77,6 @@ def plugins_cmd(ecosystem: str | None, as_json: bool) -> None:
                 "(none)" if t["default"] else "(off by default: a model enables it in its spec)"
             )
             table.add_row(d["distribution"], d["version"], t["name"], t["slot"], models)
+        for r in d.get("reporters", []):
+            table.add_row(d["distribution"], d["version"], r["name"], "(reporter)", "every run (in no plan)")
     console().print(table)
