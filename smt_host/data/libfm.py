@@ -6,7 +6,9 @@ made local (``id - start``). A single-valued feature needs exactly one id in
 its field per row; a ``sequence`` feature takes any number (jagged). Values
 are ignored (binary features). Fields that no feature of the model uses are
 read and checked but dropped. Files are read line by line in chunks of
-``chunk_rows`` lines; ``.gz`` files are decompressed on the fly.
+``chunk_rows`` lines; ``.gz`` files are decompressed on the fly. A line that
+is not UTF-8 is a malformed row; a file that cannot be read (truncated gzip
+data, a folder, no permission) is a :class:`DataFormatError` naming it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import attrs
 import numpy as np
 
 from smt_host.data.chunks import Chunk, FaultSet, RowFaults, make_split
+from smt_host.data.files import READ_ERRORS, decode_lines, open_binary, read_error
 
 _LABELS = {"1": 1.0, "+1": 1.0, "-1": 0.0, "0": 0.0}
 
@@ -39,7 +42,8 @@ class Field:
 
 
 def open_text(path: Path) -> IO[str]:
-    """Opens a text file, decompressing ``.gz``."""
+    """Opens a text file, decompressing ``.gz`` (the readers read bytes, with
+    :func:`smt_host.data.files.open_binary`)."""
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8", newline="\n")
     return open(path, encoding="utf-8", newline="\n")
@@ -62,23 +66,43 @@ class LibfmFormat:
     chunk_rows: int = 65_536
 
     def read(self, path: Path, faults: RowFaults) -> Iterator[Chunk]:
-        """Yields chunks: ids (n, S) local ids, labels (n, 1), dense (n, 0)."""
-        with open_text(path) as f:
+        """Yields chunks: ids (n, S) local ids, labels (n, 1), dense (n, 0).
+
+        Raises:
+            DataFormatError: a malformed row (unless ``faults`` skips it), or
+                a file that cannot be read (line 0, or the line reached).
+        """
+        try:
+            f = open_binary(path)
+        except READ_ERRORS as exc:
+            raise read_error(faults.name, 0, exc) from exc
+        with f:
             first = 1
             while True:
-                lines = list(itertools.islice(f, self.chunk_rows))
-                if not lines:
+                raw: list[bytes] = []
+                try:
+                    raw.extend(itertools.islice(f, self.chunk_rows))  # keeps the lines read before a fault
+                except READ_ERRORS as exc:
+                    reached = first + len(raw)
+                    raise read_error(faults.name, reached if reached > 1 else 0, exc) from exc
+                if not raw:
                     return
-                chunk = self._parse(lines, first, faults)
+                lines, bad = decode_lines(raw)
+                chunk = self._parse(lines, first, faults, bad)
                 first += len(lines)
                 if chunk is not None:
                     yield chunk
 
     # ------------------------------------------------------------------ parse
 
-    def _parse(self, lines: Sequence[str], first: int, faults: RowFaults) -> Chunk | None:
+    def _parse(
+        self, lines: Sequence[str], first: int, faults: RowFaults, bad: dict[int, str] | None = None
+    ) -> Chunk | None:
+        """``bad``: {index: fault} of lines already known to be malformed (not UTF-8)."""
         n = len(lines)
         fs = FaultSet(n)
+        for i, message in (bad or {}).items():
+            fs.add(i, message)
         labels = np.zeros(n, dtype=np.float32)
         counts = np.zeros(n, dtype=np.int64)
         ids: list[int] = []
@@ -86,7 +110,7 @@ class LibfmFormat:
         for i, line in enumerate(lines):
             toks = line.split()
             if not toks:
-                blank[i] = True
+                blank[i] = True  # a line in ``bad`` too: its fault is reported, no other
                 continue
             lab = _LABELS.get(toks[0])
             if lab is None:

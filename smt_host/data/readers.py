@@ -34,9 +34,13 @@ against sparse features, vocab sizes, tasks, file existence) follow.
   ``"auto"`` (default) streams when the files are over ``stream_above_mb``
   (default 512; a ``.gz`` counts 4 times its size).
 * ``shuffle_buffer``: rows shuffled together when streaming (default 262144).
-* ``skip_malformed``: skip malformed rows instead of raising
+* ``skip_malformed``: skip malformed rows (a bad label, id or cell, a
+  wrong number of fields, a line that is not UTF-8) instead of raising
   :class:`DataFormatError` (default false); the counts are in
-  ``source.skipped`` (by file name) and logged as a warning.
+  ``source.skipped`` (by file name) and logged as a warning. A file that
+  cannot be read (truncated or corrupt gzip data, not Parquet, a folder, no
+  permission) or that holds no rows is a :class:`DataFormatError` naming it
+  either way (``"<file>:<line>: <fault>"``, line 0 or the line reached).
 * ``chunk_rows``: rows per chunk read (libFM lines, Parquet batch rows;
   default 65536).
 
@@ -65,6 +69,7 @@ label, I1..I13, C1..C26``.
 from __future__ import annotations
 
 import functools
+import os
 import tomllib
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -80,6 +85,7 @@ from cattrs.errors import AttributeValidationNote, ClassValidationError
 from smt_host.data import data_dir
 from smt_host.data.batch import Batch, TensorSplit
 from smt_host.data.chunks import Chunk, RowFaults, concat_splits, log, make_split, rebatch, split_of_lines, take_rows
+from smt_host.data.files import READ_ERRORS, read_error
 from smt_host.data.libfm import Field, LibfmFormat
 from smt_host.data.tabular import ENCODINGS, TRANSFORMS, DenseColumn, SparseColumn, TabularFormat
 from smt_host.errors import ConfigError, DataFormatError, FieldValueError
@@ -109,6 +115,13 @@ SPLITS = ("train", "valid", "test")
 CRITEO_COLUMNS: tuple[str, ...] = (
     ("label",) + tuple(f"I{i}" for i in range(1, 14)) + tuple(f"C{i}" for i in range(1, 27))
 )
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 class FileSource:
@@ -159,8 +172,27 @@ class FileSource:
     # ------------------------------------------------------------- reading
 
     def _read_file(self, path: Path) -> Iterator[Chunk]:
+        """The chunks of one file. Whatever goes wrong reading it is a
+        :class:`DataFormatError` naming the file (and the line reached); so is
+        a file without rows (empty, or every row skipped as malformed)."""
         faults = RowFaults(path, self.skip_malformed)
-        yield from self.fmt.read(path, faults)
+        rows, line = 0, 0
+        try:
+            for chunk in self.fmt.read(path, faults):
+                rows += len(chunk)
+                if len(chunk.lines):
+                    line = int(chunk.lines[-1])
+                yield chunk
+        except DataFormatError:
+            raise
+        except READ_ERRORS as exc:  # a reader that did not name the file itself
+            raise read_error(path.name, line, exc) from exc
+        if rows == 0:
+            if faults.count:
+                fault = f"no rows left: all {faults.count} rows are malformed (skipped with skip_malformed)"
+            else:
+                fault = "no rows: the file is empty" if _size(path) == 0 else "no rows: the file holds no data rows"
+            raise DataFormatError(path.name, 0, fault)
         self.skipped[path.name] = faults.count
         if faults.count and path.name not in self._warned:
             self._warned.add(path.name)
@@ -610,8 +642,12 @@ def _resolve(model: ModelSpec, eco: EcosystemSpec, paths: Sequence[str], key: st
     for v in paths:
         p = Path(v).expanduser()
         p = p if p.is_absolute() else data_dir() / p
+        if p.is_dir():
+            _fail(model, eco, f"data file is a folder, not a file: {p}", key)
         if not p.is_file():
             _fail(model, eco, f"data file not found: {p} (set SMT_DATA_DIR; data folder is {data_dir()})", key)
+        if not os.access(p, os.R_OK):
+            _fail(model, eco, f"data file cannot be read (permission denied): {p}", key)
         out.append(p)
     return out
 

@@ -17,7 +17,9 @@ CSV files are streamed with ``pyarrow.csv.open_csv`` (``.gz`` decompressed on
 the fly); every column is read as text so a bad cell can be reported with its
 line. Parquet files are streamed with ``ParquetFile.iter_batches``; their
 "line" is the 1-based row number. A row whose columns are all empty (a blank
-line) is dropped silently.
+line) is dropped silently. A CSV line that is not UTF-8 is a malformed row; a
+file that cannot be read (truncated gzip data, not a Parquet file...) is a
+:class:`DataFormatError` naming it (see :mod:`smt_host.data.files`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from smt_host.data.chunks import Chunk, FaultSet, RowFaults, make_split
-from smt_host.data.libfm import open_text
+from smt_host.data.files import READ_ERRORS, Utf8CheckedStream, decode_line, open_binary, read_error
 from smt_host.errors import DataFormatError
 
 ENCODINGS = ("hash", "mod", "int")
@@ -98,13 +100,23 @@ class TabularFormat:
 
     def _layout(self, path: Path) -> tuple[str, bool, list[str]]:
         """(delimiter, has header, column names) of a CSV file."""
-        with open_text(path) as f:
-            first = f.readline().rstrip("\r\n")
+        try:
+            with open_binary(path) as f:
+                raw = f.readline()
+        except READ_ERRORS as exc:
+            raise read_error(path.name, 0, exc) from exc
+        if not raw:
+            raise DataFormatError(path.name, 0, "the file is empty")
+        first, fault = decode_line(raw.rstrip(b"\r\n"))
+        if fault is not None:  # sniffed as it is; a row of data that is not UTF-8 is reported as such later
+            first = raw.rstrip(b"\r\n").decode("utf-8", "replace")
         delimiter = self.delimiter or ("\t" if "\t" in first else ",")
         cells = next(csv.reader([first], delimiter=delimiter)) if first else []
         header = self.header
         if header is None:
             header = not (cells and _is_number(cells[0]))
+        if header and fault is not None:  # the header names the columns: it must be text
+            raise DataFormatError(path.name, 1, fault)
         if header:
             names = cells
         elif self.column_names:
@@ -122,33 +134,56 @@ class TabularFormat:
         return delimiter, header, names
 
     def _read_csv(self, path: Path, faults: RowFaults) -> Iterator[Chunk]:
+        delimiter, header, names = self._layout(path)
+        try:
+            stream = Utf8CheckedStream(open_binary(path), path.name)
+        except READ_ERRORS as exc:
+            raise read_error(path.name, 0, exc) from exc
+        with stream:
+            yield from self._csv_chunks(stream, path, faults, delimiter, header, names)
+
+    def _csv_chunks(
+        self,
+        stream: Utf8CheckedStream,
+        path: Path,
+        faults: RowFaults,
+        delimiter: str,
+        header: bool,
+        names: list[str],
+    ) -> Iterator[Chunk]:
         import pyarrow.csv as pacsv
 
-        delimiter, header, names = self._layout(path)
         invalid: list[tuple[int, str]] = []  # (row number, fault) of rows with a wrong field count
 
         def on_invalid(row) -> str:
             invalid.append((row.number or 0, f"expected {row.expected_columns} fields, got {row.actual_columns}"))
             return "skip"
 
+        def fail(exc: BaseException) -> DataFormatError:
+            # reading the file failed (truncated gzip data...): the stream knows the line
+            return stream.error if stream.error is not None else read_error(path.name, 0, exc)
+
         needed = self.needed_columns()
-        reader = pacsv.open_csv(
-            str(path),
-            read_options=pacsv.ReadOptions(
-                use_threads=False,
-                block_size=self.block_bytes,
-                column_names=None if header else names,
-            ),
-            parse_options=pacsv.ParseOptions(
-                delimiter=delimiter, invalid_row_handler=on_invalid, ignore_empty_lines=False
-            ),
-            convert_options=pacsv.ConvertOptions(
-                include_columns=needed,
-                column_types={c: pa.string() for c in needed},
-                strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-            ),
-        )
+        try:
+            reader = pacsv.open_csv(
+                stream,
+                read_options=pacsv.ReadOptions(
+                    use_threads=False,
+                    block_size=self.block_bytes,
+                    column_names=None if header else names,
+                ),
+                parse_options=pacsv.ParseOptions(
+                    delimiter=delimiter, invalid_row_handler=on_invalid, ignore_empty_lines=False
+                ),
+                convert_options=pacsv.ConvertOptions(
+                    include_columns=needed,
+                    column_types={c: pa.string() for c in needed},
+                    strings_can_be_null=False,
+                    quoted_strings_can_be_null=False,
+                ),
+            )
+        except READ_ERRORS as exc:
+            raise fail(exc) from exc
         seen = 0  # rows returned so far
         first_row = 2 if header else 1
         while True:
@@ -156,6 +191,8 @@ class TabularFormat:
                 batch = reader.read_next_batch()
             except StopIteration:
                 break
+            except READ_ERRORS as exc:
+                raise fail(exc) from exc
             n = batch.num_rows
             base = first_row + seen + np.arange(n, dtype=np.int64)
             seen += n
@@ -163,20 +200,31 @@ class TabularFormat:
             shift = inv - np.arange(len(inv), dtype=np.int64)
             lines = base + np.searchsorted(shift, base, side="right")
             last = int(lines[-1]) if n else int(inv.max(initial=0))
-            due = [(r, m) for r, m in invalid if r <= last]
+            due = [(r, stream.bad.pop(r, m)) for r, m in invalid if r <= last]  # not UTF-8: that is the fault
             invalid[:] = [(r, m) for r, m in invalid if r > last]
-            chunk = self._convert(batch, lines, faults, due, blank_rows=True)
+            not_utf8 = {}
+            if stream.bad:
+                hit = np.nonzero(np.isin(lines, np.fromiter(stream.bad, dtype=np.int64)))[0]
+                not_utf8 = {int(i): stream.bad.pop(int(lines[i])) for i in hit}
+            chunk = self._convert(batch, lines, faults, due, blank_rows=True, known=not_utf8)
             if chunk is not None:
                 yield chunk
         if invalid:
-            faults.report([r for r, _ in invalid], [m for _, m in invalid])
+            faults.report([r for r, _ in invalid], [stream.bad.pop(r, m) for r, m in invalid])
+        if stream.bad:  # lines pyarrow did not return (e.g. inside a quoted field)
+            faults.report(list(stream.bad), list(stream.bad.values()))
 
     # --------------------------------------------------------------- parquet
 
     def _read_parquet(self, path: Path, faults: RowFaults) -> Iterator[Chunk]:
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(str(path))
+        try:
+            if path.stat().st_size == 0:
+                raise DataFormatError(path.name, 0, "the file is empty")
+            pf = pq.ParquetFile(str(path))
+        except READ_ERRORS as exc:
+            raise _parquet_error(path, 0, exc) from exc
         names = pf.schema_arrow.names
         missing = [c for c in self.needed_columns() if c not in names]
         if missing:
@@ -187,7 +235,14 @@ class TabularFormat:
                 f"the file has {len(names)} columns: {', '.join(names)}",
             )
         seen = 0
-        for batch in pf.iter_batches(batch_size=self.chunk_rows, columns=self.needed_columns()):
+        batches = pf.iter_batches(batch_size=self.chunk_rows, columns=self.needed_columns())
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except READ_ERRORS as exc:
+                raise _parquet_error(path, seen + 1, exc) from exc
             lines = np.arange(seen + 1, seen + 1 + batch.num_rows, dtype=np.int64)
             seen += batch.num_rows
             chunk = self._convert(batch, lines, faults, [], blank_rows=False)
@@ -203,9 +258,14 @@ class TabularFormat:
         faults: RowFaults,
         extra: list[tuple[int, str]],
         blank_rows: bool,
+        known: dict[int, str] | None = None,
     ) -> Chunk | None:
+        """``extra``: (line, fault) of rows not in ``batch``; ``known``: {row: fault}
+        of rows of ``batch`` already known to be malformed (not UTF-8)."""
         n = batch.num_rows
         fs = FaultSet(n)
+        for r, message in (known or {}).items():
+            fs.add(r, message)
         col = {name: batch.column(i) for i, name in enumerate(batch.schema.names)}
         labels = np.zeros((n, len(self.labels)), dtype=np.float32)
         for t, name in enumerate(self.labels):
@@ -227,7 +287,8 @@ class TabularFormat:
                 empty &= _empty(a)
             good &= ~empty
             for r in np.nonzero(empty)[0]:
-                fs.messages.pop(int(r), None)
+                if known is None or int(r) not in known:
+                    fs.messages.pop(int(r), None)
         rows = sorted(fs.messages)
         faults.report(
             [int(lines[r]) for r in rows] + [r for r, _ in extra],
@@ -240,6 +301,13 @@ class TabularFormat:
         for name, (values, lengths, parents) in jagged.items():
             jag[name] = (values[good[parents]], lengths[good])
         return Chunk(make_split(self.keys, ids, dense[good], labels[good], jag), lines[good])
+
+
+def _parquet_error(path: Path, line: int, exc: BaseException) -> DataFormatError:
+    err = read_error(path.name, line, exc)
+    if isinstance(exc, pa.ArrowException) and not isinstance(exc, DataFormatError):
+        return DataFormatError(path.name, line, f"not a readable Parquet file ({err.fault})")
+    return err
 
 
 # ------------------------------------------------------------------ encoders

@@ -1,38 +1,85 @@
-"""``smt plan --shard``: torchrec's sharding plan for a topology, no table allocated."""
+"""``smt plan --shard``: torchrec's sharding plan for a topology, no table allocated.
+
+:func:`parse_shard` imports neither torch nor torchrec, so a bad ``--shard``
+value is refused at once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from smt_host.errors import ConfigError
 
-from smt_host.distributed.parallel import table_sharders
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+
+def _integer(text: str) -> int:
+    return int(text.strip())
+
+
+def _number(text: str) -> float:
+    return float(text.strip())
+
+
+#: key -> (parse, what it must be, check of the parsed value)
+_SHARD_KEYS: dict[str, tuple[Callable[[str], Any], str, Callable[[Any], bool]]] = {
+    "world_size": (_integer, "an integer >= 1", lambda v: v >= 1),
+    "device": (str.strip, "cpu or cuda", lambda v: v in ("cpu", "cuda")),
+    "hbm_gb": (_number, "a finite number > 0 (GB of HBM per rank)", lambda v: math.isfinite(v) and v > 0),
+    "ddr_gb": (_number, "a finite number > 0 (GB of DDR per rank)", lambda v: math.isfinite(v) and v > 0),
+    "batch_size": (_integer, "an integer >= 1", lambda v: v >= 1),
+    "local_world_size": (_integer, "an integer >= 1 that divides world_size", lambda v: v >= 1),
+}
 
 
 def parse_shard(text: str) -> dict:
-    """``world_size=128,device=cuda[,hbm_gb=80,ddr_gb=512,batch_size=512,local_world_size=8]``."""
-    allowed = {
-        "world_size": int,
-        "device": str,
-        "hbm_gb": float,
-        "ddr_gb": float,
-        "batch_size": int,
-        "local_world_size": int,
-    }
+    """``world_size=128,device=cuda[,hbm_gb=80,ddr_gb=512,batch_size=512,local_world_size=8]``.
+
+    Raises:
+        ConfigError: every bad part, each ``"<fault> @ --shard <key>"``
+            naming what the key allows (a ``ValueError`` too).
+
+    Example:
+        >>> parse_shard("world_size=8,hbm_gb=80")
+        {'world_size': 8, 'device': 'cuda', 'hbm_gb': 80.0}
+        >>> parse_shard("world_size=0")
+        Traceback (most recent call last):
+        ...
+        smt_host.errors.ConfigError: world_size must be an integer >= 1, got '0' @ --shard world_size
+    """
     out: dict[str, Any] = {"world_size": 1, "device": "cuda"}
+    errors: list[str] = []
+    given: set[str] = set()
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
-        if not sep or key not in allowed:
-            raise ValueError(f"--shard {text!r}: {part!r} is not KEY=VALUE with KEY one of {', '.join(allowed)}")
+        key = key.strip()
+        if not sep or key not in _SHARD_KEYS:
+            errors.append(f"{part!r} is not KEY=VALUE with KEY one of {', '.join(_SHARD_KEYS)} @ --shard {key or part}")
+            continue
+        if key in given:
+            errors.append(f"{key} is given twice @ --shard {key}")
+            continue
+        given.add(key)
+        parse, allowed, ok = _SHARD_KEYS[key]
         try:
-            out[key] = allowed[key](value)
+            parsed = parse(value)
         except ValueError:
-            raise ValueError(f"--shard {text!r}: {key} must be {allowed[key].__name__}, got {value!r}") from None
-    if out["device"] not in ("cpu", "cuda"):
-        raise ValueError(f"--shard {text!r}: device must be cpu or cuda")
-    if out["world_size"] < 1:
-        raise ValueError(f"--shard {text!r}: world_size must be >= 1")
+            parsed = None
+        if parsed is None or not ok(parsed):
+            errors.append(f"{key} must be {allowed}, got {value.strip()!r} @ --shard {key}")
+            continue
+        out[key] = parsed
+    lws = out.get("local_world_size")
+    if lws is not None and "local_world_size" in given and out["world_size"] % lws:
+        errors.append(
+            f"local_world_size must be {_SHARD_KEYS['local_world_size'][1]} ({out['world_size']}), "
+            f"got {lws} @ --shard local_world_size"
+        )
+    if errors:
+        raise ConfigError(errors)
     return out
 
 
@@ -50,7 +97,10 @@ def meta_ebc(host: Any, spec: Any) -> nn.Module:
 def shard_plan(host: Any, spec: Any, shard: dict) -> dict:
     """torchrec's sharding plan of ``spec``'s tables for a topology, with
     bytes per rank. Nothing is allocated (meta device)."""
+    from torch import nn
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+
+    from smt_host.distributed.parallel import table_sharders
 
     class Holder(nn.Module):
         def __init__(self, ebc: nn.Module) -> None:
@@ -175,16 +225,16 @@ def print_shard_plan(report: dict, console: Any = None) -> None:
 
 
 def shard_command(host: Any, specs: Sequence[Any], text: str, as_json: bool) -> None:
-    """``smt plan MODELS --shard ...``: print (or JSON) the sharding plans."""
+    """``smt plan MODELS --shard ...``: print (or JSON) the sharding plans.
+
+    Raises:
+        ConfigError: a bad ``--shard`` value (:func:`parse_shard`).
+    """
     import json
 
     import click
 
-    try:
-        shard = parse_shard(text)
-    except ValueError as exc:
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(2) from None
+    shard = parse_shard(text)  # a ConfigError: the CLI's one ``error:`` line, exit 2
     reports = [shard_plan(host, spec, shard) for spec in specs]
     if as_json:
         out = [{k: v for k, v in r.items() if k != "torchrec_plan"} for r in reports]

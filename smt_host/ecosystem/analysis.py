@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from smt_host.ecosystem.cells import ADOPTED, ALL, BASELINE, Cell, cell_path
+from smt_host.ecosystem.cells import ADOPTED, ALL, BASELINE, Cell, read_cell
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -40,13 +39,14 @@ def decide(ne_deltas: list[float]) -> tuple[str, str]:
 
 
 def _task_mean(test: dict, key: str) -> float:
-    vals = [m[key] for m in test.values() if not math.isnan(m[key])]
+    # a metric that is not a number is null in a cell's (strict) JSON, NaN in an older one
+    vals = [m[key] for m in test.values() if m.get(key) is not None and not math.isnan(m[key])]
     return sum(vals) / len(vals) if vals else float("nan")
 
 
 def analyse(out: Path, cells: list[Cell]) -> dict:
     """Reads the cell results; returns the adoption matrix as data."""
-    results = {c.key: json.loads(cell_path(out, c).read_text()) for c in cells if cell_path(out, c).exists()}
+    results = {c.key: r for c in cells if (r := read_cell(out, c)) is not None}
     models = sorted({c.model for c in cells})
     pairs = []
     for model in models:

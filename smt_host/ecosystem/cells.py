@@ -4,8 +4,11 @@ For every model it trains the baseline (built-ins only), the baseline plus
 each applicable technique alone, and the baseline plus every applicable
 technique, all at the baseline's serving FLOPs (capacity-neutral), over N
 seeds. A *cell* is one (model, arm, seed) training run; each finished cell
-writes ``cells/<model>/<arm>/seed<k>.json`` atomically, so an interrupted run
-resumes without retraining finished cells.
+writes ``cells/<model>/<arm>/seed<k>.json`` atomically (strict JSON,
+:mod:`smt_host.ecosystem.files`), so an interrupted run resumes without
+retraining finished cells. With ``jobs > 1`` cells train in spawned worker
+processes that end when the main process does, even when it is killed
+outright (:mod:`smt_host.ecosystem.workers`).
 
 Decision rule (written down, tested): a technique is **adopted** for a model
 when, paired by seed, the mean relative NE change (arm - baseline) /
@@ -16,7 +19,10 @@ standard error is unknown and nothing is adopted.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,10 +30,14 @@ from typing import Any
 
 import attrs
 
+from smt_host.ecosystem.files import write_json_atomic
+from smt_host.ecosystem.workers import die_with_parent
+from smt_host.errors import ExitCode, SmtError
 from smt_host.model.resolve import resolve
 from smt_host.plugins import HOST_DIST
 from smt_host.spec.schema import EcosystemSpec, ModelSpec
-from smt_host.train.checkpoint import write_text_atomic
+
+log = logging.getLogger(__name__)
 
 BASELINE = "baseline"
 ALL = "all"
@@ -109,7 +119,7 @@ def run_cell(host: Any, eco: EcosystemSpec, cell: Cell, out: Path) -> dict:
     except CapacityError as exc:
         # the arm cannot run at neutral capacity: recorded, and rejected
         data = {"cell": attrs.asdict(cell), "over_budget": str(exc)}
-        write_text_atomic(json.dumps(data, indent=2), cell_path(out, cell))
+        write_json_atomic(data, cell_path(out, cell))
         return data
     started = time.perf_counter()
     run_dir = Path(out) / "runs" / cell.model / cell.arm / f"seed{cell.seed}"
@@ -129,11 +139,38 @@ def run_cell(host: Any, eco: EcosystemSpec, cell: Cell, out: Path) -> dict:
             if e.dist != HOST_DIST
         ],
     }
-    write_text_atomic(json.dumps(data, indent=2), cell_path(out, cell))
+    write_json_atomic(data, cell_path(out, cell))
     return data
 
 
-def _worker(args: tuple) -> tuple[str, str | None]:
+def read_cell(out: Path, cell: Cell) -> dict | None:
+    """The result of a finished cell; None when it has none, or one that cannot
+    be read (it is trained again)."""
+    path = cell_path(out, cell)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable cell result (%s); training the cell again", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class CellsFailed(SmtError, RuntimeError):
+    """Cells that failed in the worker processes (``"cells failed: <key>: <error>; ..."``).
+
+    ``exit_code`` is 2 (bad input) when every failure was bad input (a data
+    file, a spec...), as the same error in one process would be; else 1.
+    """
+
+    def __init__(self, errors: list[str], exit_code: int = ExitCode.FAILED) -> None:
+        self.errors = list(errors)
+        self.exit_code = ExitCode(exit_code)
+        super().__init__("cells failed: " + "; ".join(self.errors))
+
+
+def _worker(args: tuple) -> tuple[str, str | None, int]:
     """Process-pool entry: trains one cell in a fresh host."""
     eco_source, eco_is_default, cell_dict, out, synthetic = args
     import torch
@@ -148,9 +185,18 @@ def _worker(args: tuple) -> tuple[str, str | None]:
     cell = Cell(**cell_dict)
     try:
         run_cell(host, eco, cell, Path(out))
-        return cell.key, None
+        return cell.key, None, 0
     except Exception as exc:  # noqa: BLE001 - reported per cell
-        return cell.key, f"{type(exc).__name__}: {exc}"
+        code = int(exc.exit_code) if isinstance(exc, SmtError) else int(ExitCode.FAILED)
+        return cell.key, f"{type(exc).__name__}: {exc}", code
+
+
+def _stop_workers(pool: Any) -> None:
+    """Cancels the cells not started and terminates the workers of ``pool``."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(OSError, ValueError):  # already gone
+            proc.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def run_matrix(
@@ -184,7 +230,7 @@ def run_cells(
     out = Path(out)
     todo = []
     for cell in cells:
-        if cell_path(out, cell).exists():
+        if read_cell(out, cell) is not None:
             on_done(cell, True)
         else:
             todo.append(cell)
@@ -198,14 +244,25 @@ def run_cells(
 
     synthetic = host.conv.unstructure(eco.synthetic)
     args = [(eco_path, eco_path is None, attrs.asdict(c), str(out), synthetic) for c in todo]
-    errors = []
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+    errors, codes = [], set()
+    # each worker ends when this process does, even killed outright (SIGKILL)
+    with ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=mp.get_context("spawn"),
+        initializer=die_with_parent,
+        initargs=(os.getpid(),),
+    ) as pool:
         futures = {pool.submit(_worker, a): c for a, c in zip(args, todo)}
-        for fut in as_completed(futures):
-            key, err = fut.result()
-            if err:
-                errors.append(f"{key}: {err}")
-            on_done(futures[fut], False)
+        try:
+            for fut in as_completed(futures):
+                key, err, code = fut.result()
+                if err:
+                    errors.append(f"{key}: {err}")
+                    codes.add(code)
+                on_done(futures[fut], False)
+        except BaseException:  # Ctrl-C, a broken pool...: do not wait for the cells still training
+            _stop_workers(pool)
+            raise
     if errors:
-        raise RuntimeError("cells failed: " + "; ".join(errors))
+        raise CellsFailed(errors, ExitCode.USAGE_ERROR if codes == {ExitCode.USAGE_ERROR} else ExitCode.FAILED)
     return cells

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import attrs
 
 from smt_host.ecosystem.analysis import adopted_sets
+from smt_host.ecosystem.files import write_json_atomic
 from smt_host.errors import LockError
 from smt_host.spec.schema import ModelSpec
 
@@ -14,6 +16,12 @@ from smt_host.spec.schema import ModelSpec
 def make_lock(matrix: dict) -> dict:
     """``{"version": 1, "models": {model: [{technique, dist, version, params}]}}``."""
     return {"version": 1, "models": adopted_sets(matrix)}
+
+
+def write_lock(lock: dict, path: Path) -> None:
+    """Writes ``lock`` to ``path`` as strict JSON, atomically: a failed write
+    keeps the previous lock file whole."""
+    write_json_atomic(lock, Path(path))
 
 
 def check_lock(lock: dict, host: Any) -> None:
