@@ -721,7 +721,7 @@ def _temps(folder: Path) -> list[str]:
 
 
 def test_atomic_json_write_that_fails_keeps_the_previous_file(tmp_path: Path, monkeypatch) -> None:
-    from smt_host.ecosystem import files
+    from smt_host import files
 
     path = tmp_path / "cells" / "seed0.json"
     files.write_json_atomic({"v": 1}, path)
@@ -749,7 +749,7 @@ def test_atomic_json_write_that_fails_keeps_the_previous_file(tmp_path: Path, mo
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
 def test_read_only_folder_keeps_the_previous_file(tmp_path: Path) -> None:
-    from smt_host.ecosystem.files import write_json_atomic
+    from smt_host.files import write_json_atomic
 
     folder = tmp_path / "ro"
     write_json_atomic({"v": 1}, folder / "a.json")
@@ -840,7 +840,7 @@ def test_adoption_json_is_strict_and_reports_are_atomic(tmp_path: Path, monkeypa
     before = {p.name: p.read_bytes() for p in paths}
     third = _matrix(nan=False)
     third["pairs"][0]["ne_delta_std"] = 0.002
-    from smt_host.ecosystem import files
+    from smt_host import files
 
     real = files.os.replace
 

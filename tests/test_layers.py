@@ -267,10 +267,17 @@ def test_set_on_the_command_line(tmp_path):
         assert "Invalid value for '--set'" in usage.stderr and why in usage.stderr and repr(arg) in usage.stderr
 
 
-def test_ecosystem_run_refuses_set_its_workers_would_not_see(tmp_path):
-    out = smt("ecosystem", "run", "--jobs", "2", "--out", str(tmp_path), "--set", "models.feed_ctr.training.epochs=1")
-    assert out.returncode == 2
-    assert "--set models.feed_ctr.training.epochs with --jobs 2" in out.stderr
+def test_ecosystem_run_workers_see_set(tmp_path):
+    """The worker processes of --jobs get the ecosystem as the parent
+    resolved it (--set included), not re-read from its file."""
+    out = smt(
+        "ecosystem", "run", "--jobs", "2", "--seeds", "2", "--models", "feed_ctr", "--train-examples", "1000",
+        "--out", str(tmp_path), "--set", "models.feed_ctr.training.epochs=1",
+        "--set", "models.feed_ctr.training.max_steps_per_epoch=2",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    cells = sorted((tmp_path / "cells").rglob("*.json"))
+    assert cells and all(json.loads(c.read_text())["epochs"] == 1 for c in cells)
 
 
 # -------------------------------------------------------------- smt init

@@ -72,14 +72,6 @@ def ecosystem_run_cmd(ecosystem, out, seeds, jobs, models, train_examples, overr
     from smt_host.ecosystem.cells import matrix_cells, run_cells, run_matrix
     from smt_host.ecosystem.reports import write_reports
 
-    # the worker processes of --jobs reload the spec from its file and get
-    # only the synthetic settings passed on (smt_host.ecosystem.cells)
-    lost = [".".join(p) for p, _ in overrides if tuple(p[:1]) != ("synthetic",)]
-    if jobs > 1 and lost:
-        raise click.UsageError(
-            f"--set {', '.join(lost)} with --jobs {jobs}: the worker processes would not see it; "
-            "use --jobs 1, or put the setting in a spec file (extends = ...)"
-        )
     host = make_host()
     eco = load_ecosystem(host, ecosystem, overrides)
     if train_examples:
@@ -112,14 +104,12 @@ def ecosystem_run_cmd(ecosystem, out, seeds, jobs, models, train_examples, overr
                 skipped.append(cell)
             progress.update(task, advance=1, description=f"adoption matrix: {cell.key}")
 
-        _cells_run(
-            run_matrix, host, eco, Path(out), seeds=seeds, jobs=jobs, models=chosen, on_done=done, eco_path=ecosystem
-        )
+        _cells_run(run_matrix, host, eco, Path(out), seeds=seeds, jobs=jobs, models=chosen, on_done=done)
         # the adopted set of each model, trained together at neutral capacity
         extra = adopted_cells(analyse(Path(out), cells), seeds)
         if extra:
             progress.update(task, total=len(cells) + len(extra))
-            _cells_run(run_cells, host, eco, Path(out), extra, jobs=jobs, on_done=done, eco_path=ecosystem)
+            _cells_run(run_cells, host, eco, Path(out), extra, jobs=jobs, on_done=done)
             cells = cells + extra
     wall = time.perf_counter() - started
     matrix = analyse(Path(out), cells)
@@ -155,14 +145,13 @@ def ecosystem_run_cmd(ecosystem, out, seeds, jobs, models, train_examples, overr
 def ecosystem_lock_cmd(out, lock_path) -> None:
     """Write, per model, the adopted technique set with distribution versions
     and parameters. `smt train --locked LOCK` then trains exactly that set."""
-    from smt_host.ecosystem.lock import make_lock
-    from smt_host.train.checkpoint import write_text_atomic
+    from smt_host.ecosystem.lock import make_lock, write_lock
 
     path = Path(out) / "adoption.json"
     if not path.exists():
         raise ConfigError([f"{path} not found: run `smt ecosystem run --out {out}` first"])
     lock = make_lock(json.loads(path.read_text()))
-    write_text_atomic(json.dumps(lock, indent=2) + "\n", Path(lock_path))
+    write_lock(lock, Path(lock_path))
     for model, entries in lock["models"].items():
         names = ", ".join(f"{e['technique']} ({e['dist']} {e['version']})" for e in entries) or "baseline only"
         click.echo(f"{model}: {names}")

@@ -67,10 +67,7 @@ def plan_cmd(
     if shard:
         from smt_host.distributed.shard import parse_shard
 
-        try:
-            parse_shard(shard)
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from exc
+        parse_shard(shard)  # a bad --shard fails before the host loads (ConfigError @ --shard KEY)
     host = make_host(quiet=as_json)
     _eco, specs = load_targets(host, models, ecosystem, overrides)
     if shard:

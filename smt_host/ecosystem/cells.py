@@ -5,7 +5,7 @@ each applicable technique alone, and the baseline plus every applicable
 technique, all at the baseline's serving FLOPs (capacity-neutral), over N
 seeds. A *cell* is one (model, arm, seed) training run; each finished cell
 writes ``cells/<model>/<arm>/seed<k>.json`` atomically (strict JSON,
-:mod:`smt_host.ecosystem.files`), so an interrupted run resumes without
+:mod:`smt_host.files`), so an interrupted run resumes without
 retraining finished cells. With ``jobs > 1`` cells train in spawned worker
 processes that end when the main process does, even when it is killed
 outright (:mod:`smt_host.ecosystem.workers`).
@@ -30,9 +30,9 @@ from typing import Any
 
 import attrs
 
-from smt_host.ecosystem.files import write_json_atomic
 from smt_host.ecosystem.workers import die_with_parent
 from smt_host.errors import ExitCode, SmtError
+from smt_host.files import write_json_atomic
 from smt_host.model.resolve import resolve
 from smt_host.plugins import HOST_DIST
 from smt_host.spec.schema import EcosystemSpec, ModelSpec
@@ -172,16 +172,15 @@ class CellsFailed(SmtError, RuntimeError):
 
 def _worker(args: tuple) -> tuple[str, str | None, int]:
     """Process-pool entry: trains one cell in a fresh host."""
-    eco_source, eco_is_default, cell_dict, out, synthetic = args
+    eco_data, cell_dict, out = args
     import torch
 
     torch.set_num_threads(1)
     from smt_host.host import Host
 
     host = Host.create()
-    eco = host.default_ecosystem() if eco_is_default else host.load_ecosystem(eco_source)
-    if synthetic is not None:
-        eco = attrs.evolve(eco, synthetic=host.conv.structure(synthetic, type(eco.synthetic)))
+    # the parent's ecosystem as it resolved it (layers, --set, sizes): never re-read from its file
+    eco = host.conv.structure(eco_data, EcosystemSpec)
     cell = Cell(**cell_dict)
     try:
         run_cell(host, eco, cell, Path(out))
@@ -208,12 +207,11 @@ def run_matrix(
     jobs: int = 1,
     models: Iterable[str] | None = None,
     on_done: Callable[[Cell, bool], None] = lambda c, skipped: None,
-    eco_path: str | None = None,
 ) -> list[Cell]:
     """Trains every unfinished cell of the matrix (``jobs`` processes);
     returns all cells. A cell whose result file exists is skipped (resume)."""
     cells = matrix_cells(host, eco, seeds, models)
-    return run_cells(host, eco, out, cells, jobs=jobs, on_done=on_done, eco_path=eco_path)
+    return run_cells(host, eco, out, cells, jobs=jobs, on_done=on_done)
 
 
 def run_cells(
@@ -224,7 +222,6 @@ def run_cells(
     *,
     jobs: int = 1,
     on_done: Callable[[Cell, bool], None] = lambda c, skipped: None,
-    eco_path: str | None = None,
 ) -> list[Cell]:
     """Trains the unfinished ``cells``; returns them."""
     out = Path(out)
@@ -242,8 +239,8 @@ def run_cells(
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    synthetic = host.conv.unstructure(eco.synthetic)
-    args = [(eco_path, eco_path is None, attrs.asdict(c), str(out), synthetic) for c in todo]
+    eco_data = host.conv.unstructure(eco)
+    args = [(eco_data, attrs.asdict(c), str(out)) for c in todo]
     errors, codes = [], set()
     # each worker ends when this process does, even killed outright (SIGKILL)
     with ProcessPoolExecutor(

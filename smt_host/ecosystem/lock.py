@@ -8,8 +8,8 @@ from typing import Any
 import attrs
 
 from smt_host.ecosystem.analysis import adopted_sets
-from smt_host.ecosystem.files import write_json_atomic
 from smt_host.errors import LockError
+from smt_host.files import write_json_atomic
 from smt_host.spec.schema import ModelSpec
 
 

@@ -1,6 +1,6 @@
 """adoption.json, adoption.md and the heatmap.
 
-Each is written atomically (:mod:`smt_host.ecosystem.files`): a write that
+Each is written atomically (:mod:`smt_host.files`): a write that
 fails keeps the previous report whole. adoption.json is strict JSON (a NaN,
 e.g. the standard deviation of one seed, is ``null``).
 """
@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from smt_host.ecosystem.cells import ADOPTED, ALL
-from smt_host.ecosystem.files import atomic_path, write_json_atomic, write_text_atomic
+from smt_host.files import atomic_path, write_json_atomic, write_text_atomic
 
 
 def write_reports(out: Path, matrix: dict) -> list[Path]:

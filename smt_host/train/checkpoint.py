@@ -10,12 +10,12 @@ techniques that return one; absent in checkpoints written before it).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from smt_host.files import atomic_path
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -23,32 +23,9 @@ CHECKPOINT = "checkpoint.pt"
 def save_atomic(obj: Any, path: Path) -> None:
     """Writes ``obj`` with ``torch.save`` to a temporary file in the same
     folder, fsyncs it, then renames it over ``path``: a crash leaves either
-    the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    the old file or the new one, never half of one (:func:`smt_host.files.atomic_path`)."""
+    with atomic_path(Path(path)) as tmp:
+        torch.save(obj, tmp)
 
 
 def load(path: Path) -> dict:

@@ -25,6 +25,7 @@ from smt_host.contexts import LossInputs, TrainContext
 from smt_host.data import open_source
 from smt_host.data.batch import DataSource
 from smt_host.errors import TrainingError
+from smt_host.files import write_text_atomic
 from smt_host.host import Host
 from smt_host.model.plan import Manifest, Plan
 from smt_host.spec.schema import EcosystemSpec, ModelSpec
@@ -351,5 +352,5 @@ def train_model(
     metrics = attrs.asdict(result, filter=lambda a, v: a.name != "plan")
     metrics["plan"] = host.plan_dict(plan)
     if parallel is None or parallel.is_main:
-        ckpt.write_text_atomic(json.dumps(metrics, indent=2, default=str), out_dir / "metrics.json")
+        write_text_atomic(json.dumps(metrics, indent=2, default=str), out_dir / "metrics.json")
     return result

@@ -1,7 +1,7 @@
-"""Writing the ecosystem loop's files so that what was there is kept.
+"""Writing files so that what was there is kept.
 
-Every file the loop writes (cell JSONs, adoption.json/.md/.png, the lock)
-goes to a temporary file in the same folder, is flushed to disk (fsync) and
+Every file the host writes (checkpoints, metrics, the ecosystem loop's
+cells, reports and lock) goes to a temporary file in the same folder, is flushed to disk (fsync) and
 renamed over the old one (``os.replace``, atomic on POSIX). A write that
 fails midway, or a process killed during it, leaves the previous file whole
 and no temporary file behind (a killed process may leave one
