@@ -162,6 +162,7 @@ def _models_with(plans, technique):
 
 
 @needs_env
+@pytest.mark.propagation
 # one slot: each install + test run + plans takes a minute or two on a small
 # machine; every slot's skeleton is checked in-process above
 @pytest.mark.parametrize("slot", ["interaction"])
