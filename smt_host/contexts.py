@@ -114,6 +114,12 @@ class TrainContext:
         out_dir: the run's output folder (a ``pathlib.Path``).
         data: the model's data source.
         resumed: True when the run continues from a checkpoint.
+        ecosystem: the model's ecosystem spec (data and plugin settings), or None.
+        optimizers: the run's optimizers (their param groups' learning rates).
+        epoch: the epoch being trained (1-based; 0 before the first).
+        examples: training examples seen by this process so far.
+        steps_per_epoch: optimizer steps in one epoch, when the data source
+            knows its size (None otherwise).
         state: a dict techniques write reports into, by technique name; the
             trainer returns it as ``RunResult.reports`` and writes it to
             metrics.json under ``reports``. It is not checkpointed: state a
@@ -128,6 +134,11 @@ class TrainContext:
     data: Any = None
     resumed: bool = False
     state: dict = attrs.Factory(dict)
+    ecosystem: Any = None
+    optimizers: list = attrs.Factory(list)
+    epoch: int = 0
+    examples: int = 0
+    steps_per_epoch: int | None = None
 
     @property
     def members(self) -> list:

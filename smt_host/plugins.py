@@ -142,6 +142,10 @@ class SmtPluginManager:
         self.data_sources: dict[str, DataSourceRecord] = {}
         #: reporter name -> who provides it (``smt_reporters``)
         self.reporters: dict[str, ReporterRecord] = {}
+        #: reporter names not to register (``SMT_DISABLE_PLUGINS`` / ``-p no:NAME``)
+        #: -> the distribution that provides each one that was skipped (once seen)
+        self.blocked_reporters: set[str] = set()
+        self.disabled_reporters: dict[str, str] = {}
         self._callers: dict[tuple[str, str], Any] = {}
         self._report_callers: dict[tuple[str, str], Any] = {}
         self._plugin_dist: dict[int, tuple[str, str]] = {}
@@ -253,6 +257,9 @@ class SmtPluginManager:
             info = reporter_info_of(obj)
         except TypeError as exc:
             raise PluginError(f"{where}: {exc}") from None
+        if info.name in self.blocked_reporters:
+            self.disabled_reporters[info.name] = dist
+            return
         if info.name in self.reporters:
             other = self.reporters[info.name]
             raise PluginError(
@@ -420,6 +427,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "smt_host.builtins.loss",
     "smt_host.builtins.optimizer",
     "smt_host.builtins.data_sources",
+    "smt_host.builtins.run_files",
 )
 
 
@@ -449,7 +457,8 @@ def get_plugin_manager(
     Args:
         load: overrides ``SMT_LOAD_PLUGINS`` (None: unset, load all;
             "": load none; "a,b": only these distributions or entry points).
-        disable: overrides ``SMT_DISABLE_PLUGINS`` ("a,b": block these).
+        disable: overrides ``SMT_DISABLE_PLUGINS`` ("a,b": block these
+            distributions, entry points or reporters by name).
         extra: ``(module, name)`` pairs registered after the entry points, as
             distribution ``<extra>`` (for tests and notebooks).
     """
@@ -461,6 +470,7 @@ def get_plugin_manager(
     blocked = _split_env(disable) or set()
 
     spm = SmtPluginManager()
+    spm.blocked_reporters = set(blocked)
     host_version = spm.distributions[HOST_DIST]
     for module in _builtin_modules():
         spm.register_plugin(module, dist=HOST_DIST, version=host_version, name=module.__name__.rsplit(".", 1)[-1])

@@ -63,7 +63,7 @@ def jsonl(fake_dist, no_env):
 
 def test_a_plugin_with_only_reporters_loads(jsonl):
     host = Host.create()
-    (rec,) = host.spm.reporters.values()
+    (rec,) = [r for r in host.spm.reporters.values() if r.dist != "smt-host"]
     assert (rec.name, rec.dist, rec.version, rec.plugin) == ("jsonl", "smt-jsonl", "0.3", "jsonl")
     assert rec.info.description == "Appends every lifecycle event to events.jsonl in the run folder."
     assert host.spm.distributions["smt-jsonl"] == "0.3"
@@ -106,7 +106,7 @@ def test_a_reporter_leaves_no_trace_in_plan_manifest_or_technique_lists(jsonl, s
     spec = small_eco.model("tiny_ctr")
     spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1, max_steps_per_epoch=2))
     with_it, without = Host.create(), Host.create(disable="smt-jsonl")
-    assert with_it.spm.reporters and not without.spm.reporters
+    assert "jsonl" in with_it.spm.reporters and "jsonl" not in without.spm.reporters
     plan = with_it.plan(spec)
     assert with_it.plan_dict(plan) == without.plan_dict(without.plan(spec))
     train_model(with_it, spec, small_eco, tmp_path / "run")
@@ -122,7 +122,8 @@ def test_a_reporter_leaves_no_trace_in_plan_manifest_or_technique_lists(jsonl, s
     assert listed == set(with_it.spm.techniques) and "jsonl" not in listed
     # listed as what it is: a reporter of its distribution, applying to no model
     assert [(d["distribution"], [r["name"] for r in d.get("reporters", [])]) for d in dists if d.get("reporters")] == [
-        ("smt-jsonl", ["jsonl"])
+        ("smt-host", sorted(r for r, rec in with_it.spm.reporters.items() if rec.dist == "smt-host")),
+        ("smt-jsonl", ["jsonl"]),
     ]
 
 
@@ -177,3 +178,13 @@ def test_a_reporter_implements_lifecycle_hooks_only():
         PluginError, match="reporter name 'boom' clashes with the reporter of the same name from <extra>"
     ):
         Host.create(load="", extra=[(_module(Boom()), "a"), (_module(Boom()), "b")])
+
+
+def test_the_run_folder_records_are_built_in_reporters_that_can_be_blocked(no_env):
+    host = Host.create(load="")
+    builtin = {n for n, r in host.spm.reporters.items() if r.dist == "smt-host"}
+    assert {"run_record", "metrics_log"} <= builtin
+    blocked = Host.create(load="", disable="metrics_log,curves")
+    assert "metrics_log" not in blocked.spm.reporters and "curves" not in blocked.spm.reporters
+    assert "run_record" in blocked.spm.reporters
+    assert blocked.spm.disabled_reporters["metrics_log"] == "smt-host"
