@@ -126,6 +126,28 @@ class LockError(SmtError, RuntimeError):
     exit_code = ExitCode.USAGE_ERROR
 
 
+class DamagedFileError(SmtError, ValueError):
+    """A checkpoint, DCP folder or export whose bytes differ from the checksum
+    recorded when it was written, or that cannot be read at all (truncated,
+    empty); the message names the file and what is wrong with it."""
+
+    exit_code = ExitCode.USAGE_ERROR
+
+
+class UnsafeFileError(SmtError, ValueError):
+    """A file that would run code if it were loaded (a pickled object, a
+    global outside the allow-list, a program calling something that is not
+    an operator); refused before anything in it runs, naming what it holds."""
+
+    exit_code = ExitCode.USAGE_ERROR
+
+
+class DeviceError(SmtError, ValueError):
+    """A ``--device`` this machine or this torch build cannot train on."""
+
+    exit_code = ExitCode.USAGE_ERROR
+
+
 class ScaffoldError(SmtError, ValueError):
     """Bad input to the scaffold; the message says what to change."""
 

@@ -306,12 +306,17 @@ class Parallel:
     # -- checkpoints
     def save(self, model: nn.Module, meta: dict, path: Path) -> None:
         """Weights with DCP (each rank its own shards) to ``path.parent /
-        checkpoint.dcp``; then rank 0 writes ``meta`` to ``path`` (atomic)."""
+        checkpoint.dcp``, the folder it replaces kept as ``checkpoint.prev.dcp``;
+        then rank 0 writes ``meta`` to ``path`` (atomic, sealed, the previous
+        one kept), with the sha256 of every file of the DCP folder
+        (``model_dcp_sha256``) that :func:`smt_host.train.checkpoint.dcp_folder`
+        checks before loading."""
         import shutil
 
         import torch.distributed.checkpoint as dcp
 
-        from smt_host.train.checkpoint import save_atomic
+        from smt_host.integrity import folder_digests
+        from smt_host.train.checkpoint import DCP_DIGESTS, previous_path, save_atomic
 
         path = Path(path)
         final = path.parent / DCP_DIR
@@ -322,8 +327,12 @@ class Parallel:
         dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp), process_group=self.pg)
         self.barrier()
         if self.is_main:
+            digests = folder_digests(tmp)
             if final.exists():
-                shutil.rmtree(final)
+                prev = previous_path(final)
+                if prev.exists():
+                    shutil.rmtree(prev)
+                os.replace(final, prev)
             os.replace(tmp, final)
-            save_atomic({**meta, "model_dcp": DCP_DIR, "world_size": self.world_size}, path)
+            save_atomic({**meta, "model_dcp": DCP_DIR, DCP_DIGESTS: digests, "world_size": self.world_size}, path)
         self.barrier()

@@ -12,7 +12,14 @@ uninstalled, and stays named in the exported manifest), and exports
 (``strict=False``) with a dynamic batch size (B >= 2; one example is padded
 to two by :func:`run_exported`). The file saved with
 ``torch.export.save`` holds ``plan.json``, ``manifest.json``, ``spec.json``
-and ``smt.json`` (host version, tasks, features) as extra files.
+and ``smt.json`` (host version, tasks, features) as extra files, and the
+sha256 of every member (:mod:`smt_host.integrity`); it is written to a
+temporary file and renamed into place.
+
+:func:`load_exported` refuses a damaged export (a member that differs from
+its checksum) and one that would run code when loaded (a pickled weight, a
+legacy weights file, a node that calls something other than an operator...):
+see :mod:`smt_host.serve.safe_load` and ``docs/trust-model.md``.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from smt_host.errors import ExportError
+from smt_host.errors import DamagedFileError, ExportError
 from smt_host.model.plan import Manifest, installed_manifest
 from smt_host.spec.converter import structure
 from smt_host.spec.schema import ModelSpec
@@ -123,17 +130,58 @@ def export_run(host: Any, run_dir: Path, out: Path | None = None, ecosystem: str
         "spec.json": json.dumps(host.conv.unstructure(spec)),
         "smt.json": json.dumps(info),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, str(out), extra_files=extra)
+    save_sealed(program, out, extra)
     return out
 
 
-def load_exported(path: Path) -> tuple[torch.export.ExportedProgram, dict]:
-    """(program, {name: parsed JSON} of the extra files)."""
-    extra = {name: "" for name in EXTRA_FILES}
-    with torch.serialization.safe_globals([KeyedJaggedTensor]):  # the saved example inputs hold one
-        program = torch.export.load(str(path), extra_files=extra)
-    return program, {k.removesuffix(".json"): json.loads(v) for k, v in extra.items() if v}
+def save_sealed(program: torch.export.ExportedProgram, out: Path, extra: dict[str, str]) -> None:
+    """``torch.export.save`` into a temporary folder next to ``out`` (so the
+    archive's root folder is named after ``out``), sealed with the sha256 of
+    every member, then renamed to ``out``: a failed export leaves the old
+    file, never half of a new one."""
+    import os
+    import shutil
+    import tempfile
+
+    from smt_host.files import atomic_path
+    from smt_host.integrity import seal
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        staged = folder / out.name
+        torch.export.save(program, str(staged), extra_files=extra)
+        seal(staged)
+        with atomic_path(out) as tmp:
+            os.replace(staged, tmp)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def load_exported(path: Path, *, notice: Any = None) -> tuple[torch.export.ExportedProgram, dict]:
+    """(program, {name: parsed JSON} of the extra files), loaded by
+    :func:`smt_host.serve.safe_load.load_program`: checksum verified, no
+    pickled entry, only operators. An export written before exports carried
+    a checksum loads with a notice (``notice``, default ``notice: ...`` on stderr).
+
+    Raises:
+        DamagedFileError: the file is damaged (truncated, a member differs from its checksum).
+        UnsafeFileError: loading it would run code; the message names what.
+    """
+    from smt_host.serve.safe_load import load_program
+    from smt_host.train.checkpoint import print_notice
+
+    program, extra, status = load_program(Path(path), EXTRA_FILES)
+    if status == "unsealed":
+        (notice or print_notice)(f"{path} carries no checksum (exported by an older smt); damage cannot be detected")
+    info = {}
+    for name, text in extra.items():
+        try:
+            info[name.removesuffix(".json")] = json.loads(text)
+        except ValueError as exc:
+            raise DamagedFileError(f"{path}: damaged export: extra/{name} is not JSON ({exc})") from None
+    return program, info
 
 
 def run_exported(module: torch.nn.Module, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
