@@ -52,7 +52,7 @@ def test_unknown_key_is_refused_with_its_path():
     assert str(err.value) == (
         "unknown key 'lernrate'; valid keys: epochs, batch_size, lr, embedding_lr, weight_decay, "
         "embedding_weight_decay, seed, patience, lr_decay, early_stop_metric, max_steps_per_epoch, "
-        "eval_batch_size @ $.models.feed_ctr.training"
+        "eval_batch_size, checkpoint_every_steps @ $.models.feed_ctr.training"
     )
 
 

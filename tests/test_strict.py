@@ -177,7 +177,7 @@ def test_every_bad_value_is_reported_at_once_in_spec_order():
         f"must be one of 'sum', 'mean', got 'max' @ {M}.features.sparse[0].pooling",
         f"must be >= 1, got 0 @ {M}.training.epochs",
         f"expected an integer, got 256.9 @ {M}.training.batch_size",
-        f"must be >= 0.0, got -1.0 @ {M}.training.lr",
+        f"must be > 0.0 (a learning rate of 0 trains nothing), got -1.0 @ {M}.training.lr",
         f"expected an integer, got the string '2' @ {M}.training.patience",
         f"must be one of 'auc', 'logloss', 'ne', got 'acc' @ {M}.training.early_stop_metric",
         f"must be in [0.0, 0.9], got 0.95 @ {M}.arch.dropout",
@@ -241,7 +241,7 @@ def test_did_you_mean_for_a_spec_key():
     assert errors_of(training={"epoch": 2}) == [
         "unknown key 'epoch' (did you mean 'epochs'?); valid keys: epochs, batch_size, lr, embedding_lr, "
         "weight_decay, embedding_weight_decay, seed, patience, lr_decay, early_stop_metric, "
-        f"max_steps_per_epoch, eval_batch_size @ {M}.training"
+        f"max_steps_per_epoch, eval_batch_size, checkpoint_every_steps @ {M}.training"
     ]
     assert errors_of(arch={"batchnorm": True, "zzz": 1}) == [
         "unknown key 'batchnorm' (did you mean 'batch_norm'?); valid keys: dense_arch, over_arch, task_width, "

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import GOOD_PLUGIN
 
+import smt_host
 from smt_host.contexts import LossInputs
 from smt_host.errors import ManifestMismatch, TrainingError
 from smt_host.host import Host
@@ -128,8 +129,10 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(fake_dist, n
     with pytest.raises(TrainingError) as err:
         train_model(Host.create(), spec, small_eco, run)
     assert str(err.value) == (
-        f"tiny_ctr: loss is nan at epoch 2, step 10; training stopped, the last good checkpoint (epoch 1) "
-        f"is kept at {run / 'checkpoint.pt'}. Lower training.lr @ $.models.tiny_ctr.training.lr"
+        "tiny_ctr: loss is nan at epoch 2, step 10; first non-finite output: the loss, from bce (smt-host "
+        f"{smt_host.__version__}), nan_after (smt-nan 0.1) (every part's output is finite); training stopped, "
+        f"the last good checkpoint (epoch 1) is kept at {run / 'checkpoint.pt'}. "
+        "Lower training.lr @ $.models.tiny_ctr.training.lr"
     )
     assert ckpt.load(run / "checkpoint.pt")["state"]["epoch"] == 1
 

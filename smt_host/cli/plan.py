@@ -74,6 +74,10 @@ def plan_cmd(
         from smt_host.distributed.shard import shard_command
 
         return shard_command(host, specs, shard, as_json)
+    from smt_host.train.preflight import check_memory
+
+    for spec in specs:  # planning builds the model: refuse tables that cannot fit before allocating them
+        check_memory(host, spec, training=False)
     plans = [host.plan(spec) for spec in specs]
     if as_json:
         out = [host.plan_dict(p) for p in plans]

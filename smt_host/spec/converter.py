@@ -7,8 +7,11 @@ and the data sources' option classes, with these rules:
 - ``int``: an integer; a float only when integral (``2.0`` becomes ``2``);
   never a string (``"4"``), a fraction (``1.5``) or a boolean (``true`` is a
   ``bool``, which Python counts as an ``int``: refused all the same).
-- ``float``: a number; an integer becomes a float (``2`` -> ``2.0``); never a
-  string (``"0.1"``) or a boolean.
+- ``float``: a finite number; an integer becomes a float (``2`` -> ``2.0``);
+  never a string (``"0.1"``), a boolean, or ``nan`` / ``inf`` (valid TOML,
+  but nothing trains from them).
+- a number anywhere else (in a free-form table such as ``data.options`` or
+  ``techniques``, checked again when its own class structures it) is finite.
 - ``bool``: ``true`` or ``false`` only; not ``"no"``, not ``0`` / ``1``.
 - ``str``: a string only.
 - ``X | None`` takes ``None`` or what ``X`` takes.
@@ -41,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import math
 import numbers
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -138,6 +142,8 @@ def format_errors(exc: BaseException, path: str = "$") -> list[str]:
     """
     if isinstance(exc, FieldValueError):
         return [f"{exc.message} @ {path}.{exc.field}"]
+    if isinstance(exc, _NonFiniteIn):
+        return [f"expected a finite number, got {v!r} @ {path}{p}" for p, v in exc.found]
     if isinstance(exc, ForbiddenExtraKeysError):
         return [f"{m} @ {path}" for m in _extra_keys(exc)]
     if isinstance(exc, (ClassValidationError, IterableValidationError)):
@@ -154,6 +160,8 @@ def format_errors(exc: BaseException, path: str = "$") -> list[str]:
                 errors.extend(format_errors(sub, p))
             elif isinstance(sub, ForbiddenExtraKeysError):
                 errors.extend(f"{m} @ {p}" for m in _extra_keys(sub))
+            elif isinstance(sub, _NonFiniteIn):
+                errors.extend(format_errors(sub, p))
             else:
                 errors.append(f"{_format_leaf(sub, note.type)} @ {p}")
         return errors
@@ -177,6 +185,8 @@ def _structure_float(value: Any, cl: type) -> float:
     if cl is not float:
         return cl(value)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise SpecTypeError(f"expected a finite number, got {describe(value)}")
         return float(value)
     raise SpecTypeError(f"expected a number, got {describe(value)}")
 
@@ -200,12 +210,42 @@ def _structure_budget(value: Any, _type: Any) -> Budget:
         return value  # a string other than "baseline" is refused by the field's validator
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise SpecTypeError(f'expected a number of FLOPs or "baseline", got {describe(value)}')
+    if not math.isfinite(value):
+        raise SpecTypeError(f'expected a finite number of FLOPs or "baseline", got {describe(value)}')
     return float(value)
+
+
+def non_finite(value: Any, path: str = "") -> list[tuple[str, float]]:
+    """``(path, number)`` of every NaN or infinite float in ``value`` (tables
+    and lists, at any depth), in order; paths are relative (``.a[0].b``).
+
+    Example:
+        >>> non_finite({"a": 1.0, "b": [0.5, float("nan")], "c": {"d": float("-inf")}})
+        [('.b[1]', nan), ('.c.d', -inf)]
+    """
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [(path, value)]
+    if isinstance(value, Mapping):
+        return [hit for k, v in value.items() for hit in non_finite(v, f"{path}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [hit for i, v in enumerate(value) for hit in non_finite(v, f"{path}[{i}]")]
+    return []
+
+
+class _NonFiniteIn(ValueError):
+    """Non-finite numbers inside a free-form table, each reported at its own path."""
+
+    def __init__(self, found: list[tuple[str, float]]) -> None:
+        self.found = found
+        super().__init__("; ".join(f"expected a finite number, got {v!r} at {p}" for p, v in found))
 
 
 def _structure_any_mapping(value: Any, _type: Any) -> dict:
     if not isinstance(value, Mapping):
         raise SpecTypeError(f"expected a table, got {describe(value)}")
+    found = non_finite(value)
+    if found:
+        raise _NonFiniteIn(found)
     return dict(value)
 
 

@@ -36,6 +36,33 @@ def at_least(minimum: float):
     return check
 
 
+def greater_than(minimum: float, why: str = ""):
+    """attrs validator: value > minimum, message ``must be > N, got X``
+    (``why``, when given, follows in parentheses; None passes: an optional
+    field left unset). For learning rates: 0 trains nothing.
+
+    Example:
+        >>> @attrs.frozen
+        ... class Params:
+        ...     lr: float = attrs.field(default=0.1, validator=greater_than(0.0, "0 trains nothing"))
+        >>> Params(0.5).lr
+        0.5
+        >>> Params(0.0)
+        Traceback (most recent call last):
+        ...
+        smt_host.errors.FieldValueError: must be > 0.0 (0 trains nothing), got 0.0 @ .lr
+    """
+    reason = f" ({why})" if why else ""
+
+    def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is None:
+            return
+        if not value > minimum:
+            raise FieldValueError(attribute.name, f"must be > {minimum}{reason}, got {value!r}")
+
+    return check
+
+
 def in_range(low: float, high: float):
     """attrs validator: low <= value <= high.
 

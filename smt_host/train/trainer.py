@@ -7,10 +7,23 @@ and then on the installed reporters (``smt_reporters``, main process only).
 Each checkpoint also holds every technique's own training state
 (``smt_state_dict``) under ``techniques``, handed back on resume
 (``smt_load_state_dict``, right after ``smt_train_start``).
+
+Checkpoints are written at each epoch's end and, with
+``training.checkpoint_every_steps``, every that many steps within an epoch:
+``state["batch"]`` then counts the batches of epoch ``state["epoch"] + 1``
+already trained on. The batch order depends only on (seed, epoch), so
+``--resume`` skips those batches and goes on exactly where the run stopped.
+
+Before anything is planned or allocated, the run takes the folder's lock
+(:mod:`smt_host.train.runlock`) and checks the model fits in memory
+(:mod:`smt_host.train.preflight`). A loss that turns NaN or inf stops the
+run, naming the first part of the model whose output is not finite on the
+failing batch.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -24,13 +37,18 @@ import torch
 from smt_host.contexts import LossInputs, TrainContext
 from smt_host.data import open_source
 from smt_host.data.batch import DataSource
-from smt_host.errors import TrainingError
+from smt_host.errors import DeviceError, TrainingError
 from smt_host.files import write_text_atomic
 from smt_host.host import Host
 from smt_host.model.plan import Manifest, Plan
 from smt_host.spec.schema import EcosystemSpec, ModelSpec
 from smt_host.train import checkpoint as ckpt
+from smt_host.train import preflight, runlock
 from smt_host.train.metrics import binary_metrics
+from smt_host.train.prefetch import prefetched
+
+#: batches built ahead of the step, in a background thread (smt_host.train.prefetch)
+PREFETCH_DEPTH = 2
 
 
 @attrs.frozen
@@ -43,7 +61,9 @@ class RunResult:
         valid: the best validation metrics.
         history: validation metrics per epoch.
         epochs: epochs run; steps: optimizer steps.
-        wall_s: seconds; out_dir: the run folder; stopped_early: patience ran out.
+        wall_s: seconds, validation included; out_dir: the run folder; stopped_early: patience ran out.
+        examples_per_s: training examples per second of training steps
+            (``train_s``, which leaves validation out).
         test_before_fit: test metrics before post-training fits (``smt_before_test``), if any.
         reports: what techniques left in ``ctx.state`` (e.g. calibration before/after).
     """
@@ -61,6 +81,7 @@ class RunResult:
     plan: Any = None
     test_before_fit: dict | None = None
     reports: dict = attrs.Factory(dict)
+    train_s: float = 0.0
 
 
 @torch.no_grad()
@@ -70,19 +91,59 @@ def predict(
     split: str,
     batch_size: int,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities (N, T), labels (N, T)) of a split; ``gather`` (distributed
-    runs) concatenates every rank's rows."""
+    """(probabilities (N, T), labels (N, T)) of a split, on the CPU; ``gather``
+    (distributed runs) concatenates every rank's rows; ``device``: where the
+    model is (batches are moved there)."""
     model.eval()
     preds, labels = [], []
-    for batch in data.batches(split, batch_size):
-        preds.append(torch.sigmoid(model(batch.dense, batch.sparse)))
-        labels.append(batch.labels)
+    for batch in prefetched(on_device(data.batches(split, batch_size), device), depth=PREFETCH_DEPTH):
+        preds.append(torch.sigmoid(model(batch.dense, batch.sparse)).cpu())
+        labels.append(batch.labels.cpu())
     model.train()
     pred, label = torch.cat(preds), torch.cat(labels)
     if gather is not None:
         pred, label = gather(pred), gather(label)
     return pred, label
+
+
+def check_device(device: str) -> str:
+    """``device`` in torch's spelling when this machine and torch build can
+    train there; a one-line :class:`DeviceError` otherwise.
+
+    Example:
+        >>> check_device("cpu")
+        'cpu'
+        >>> check_device("tpu")
+        Traceback (most recent call last):
+        ...
+        smt_host.errors.DeviceError: --device 'tpu': not a device smt trains on (cpu, cuda, cuda:N)
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device {device!r}: not a device smt trains on (cpu, cuda, cuda:N)")
+    if dev.type == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise DeviceError(
+            f"--device {device}: no CUDA GPU is available here (torch {torch.__version__}, {build}); "
+            "train with --device cpu, or install a CUDA torch and fbgemm-gpu"
+        )
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return str(dev)
+
+
+def on_device(batches: Any, device: str | None) -> Any:
+    """``batches`` moved to ``device`` (unchanged for None or the CPU)."""
+    if device is None or str(device) == "cpu":
+        return batches
+    return (b.to(device) for b in batches)
 
 
 def evaluate(
@@ -92,9 +153,10 @@ def evaluate(
     batch_size: int,
     tasks: list[str],
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device: str | None = None,
 ) -> dict:
     """``{task: binary_metrics}`` on a split; NE uses the train base rate."""
-    pred, label = predict(model, data, split, batch_size, gather)
+    pred, label = predict(model, data, split, batch_size, gather, device)
     rates = data.base_rates()
     return {t: binary_metrics(pred[:, i], label[:, i], float(rates[i])) for i, t in enumerate(tasks)}
 
@@ -124,6 +186,103 @@ def _state_copy(module: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+@attrs.define
+class RunPosition:
+    """Where a run is, and what it has saved; the trainer keeps it up to
+    date and sets it as ``run_position`` on the ``KeyboardInterrupt`` that
+    leaves :func:`train_model`, for the command to say so.
+
+    Args:
+        path: the checkpoint file.
+        epoch: the epoch being run (1-based; 0 before training starts).
+        step: optimizer steps done.
+        saved: ``{"epoch", "batch", "step"}`` of the last checkpoint this
+            run wrote or resumed from (None: nothing saved yet).
+    """
+
+    path: str
+    epoch: int = 0
+    step: int = 0
+    saved: dict | None = None
+
+
+def describe_position(saved: dict) -> str:
+    """``epoch 1`` for a checkpoint at an epoch's end, ``epoch 2 step 10``
+    within one (``step``: optimizer steps since the start).
+
+    Example:
+        >>> describe_position({"epoch": 1, "batch": 0, "step": 8}), describe_position({"epoch": 1, "batch": 2, "step": 10})
+        ('epoch 1', 'epoch 2 step 10')
+    """
+    if saved.get("batch", 0):
+        return f"epoch {saved['epoch'] + 1} step {saved['step']}"
+    return f"epoch {saved['epoch']}"
+
+
+def _not_finite(value: Any) -> bool:
+    """True when a float tensor in ``value`` (a tensor, or a list, tuple or
+    dict of them) holds a NaN or an infinity."""
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point() and not bool(torch.isfinite(value).all())
+    if isinstance(value, dict):
+        return any(_not_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_not_finite(v) for v in value)
+    return False
+
+
+def _first_watched(member: torch.nn.Module, batch: Any, watched: dict[torch.nn.Module, str]) -> str | None:
+    """The name of the first module in ``watched`` whose output on ``batch``
+    is not finite (forward hooks, in the order the modules run), or None."""
+    found: list[str] = []
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not found and _not_finite(output):
+            found.append(watched[module])
+
+    handles = [m.register_forward_hook(hook) for m in watched]
+    try:
+        member(batch.dense, batch.sparse)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+@torch.no_grad()
+def first_non_finite(members: list[torch.nn.Module], batch: Any, plan: Plan) -> str:
+    """Runs ``batch`` through each member again and names where the first
+    NaN or infinity appears: the batch itself, the embedding tables, a part
+    (``slot:technique (dist version)``, from :meth:`TemplateModel.parts`),
+    or, when every output is finite, the loss slot's techniques."""
+    entries = {(e.slot, e.technique): e for e in plan.entries}
+
+    def named(slot: str, technique: str) -> str:
+        e = entries.get((slot, technique))
+        return f"{slot}:{technique}" + (f" ({e.dist} {e.version})" if e is not None else "")
+
+    if _not_finite(batch.dense):
+        return "the batch's dense features (the data)"
+    tables = [e for e in plan.entries if e.slot == "embedding"]
+    for i, member in enumerate(members):
+        watched: dict[torch.nn.Module, str] = {}
+        embedding = getattr(member, "embedding", None)
+        if isinstance(embedding, torch.nn.Module):
+            watched[embedding] = "embedding tables" + (
+                " of " + ", ".join(f"{e.technique} ({e.dist} {e.version})" for e in tables) if tables else ""
+            )
+        parts = member.parts() if hasattr(member, "parts") else {}
+        for (slot, technique), part in parts.items():
+            for sub in part.modules():  # a container (the heads) is not called itself: watch what it holds
+                watched.setdefault(sub, named(slot, technique))
+        found = _first_watched(member, batch, watched)
+        if found is not None:
+            return found + (f" in member {i}" if len(members) > 1 else "")
+    losses = [e for e in plan.entries if e.slot == "loss"]
+    chain = ", ".join(f"{e.technique} ({e.dist} {e.version})" for e in losses)
+    return f"the loss, from {chain} (every part's output is finite)"
+
+
 Progress = Callable[..., Any]
 
 
@@ -139,6 +298,7 @@ def train_model(
     data: DataSource | None = None,
     log: Callable[[str], None] = lambda s: None,
     parallel: Any | None = None,
+    device: str = "cpu",
 ) -> RunResult:
     """Trains one model; writes ``checkpoint.pt`` and ``metrics.json`` in ``out_dir``.
 
@@ -154,17 +314,58 @@ def train_model(
         parallel: a :class:`smt_host.distributed.parallel.Parallel` (one
             rank of a distributed run; ``smt train`` makes one under
             ``torchrun``); None trains in one process.
+        device: where a one-process run trains (``"cpu"``, ``"cuda"``,
+            ``"cuda:1"``): tables, dense part, optimizers and evaluation;
+            batches are built on the CPU and moved there.
 
     Raises:
         TrainingError: the loss became NaN or inf (the last good checkpoint stays).
         ManifestMismatch: ``resume`` with a checkpoint made under other plugins.
+        RunFolderError: another run is writing in ``out_dir``.
+        CapacityError: the model needs more memory than is available.
+        KeyboardInterrupt: interrupted; its ``run_position`` (a
+            :class:`RunPosition`) says where, and what was saved.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise runlock.RunFolderError(f"{out_dir}: cannot create the run folder: {exc.strerror}") from None
+    main = parallel is None or parallel.is_main
+    lock = runlock.acquire(out_dir, notice=host.notice) if main else None
+    where = RunPosition(path=str(out_dir / ckpt.CHECKPOINT))
+    try:
+        return _train(host, spec, eco, out_dir, plan, resume, progress, data, log, parallel, where, device)
+    except KeyboardInterrupt as exc:
+        exc.run_position = where  # type: ignore[attr-defined]
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(
+    host: Host,
+    spec: ModelSpec,
+    eco: EcosystemSpec,
+    out_dir: Path,
+    plan: Plan | None,
+    resume: bool,
+    progress: Any | None,
+    data: DataSource | None,
+    log: Callable[[str], None],
+    parallel: Any | None,
+    where: RunPosition,
+    device: str = "cpu",
+) -> RunResult:
+    """:func:`train_model` once the folder is locked; keeps ``where`` up to date."""
     tr = spec.training
+    if parallel is None:  # a distributed rank builds the whole model first too, but its memory is shared by N ranks
+        preflight.check_memory(host, spec, plan, device=check_device(device))
     data = data or open_source(spec, eco, host.spm.data_sources)
     plan = plan or host.plan(spec)
-    built = host.build(plan, spec)
+    on = check_device(device) if parallel is None else None  # a distributed rank's device is the Parallel's
+    built = host.build(plan, spec, device=on or "cpu")
     model, opts = built.model, built.optimizers
     inner, gather = model, None
     members = built.members
@@ -192,7 +393,7 @@ def train_model(
     state_copy = _state_copy if parallel is None else parallel.state_copy
     loss_fn = built.loss
     tasks = list(spec.task_names)
-    ctx = TrainContext(model=inner, plan=plan, spec=spec, out_dir=out_dir, data=data)
+    ctx = TrainContext(model=inner, plan=plan, spec=spec, out_dir=out_dir, data=data, ecosystem=eco, optimizers=opts)
     main = parallel is None or parallel.is_main
 
     def fire(hook: str, **kwargs: Any) -> None:
@@ -202,24 +403,28 @@ def train_model(
             host.report(hook, ctx=ctx, **kwargs)
 
     saved: dict | None = None
-    state = {"epoch": 0, "step": 0, "best": float("-inf"), "bad_epochs": 0, "history": [], "done": False}
+    # epoch: finished epochs; batch: batches of the next epoch already trained on (a step checkpoint)
+    state = {"epoch": 0, "batch": 0, "step": 0, "best": float("-inf"), "bad_epochs": 0, "history": [], "done": False}
+    last_saved: dict | None = None  # position of the last checkpoint this run wrote or resumed from
     best_state = state_copy(model)
     path = out_dir / ckpt.CHECKPOINT
     if resume and path.exists():
-        saved = ckpt.load(path)
+        saved = ckpt.load(path, notice=host.notice)
         host.conv.structure(saved["manifest"], Manifest).check(plan.manifest, str(path), "cannot resume")
         model.load_state_dict(saved["model"])
         for opt, s in zip(opts, saved["optimizers"]):
             opt.load_state_dict(s)
         best_state = saved["best_model"]
-        state = saved["state"]
+        state = {"batch": 0, **saved["state"]}  # checkpoints before step checkpoints have no "batch"
         torch.set_rng_state(saved["rng"])
         ctx.resumed = True  # technique states are loaded after smt_train_start, below
-        log(f"{spec.name}: resumed from {path} at epoch {state['epoch']}, step {state['step']}")
+        last_saved = where.saved = {k: state[k] for k in ("epoch", "batch", "step")}
+        log(f"{spec.name}: resumed from {path} at {describe_position(state)}, step {state['step']}")
     else:
         torch.manual_seed(plan.seed)
 
     def save() -> None:
+        nonlocal last_saved
         meta = {
             "state": state,
             "rng": torch.get_rng_state(),
@@ -231,50 +436,63 @@ def train_model(
         }
         if parallel is not None:  # weights as DCP shards, see smt_host.distributed
             parallel.save(model, meta, path)
-            return
-        ckpt.save_atomic(
-            {
-                "model": model.state_dict(),
-                "optimizers": [o.state_dict() for o in opts],
-                "best_model": best_state,
-                **meta,
-            },
-            path,
-        )
+        else:
+            ckpt.save_atomic(
+                {
+                    "model": model.state_dict(),
+                    "optimizers": [o.state_dict() for o in opts],
+                    "best_model": best_state,
+                    **meta,
+                },
+                path,
+            )
+        last_saved = where.saved = {k: state[k] for k in ("epoch", "batch", "step")}
 
     fire("smt_train_start")
     if saved is not None:  # construct, then load: smt_train_start set each technique up as for a fresh run
         host.load_technique_states(built, ctx, saved.get("techniques") or {})
     started = time.perf_counter()
+    train_s = 0.0  # training steps only, not validation: the examples/s figure
     seen = 0
     task_id = None
     stopped_early = False
     model.train()
+    every = tr.checkpoint_every_steps
     while not state["done"] and state["epoch"] < tr.epochs:
         epoch = state["epoch"] + 1
+        where.epoch, where.step = epoch, state["step"]
         n_batches = None
         if hasattr(data, "num_examples"):
             n_batches = math.ceil(data.num_examples("train") / tr.batch_size)
             if tr.max_steps_per_epoch:
                 n_batches = min(n_batches, tr.max_steps_per_epoch)
+        ctx.epoch, ctx.steps_per_epoch = epoch, n_batches
         if progress is not None:
-            task_id = progress.add_task(f"{spec.name} epoch {epoch}/{tr.epochs}", total=n_batches)
-        for batch in data.batches(
+            task_id = progress.add_task(
+                f"{spec.name} epoch {epoch}/{tr.epochs}", total=n_batches, completed=state["batch"]
+            )
+        batches = data.batches(
             "train", tr.batch_size, shuffle=True, seed=tr.seed, epoch=epoch, max_batches=tr.max_steps_per_epoch
-        ):
+        )
+        if state["batch"]:  # resumed from a step checkpoint: the order depends on (seed, epoch) only
+            batches = itertools.islice(batches, state["batch"], None)
+        epoch_seen, epoch_started = 0, time.perf_counter()
+        for batch in prefetched(on_device(batches, on), depth=PREFETCH_DEPTH):
             loss = sum(
                 loss_fn(LossInputs(logits=logits, labels=batch.labels, batch=batch, model=m))
                 for m, logits in zip(members, member_logits(batch))
             )
             value = float(loss.detach()) / len(members)
             if not math.isfinite(value):
+                culprit = first_non_finite(members, batch, plan) if parallel is None else "not checked (distributed)"
                 kept = (
-                    f"the last good checkpoint (epoch {state['epoch']}) is kept at {path}"
-                    if path.exists()
+                    f"the last good checkpoint ({describe_position(last_saved)}) is kept at {path}"
+                    if last_saved is not None
                     else "no checkpoint was written yet"
                 )
                 raise TrainingError(
                     f"{spec.name}: loss is {value} at epoch {epoch}, step {state['step'] + 1}; "
+                    f"first non-finite output: {culprit}; "
                     f"training stopped, {kept}. Lower training.lr @ $.models.{spec.name}.training.lr"
                 )
             for o in opts:
@@ -283,16 +501,29 @@ def train_model(
             for o in opts:
                 o.step()
             state["step"] += 1
+            state["batch"] += 1
+            where.step = state["step"]
             seen += len(batch)
+            epoch_seen += len(batch)
+            ctx.examples = seen
             fire("smt_step_end", step=state["step"], loss=value)
             if progress is not None:
                 progress.update(
-                    task_id, advance=1, description=f"{spec.name} epoch {epoch}/{tr.epochs} loss {value:.4f}"
+                    task_id,
+                    advance=1,
+                    description=f"{spec.name} epoch {epoch}/{tr.epochs} loss {value:.4f}",
+                    examples=epoch_seen,
                 )
-        valid = evaluate(model, data, "valid", tr.eval_batch_size, tasks, gather)
+            if every and state["step"] % every == 0 and state["batch"] != n_batches:  # the epoch's end saves anyway
+                save()
+        train_s += time.perf_counter() - epoch_started
+        if progress is not None:
+            progress.remove_task(task_id)
+            task_id = progress.add_task(f"{spec.name} epoch {epoch}/{tr.epochs} validating", total=None)
+        valid = evaluate(model, data, "valid", tr.eval_batch_size, tasks, gather, on)
         fire("smt_eval_end", split="valid", epoch=epoch, metrics=valid)
         score = _score(valid, tr.early_stop_metric)
-        state["epoch"] = epoch
+        state["epoch"], state["batch"] = epoch, 0
         state["history"].append({"epoch": epoch, "valid": valid})
         if score > state["best"]:
             state["best"], state["bad_epochs"] = score, 0
@@ -320,11 +551,11 @@ def train_model(
     test_before_fit = None
     fits = host.implements(plan, "smt_before_test")
     if fits:
-        test_before_fit = evaluate(model, data, "test", tr.eval_batch_size, tasks, gather)
+        test_before_fit = evaluate(model, data, "test", tr.eval_batch_size, tasks, gather, on)
     fire("smt_before_test")  # reporters see it in every run
     if fits:
         best_state = state_copy(model)  # post-training fits are part of the saved model
-    test = evaluate(model, data, "test", tr.eval_batch_size, tasks, gather)
+    test = evaluate(model, data, "test", tr.eval_batch_size, tasks, gather, on)
     fire("smt_eval_end", split="test", epoch=0, metrics=test)
     fire("smt_train_end", metrics=test)
     best_valid = (
@@ -340,7 +571,8 @@ def train_model(
         epochs=state["epoch"],
         steps=state["step"],
         wall_s=wall,
-        examples_per_s=seen / wall if wall > 0 else 0.0,
+        examples_per_s=seen / train_s if train_s > 0 else 0.0,
+        train_s=train_s,
         out_dir=str(out_dir),
         stopped_early=stopped_early,
         plan=plan,
