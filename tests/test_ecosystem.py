@@ -1,26 +1,29 @@
-"""The ecosystem loop: decision rule, resume, reports, lock."""
+"""The ecosystem loop: cells keyed by what determines them, resume, reports,
+checkpoints kept small. The rule: test_ecosystem_rule.py; the lock: test_lock.py."""
 
 from __future__ import annotations
 
-import json
+import importlib
+import shutil
 
 import attrs
 import pytest
 from conftest import GOOD_PLUGIN
 
-from smt_host.ecosystem.analysis import analyse, decide
-from smt_host.ecosystem.cells import matrix_cells, run_matrix
-from smt_host.ecosystem.lock import check_lock, locked_spec, make_lock
+from smt_host.ecosystem.analysis import analyse
+from smt_host.ecosystem.cells import (
+    Cell,
+    cell_path,
+    cell_status,
+    cell_statuses,
+    fingerprints,
+    keep_checkpoint,
+    matrix_cells,
+    run_dir,
+    run_matrix,
+)
 from smt_host.ecosystem.reports import write_reports
-from smt_host.errors import ManifestMismatch
 from smt_host.host import Host
-
-
-def test_decision_rule_on_known_inputs():
-    assert decide([-0.010, -0.012, -0.011]) == ("adopt", "NE -1.10% beyond 2 SE (0.12%)")
-    assert decide([-0.010, 0.012, -0.001]) == ("reject", "NE +0.03% (no gain)")
-    assert decide([-0.010, 0.008, -0.010]) == ("reject", "NE -0.40% within 2 SE (1.20%)")
-    assert decide([-0.5]) == ("reject", "one seed: no standard error")
 
 
 @pytest.fixture
@@ -28,78 +31,6 @@ def eco_one_model(small_eco):
     spec = small_eco.model("tiny_ctr")
     spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1, max_steps_per_epoch=3))
     return attrs.evolve(small_eco, models={"tiny_ctr": spec})
-
-
-def test_matrix_resume_skips_finished_cells_and_reports(fake_dist, no_env, eco_one_model, tmp_path):
-    fake_dist(
-        "smt-meanpool", "0.1", {"meanpool": "meanpool_plugin"}, {"meanpool_plugin": GOOD_PLUGIN.format(name="meanpool")}
-    )
-    host = Host.create()
-    cells = matrix_cells(host, eco_one_model, seeds=2)
-    assert [c.key for c in cells] == [
-        "tiny_ctr/baseline/seed0",
-        "tiny_ctr/baseline/seed1",
-        "tiny_ctr/meanpool/seed0",
-        "tiny_ctr/meanpool/seed1",
-    ]
-    events = []
-    run_matrix(host, eco_one_model, tmp_path, seeds=2, on_done=lambda c, skipped: events.append((c.key, skipped)))
-    assert [s for _, s in events] == [False] * 4
-    (tmp_path / "cells" / "tiny_ctr" / "meanpool" / "seed1.json").unlink()
-    events.clear()
-    run_matrix(host, eco_one_model, tmp_path, seeds=2, on_done=lambda c, skipped: events.append((c.key, skipped)))
-    assert events == [
-        ("tiny_ctr/baseline/seed0", True),
-        ("tiny_ctr/baseline/seed1", True),
-        ("tiny_ctr/meanpool/seed0", True),
-        ("tiny_ctr/meanpool/seed1", False),
-    ]
-    matrix = analyse(tmp_path, cells)
-    (pair,) = matrix["pairs"]
-    assert pair["model"] == "tiny_ctr" and pair["technique"] == "meanpool" and pair["seeds"] == 2
-    # neutral capacity: the arm lands within 2% of the baseline's FLOPs
-    assert abs(pair["flops_delta"]) <= 0.02
-    paths = write_reports(tmp_path, matrix)
-    assert [p.name for p in paths] == ["adoption.json", "adoption.md", "adoption.png"]
-    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| tiny_ctr | meanpool | 2 |" in paths[1].read_text()
-
-
-def test_lock_round_trip_and_mismatch(fake_dist, no_env, small_eco):
-    fake_dist(
-        "smt-meanpool", "0.1", {"meanpool": "meanpool_plugin"}, {"meanpool_plugin": GOOD_PLUGIN.format(name="meanpool")}
-    )
-    host = Host.create()
-    entry = {"technique": "meanpool", "dist": "smt-meanpool", "version": "0.1", "params": {"width": 6}}
-    matrix = {
-        "models": ["tiny_ctr", "tiny_multi"],
-        "pairs": [
-            {"model": "tiny_ctr", "technique": "meanpool", "decision": "adopt", "techniques": [entry]},
-            {"model": "tiny_multi", "technique": "meanpool", "decision": "reject", "techniques": [entry]},
-        ],
-    }
-    lock = json.loads(json.dumps(make_lock(matrix)))
-    assert lock == {"version": 1, "models": {"tiny_ctr": [entry], "tiny_multi": []}}
-    check_lock(lock, host)
-    spec, only = locked_spec(small_eco.model("tiny_ctr"), lock)
-    plan = host.plan(spec, only=only)
-    assert [e.params for e in plan.slot("interaction") if e.technique == "meanpool"] == [{"width": 6}]
-    spec, only = locked_spec(small_eco.model("tiny_multi"), lock)
-    assert "meanpool" not in host.plan(spec, only=only).techniques()
-    stale = {"version": 1, "models": {"tiny_ctr": [dict(entry, version="0.0.9")]}}
-    with pytest.raises(ManifestMismatch) as err:
-        check_lock(stale, host)
-    assert str(err.value) == (
-        "model 'tiny_ctr': cannot train it as locked: it was made under another plugin set: "
-        "technique 'meanpool': smt-meanpool 0.0.9 was used, smt-meanpool 0.1 is installed"
-    )
-    with pytest.raises(ManifestMismatch) as err:
-        check_lock(lock, Host.create(load=""))
-    assert str(err.value) == (
-        "model 'tiny_ctr': cannot train it as locked: it was made under another plugin set: "
-        "technique 'meanpool' (smt-meanpool 0.1) was used but is not active now "
-        "(not installed, disabled or opted out)"
-    )
 
 
 def test_an_arm_over_the_budget_is_rejected_not_fatal(fake_dist, no_env, eco_one_model, tmp_path):
@@ -140,3 +71,147 @@ def test_adopted_set_becomes_one_arm():
         {"model": "a", "technique": "adopted=x+y", "decision": "adopt", "techniques": [e("x"), e("y")]}
     )
     assert [t["technique"] for t in adopted_sets(matrix)["a"]] == ["x", "y"]
+
+
+def _meanpool(fake_dist, version="0.1"):
+    return fake_dist(
+        "smt-meanpool",
+        version,
+        {"meanpool": "meanpool_plugin"},
+        {"meanpool_plugin": GOOD_PLUGIN.format(name="meanpool")},
+    )
+
+
+def _bump(info, version):
+    """The fake distribution at ``info`` re-versioned (a plugin upgrade)."""
+    new = info.with_name(info.name.replace("-0.1.", f"-{version}."))
+    info.rename(new)
+    meta = new / "METADATA"
+    meta.write_text(meta.read_text().replace("Version: 0.1", f"Version: {version}"))
+    importlib.invalidate_caches()
+    return new
+
+
+def test_cells_are_keyed_by_what_determines_them(fake_dist, no_env, eco_one_model, tmp_path):
+    """Spec, manifest, data and seed key a cell: a change retrains exactly
+    the cells it affects, and a stale result is never read as a result."""
+    info = _meanpool(fake_dist)
+    host = Host.create()
+    eco = eco_one_model
+    events = []
+    record = lambda c, skipped: events.append((c.key, skipped))  # noqa: E731
+    cells = run_matrix(host, eco, tmp_path, seeds=2, keep_checkpoints="all", on_done=record)
+    assert [c.key for c in cells] == [
+        "tiny_ctr/baseline/seed0",
+        "tiny_ctr/baseline/seed1",
+        "tiny_ctr/meanpool/seed0",
+        "tiny_ctr/meanpool/seed1",
+    ]
+    assert [k for k, _ in events] == [c.key for c in cells] and not any(s for _, s in events)
+    keys = fingerprints(host, eco, cells)
+    assert set(cell_statuses(tmp_path, keys).values()) == {"done"}
+    assert len({fp.key for fp in keys.values()}) == 4  # seeds and arms key apart
+
+    spec = eco.model("tiny_ctr")
+    # a training setting: every cell of the model is stale, and none is reported
+    lr = attrs.evolve(eco, models={"tiny_ctr": attrs.evolve(spec, training=attrs.evolve(spec.training, lr=0.002))})
+    stale = fingerprints(host, lr, cells)
+    assert set(cell_statuses(tmp_path, stale).values()) == {"spec changed"}
+    assert analyse(tmp_path, cells, keys=stale)["pairs"] == []
+    assert analyse(tmp_path, cells, keys=keys)["pairs"][0]["seeds"] == 2
+    # the data size
+    data = attrs.evolve(eco, synthetic=attrs.evolve(eco.synthetic, train_examples=7000))
+    assert set(cell_statuses(tmp_path, fingerprints(host, data, cells)).values()) == {"data changed"}
+    # the description and the seed setting of the spec determine nothing
+    same = attrs.evolve(
+        spec, description="renamed", training=attrs.evolve(spec.training, seed=9), capacity=attrs.evolve(spec.capacity)
+    )
+    same_eco = attrs.evolve(eco, models={"tiny_ctr": same})
+    assert set(cell_statuses(tmp_path, fingerprints(host, same_eco, cells)).values()) == {"done"}
+    # an explicit budget equal to the default neutral one ("baseline") is the same spec
+    baseline_budget = attrs.evolve(spec, capacity=attrs.evolve(spec.capacity, budget="baseline"))
+    assert (
+        cell_statuses(tmp_path, fingerprints(host, attrs.evolve(eco, models={"tiny_ctr": baseline_budget}), cells))[
+            cells[0]
+        ]
+        == "done"
+    )
+
+    # a newly installed plugin: its arm (and "all") are new, the others done
+    fake_dist(
+        "smt-maxpool", "0.1", {"maxpool": "maxpool_plugin"}, {"maxpool_plugin": GOOD_PLUGIN.format(name="maxpool")}
+    )
+    more = Host.create()
+    wider = matrix_cells(more, eco, seeds=2)
+    by_arm = {}
+    for cell, status in cell_statuses(tmp_path, fingerprints(more, eco, wider)).items():
+        by_arm.setdefault(cell.arm, set()).add(status)
+    assert by_arm == {"baseline": {"done"}, "meanpool": {"done"}, "maxpool": {"new"}, "all": {"new"}}
+
+    # a plugin upgrade: only its cells are stale, and only they train again
+    _bump(info, "0.2")
+    upgraded = Host.create(load="smt-meanpool")
+    assert upgraded.spm.techniques["meanpool"].version == "0.2"
+    statuses = cell_statuses(tmp_path, fingerprints(upgraded, eco, cells))
+    assert [statuses[c] for c in cells] == ["done", "done", "manifest changed", "manifest changed"]
+    events.clear()
+    run_matrix(upgraded, eco, tmp_path, seeds=2, on_done=record)
+    assert events == [
+        ("tiny_ctr/baseline/seed0", True),
+        ("tiny_ctr/baseline/seed1", True),
+        ("tiny_ctr/meanpool/seed0", False),
+        ("tiny_ctr/meanpool/seed1", False),
+    ]
+    matrix = analyse(tmp_path, cells, keys=fingerprints(upgraded, eco, cells))
+    (pair,) = matrix["pairs"]
+    assert pair["model"] == "tiny_ctr" and pair["technique"] == "meanpool" and pair["seeds"] == 2
+    assert [t["version"] for t in pair["techniques"]] == ["0.2"]
+    # neutral capacity: the arm lands within 2% of the baseline's FLOPs
+    assert abs(pair["flops_delta"]) <= 0.02
+    assert matrix["pairs_per_hour"] > 0 and matrix["compute_s"] > 0
+    paths = write_reports(tmp_path, matrix)
+    assert [p.name for p in paths] == ["adoption.json", "adoption.md", "adoption.png"]
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| tiny_ctr | meanpool | 2 |" in paths[1].read_text()
+
+    # checkpoints: "best" keeps what export loads, without the optimizer state; "none" removes it
+    from smt_host.serve.export import load_run
+    from smt_host.train import checkpoint as ckpt
+
+    whole = run_dir(tmp_path, cells[0])
+    full = ckpt.load(whole / "checkpoint.pt")
+    assert "optimizers" in full and "best_model" in full
+    best = tmp_path / "best"
+    shutil.copytree(whole, best)
+    assert (best / "checkpoint.prev.pt").exists()  # "all" keeps the previous checkpoint too
+    keep_checkpoint(best, "best")
+    assert sorted(p.name for p in best.glob("checkpoint*")) == ["checkpoint.pt"]
+    slim = ckpt.load(best / "checkpoint.pt")
+    assert "optimizers" not in slim and "best_model" not in slim and slim["plan"] == full["plan"]
+    assert (best / "checkpoint.pt").stat().st_size < (whole / "checkpoint.pt").stat().st_size / 2
+    model, *_ = load_run(host, best, None)
+    for name, value in model.state_dict().items():
+        assert value.equal(full["model"][name]), name
+    shutil.copy(whole / "checkpoint.prev.pt", best / "checkpoint.prev.pt")
+    keep_checkpoint(best, "none")
+    assert not list(best.glob("checkpoint*")) and (best / "metrics.json").exists()
+    # the upgraded cells were trained with the default, "best"
+    assert "optimizers" not in ckpt.load(run_dir(tmp_path, cells[2]) / "checkpoint.pt")
+
+
+def test_cell_status_names_every_part_that_changed(tmp_path):
+    from smt_host.ecosystem.cells import Fingerprint
+
+    now = Fingerprint("s", "m", "d", 1)
+    assert cell_status(None, now) == "new"
+    assert cell_status({"test": {}}, now) == "old format"  # written before cells had keys
+    assert cell_status({"fingerprint": now.to_dict()}, now) == "done"
+    old = Fingerprint("s", "m0", "d0", 1).to_dict()
+    assert cell_status({"fingerprint": old}, now) == "manifest changed, data changed"
+    # a result whose key is not the current one is not read
+    from smt_host.ecosystem.cells import read_cell
+    from smt_host.files import write_json_atomic
+
+    cell = Cell("m", "baseline", 1)
+    write_json_atomic({"fingerprint": old, "test": {}}, cell_path(tmp_path, cell))
+    assert read_cell(tmp_path, cell) is not None and read_cell(tmp_path, cell, now) is None

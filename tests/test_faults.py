@@ -26,6 +26,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import attrs
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -812,7 +813,7 @@ def _strict(text: str):
 def test_adoption_json_is_strict_and_reports_are_atomic(tmp_path: Path, monkeypatch) -> None:
     import matplotlib.figure
 
-    from smt_host.ecosystem.lock import make_lock, write_lock
+    from smt_host.ecosystem.lock import write_lock
     from smt_host.ecosystem.reports import write_reports
 
     paths = write_reports(tmp_path, _matrix())
@@ -857,20 +858,26 @@ def test_adoption_json_is_strict_and_reports_are_atomic(tmp_path: Path, monkeypa
     assert paths[1].read_bytes() == before["adoption.md"] and paths[2].read_bytes() == before["adoption.png"]
     assert _temps(tmp_path) == []
 
-    lock = make_lock(data)
+    lock = {"version": 2, "models": {"m": {"techniques": [], "capacity": {"achieved": float("nan")}}}}
     write_lock(lock, tmp_path / "smt.lock.json")
-    assert _strict((tmp_path / "smt.lock.json").read_text()) == lock
+    assert _strict((tmp_path / "smt.lock.json").read_text())["models"]["m"]["capacity"]["achieved"] is None
 
 
 def test_an_unreadable_cell_result_is_trained_again(tmp_path: Path) -> None:
-    from smt_host.ecosystem.cells import Cell, cell_path, read_cell, run_cells
+    from smt_host.ecosystem.cells import Cell, Fingerprint, cell_path, read_cell, run_cells
 
     good, torn = Cell("m", "baseline", 0), Cell("m", "baseline", 1)
+    fp = Fingerprint("s", "m", "d", 0)
+    keys = {good: fp, torn: attrs.evolve(fp, seed=1)}
     cell_path(tmp_path, good).parent.mkdir(parents=True)
-    cell_path(tmp_path, good).write_text('{"cell": {}, "test": {"click": {"ne": NaN}}}')  # an older, NaN-writing run
+    cell_path(tmp_path, good).write_text(  # an older, NaN-writing run
+        '{"fingerprint": ' + json.dumps(fp.to_dict()) + ', "cell": {}, "test": {"click": {"ne": NaN}}}'
+    )
     cell_path(tmp_path, torn).write_text('{"cell": {"model": "m", "ar')  # torn by a non-atomic writer
     assert read_cell(tmp_path, good) is not None and read_cell(tmp_path, torn) is None
     done = []
     with pytest.raises(AttributeError):  # no host: the torn cell is trained again, and fails here
-        run_cells(None, None, tmp_path, [good, torn], on_done=lambda c, skipped: done.append((c.seed, skipped)))
+        run_cells(
+            None, None, tmp_path, [good, torn], keys=keys, on_done=lambda c, skipped: done.append((c.seed, skipped))
+        )
     assert done == [(0, True)]

@@ -5,26 +5,31 @@ each applicable technique alone, and the baseline plus every applicable
 technique, all at the baseline's serving FLOPs (capacity-neutral), over N
 seeds. A *cell* is one (model, arm, seed) training run; each finished cell
 writes ``cells/<model>/<arm>/seed<k>.json`` atomically (strict JSON,
-:mod:`smt_host.files`), so an interrupted run resumes without
-retraining finished cells. With ``jobs > 1`` cells train in spawned worker
+:mod:`smt_host.files`). With ``jobs > 1`` cells train in spawned worker
 processes that end when the main process does, even when it is killed
 outright (:mod:`smt_host.ecosystem.workers`).
 
-Decision rule (written down, tested): a technique is **adopted** for a model
-when, paired by seed, the mean relative NE change (arm - baseline) /
-baseline, averaged over the model's tasks, is negative and its magnitude
-exceeds twice its standard error (std / sqrt(n)); with one seed the
-standard error is unknown and nothing is adopted.
+A cell is keyed by what determines its result (:class:`Fingerprint`): a
+hash of the model's resolved spec at neutral capacity, of the arm's
+manifest (techniques, distribution versions, parameters; host and template
+version), of the data settings, and the seed. A finished cell whose stored
+key is the current one is not trained again (resume); one whose key
+differs is stale, is trained again, and is never read as a result
+(:func:`cell_status` says why: ``spec changed``, ``manifest changed``,
+``data changed``).
+
+The decision rule is in :mod:`smt_host.ecosystem.analysis`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,12 @@ BASELINE = "baseline"
 ALL = "all"
 #: prefix of the arm that trains a model's adopted set together: "adopted=a+b"
 ADOPTED = "adopted="
+#: what ``--keep-checkpoints`` accepts: no checkpoint, the best weights only
+#: (what ``smt export`` needs, no optimizer state), or the whole checkpoint
+KEEP_CHECKPOINTS = ("none", "best", "all")
+#: a cell's status when its stored result is the current one
+DONE = "done"
+NEW = "new"
 
 
 @attrs.frozen
@@ -50,12 +61,36 @@ class Cell:
     """One training run of the matrix."""
 
     model: str
-    arm: str  # "baseline", a technique name, or "all"
+    arm: str  # "baseline", a technique name, "all", or "adopted=a+b"
     seed: int
 
     @property
     def key(self) -> str:
         return f"{self.model}/{self.arm}/seed{self.seed}"
+
+
+def digest(obj: Any) -> str:
+    """A short, stable hash of plain data (16 hex digits of SHA-256 over
+    canonical JSON: sorted keys, no spaces).
+
+    Example:
+        >>> digest({"b": 1, "a": [1.0, None]}) == digest({"a": [1.0, None], "b": 1})
+        True
+        >>> len(digest({}))
+        16
+    """
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def template_version() -> str:
+    """The version of the template that builds every model: the host's
+    ``smt_host.model.template.TEMPLATE_VERSION`` where it declares one, else
+    the host version (the template ships with the host)."""
+    from smt_host._version import __version__
+    from smt_host.model import template
+
+    return str(getattr(template, "TEMPLATE_VERSION", None) or __version__)
 
 
 def arm_kwargs(arm: str) -> dict:
@@ -104,31 +139,177 @@ def neutral_spec(spec: ModelSpec, seed: int) -> ModelSpec:
     return attrs.evolve(spec, capacity=capacity, training=attrs.evolve(spec.training, seed=seed))
 
 
+# ------------------------------------------------------------ fingerprints
+
+
+def spec_identity(host: Any, spec: ModelSpec) -> dict:
+    """The part of a model's resolved spec that determines what it learns,
+    as plain data: the spec at neutral capacity without its description,
+    its data settings (:func:`data_settings`) and its seed (each keyed
+    apart)."""
+    data = host.conv.unstructure(neutral_spec(spec, 0))
+    data.pop("description", None)
+    data.pop("data", None)
+    data["training"].pop("seed", None)
+    return data
+
+
+def data_settings(host: Any, spec: ModelSpec, eco: EcosystemSpec) -> dict:
+    """What determines a model's batches, as plain data: its data source
+    (with the distribution and version that provide it), the source's
+    options and surface, and for the synthetic source the ecosystem's
+    synthetic settings (seed and split sizes). Settings, not file contents:
+    a data file rewritten in place under the same name is not noticed."""
+    record = host.spm.data_sources.get(spec.data.source)
+    return {
+        "source": spec.data.source,
+        "provider": None if record is None else f"{record.dist} {record.version}",
+        "surface": spec.data.surface or spec.surface,
+        "options": host.conv.unstructure(dict(spec.data.options)),
+        "synthetic": host.conv.unstructure(eco.synthetic) if spec.data.source == "synthetic" else None,
+    }
+
+
+def arm_manifest(host: Any, spec: ModelSpec, arm: str) -> dict:
+    """The techniques an arm trains (every active one, built-ins too, with
+    distribution, version and parameters) and the host and template
+    versions, as plain data. Resolved, not planned: nothing is built."""
+    res = resolve(neutral_spec(spec, 0), host.spm, host.conv, **arm_kwargs(arm))
+    return {
+        "host": host.spm.distributions[HOST_DIST],
+        "template": template_version(),
+        "techniques": [
+            {
+                "technique": a.name,
+                "slot": a.slot,
+                "dist": a.dist,
+                "version": a.version,
+                "params": None if a.params is None else host.conv.unstructure(a.params),
+            }
+            for a in res.active
+        ],
+    }
+
+
+#: the parts of a fingerprint, in the order :func:`cell_status` names them
+PARTS = ("spec", "manifest", "data", "seed")
+
+
+@attrs.frozen
+class Fingerprint:
+    """What determines one cell's result, hashed (:func:`digest`).
+
+    Args:
+        spec: hash of :func:`spec_identity`.
+        manifest: hash of :func:`arm_manifest` (techniques with distribution
+            versions and parameters, host and template version).
+        data: hash of :func:`data_settings`.
+        seed: the training seed.
+        host, template: the host and template versions (also inside ``manifest``).
+    """
+
+    spec: str
+    manifest: str
+    data: str
+    seed: int
+    host: str = ""
+    template: str = ""
+
+    @property
+    def key(self) -> str:
+        """One hash of the four parts: the cell's key."""
+        return digest([self.spec, self.manifest, self.data, self.seed])
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, **attrs.asdict(self)}
+
+
+def fingerprint(host: Any, eco: EcosystemSpec, cell: Cell) -> Fingerprint:
+    """The fingerprint of ``cell`` with the installed plugins and ``eco`` as it is now."""
+    spec = eco.model(cell.model)
+    manifest = arm_manifest(host, spec, cell.arm)
+    return Fingerprint(
+        spec=digest(spec_identity(host, spec)),
+        manifest=digest(manifest),
+        data=digest(data_settings(host, spec, eco)),
+        seed=cell.seed,
+        host=manifest["host"],
+        template=manifest["template"],
+    )
+
+
+def cell_status(stored: Mapping | None, current: Fingerprint) -> str:
+    """Why a cell would train: ``new`` (no result), ``old format`` (a result
+    written before cells had keys), ``spec changed``, ``manifest changed``,
+    ``data changed`` (several joined by ``", "``), or ``done`` (its stored
+    key is the current one: not trained again).
+
+    Example:
+        >>> now = Fingerprint("s1", "m1", "d1", 0)
+        >>> cell_status(None, now), cell_status({"fingerprint": now.to_dict()}, now)
+        ('new', 'done')
+        >>> cell_status({"fingerprint": Fingerprint("s0", "m1", "d0", 0).to_dict()}, now)
+        'spec changed, data changed'
+    """
+    if stored is None:
+        return NEW
+    old = stored.get("fingerprint")
+    if not isinstance(old, Mapping):
+        return "old format"
+    if old.get("key") == current.key:
+        return DONE
+    changed = [f"{part} changed" for part in PARTS if old.get(part) != getattr(current, part)]
+    return ", ".join(changed) or "key changed"
+
+
 def cell_path(out: Path, cell: Cell) -> Path:
     return Path(out) / "cells" / cell.model / cell.arm / f"seed{cell.seed}.json"
 
 
-def run_cell(host: Any, eco: EcosystemSpec, cell: Cell, out: Path) -> dict:
-    """Trains one cell and writes its result JSON; returns the result."""
-    from smt_host.errors import CapacityError
-    from smt_host.train.trainer import train_model
+def run_dir(out: Path, cell: Cell) -> Path:
+    return Path(out) / "runs" / cell.model / cell.arm / f"seed{cell.seed}"
 
-    spec = neutral_spec(eco.model(cell.model), cell.seed)
-    try:
-        plan = host.plan(spec, **arm_kwargs(cell.arm))
-    except CapacityError as exc:
-        # the arm cannot run at neutral capacity: recorded, and rejected
-        data = {"cell": attrs.asdict(cell), "over_budget": str(exc)}
-        write_json_atomic(data, cell_path(out, cell))
-        return data
-    started = time.perf_counter()
-    run_dir = Path(out) / "runs" / cell.model / cell.arm / f"seed{cell.seed}"
-    result = train_model(host, spec, eco, run_dir, plan=plan)
-    data = {
+
+def keep_checkpoint(folder: Path, keep: str) -> None:
+    """Trims the checkpoint a finished run left in ``folder``: ``none``
+    removes it, ``best`` keeps the best weights with the plan, manifest and
+    spec (what ``smt export`` reads) and drops the optimizer state, the copy
+    of the best weights and the previous checkpoint, ``all`` keeps them."""
+    from smt_host.train import checkpoint as ckpt
+
+    if keep not in KEEP_CHECKPOINTS:
+        raise ValueError(f"keep must be one of {', '.join(KEEP_CHECKPOINTS)}, got {keep!r}")
+    path = Path(folder) / ckpt.CHECKPOINT
+    if keep == "all" or not path.exists():
+        return
+    if keep == "none":
+        ckpt.remove(path)  # and the previous checkpoint kept beside it
+        return
+    saved = ckpt.load(path)
+    if "model" not in saved:  # sharded weights (DCP): left as they are
+        return
+    slim = {k: v for k, v in saved.items() if k not in ("optimizers", "best_model", "rng")}
+    ckpt.save_atomic(slim, path, keep_previous=False)
+
+
+def _identity(host: Any, eco: EcosystemSpec, cell: Cell) -> dict:
+    """What a cell's result JSON records of what determined it."""
+    model = eco.model(cell.model)
+    return {
         "cell": attrs.asdict(cell),
-        "test": result.test,
-        "epochs": result.epochs,
-        "wall_s": time.perf_counter() - started,
+        "fingerprint": fingerprint(host, eco, cell).to_dict(),
+        "spec": spec_identity(host, model),
+        "data_settings": data_settings(host, model, eco),
+    }
+
+
+def cell_record(host: Any, eco: EcosystemSpec, cell: Cell, plan: Any, **result: Any) -> dict:
+    """The result JSON of a cell trained with ``plan``: its fingerprint, the
+    spec and data settings it was keyed by, the plan's cost, capacity and
+    external techniques, and ``result`` (``test``, ``epochs``, ``wall_s``)."""
+    return {
+        **_identity(host, eco, cell),
+        **result,
         "flops": plan.cost.flops,
         "dense_params": plan.cost.dense_params,
         "embedding_bytes": plan.cost.embedding_bytes,
@@ -139,13 +320,44 @@ def run_cell(host: Any, eco: EcosystemSpec, cell: Cell, out: Path) -> dict:
             if e.dist != HOST_DIST
         ],
     }
+
+
+def run_cell(host: Any, eco: EcosystemSpec, cell: Cell, out: Path, *, keep_checkpoints: str = "best") -> dict:
+    """Trains one cell and writes its result JSON (:func:`cell_record`);
+    returns the result. An arm that cannot meet the neutral budget is
+    recorded as ``over_budget`` (rejected, not fatal)."""
+    from smt_host.errors import CapacityError
+    from smt_host.train.trainer import train_model
+
+    spec = neutral_spec(eco.model(cell.model), cell.seed)
+    started, cpu = time.perf_counter(), time.process_time()
+    try:
+        plan = host.plan(spec, **arm_kwargs(cell.arm))
+    except CapacityError as exc:
+        data = {**_identity(host, eco, cell), "over_budget": str(exc)}
+        write_json_atomic(data, cell_path(out, cell))
+        return data
+    folder = run_dir(out, cell)
+    result = train_model(host, spec, eco, folder, plan=plan)
+    keep_checkpoint(folder, keep_checkpoints)
+    data = cell_record(
+        host,
+        eco,
+        cell,
+        plan,
+        test=result.test,
+        epochs=result.epochs,
+        wall_s=time.perf_counter() - started,
+        cpu_s=time.process_time() - cpu,  # this process's CPU time: what the cell costs on a busy machine
+    )
     write_json_atomic(data, cell_path(out, cell))
     return data
 
 
-def read_cell(out: Path, cell: Cell) -> dict | None:
+def read_cell(out: Path, cell: Cell, current: Fingerprint | None = None) -> dict | None:
     """The result of a finished cell; None when it has none, or one that cannot
-    be read (it is trained again)."""
+    be read (it is trained again). With ``current``, also None when the
+    stored result is not that fingerprint's (stale: it is trained again)."""
     path = cell_path(out, cell)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -154,7 +366,28 @@ def read_cell(out: Path, cell: Cell) -> dict | None:
     except (OSError, ValueError) as exc:
         log.warning("%s: unreadable cell result (%s); training the cell again", path, exc)
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    if current is not None and cell_status(data, current) != DONE:
+        return None
+    return data
+
+
+def fingerprints(host: Any, eco: EcosystemSpec, cells: Iterable[Cell]) -> dict[Cell, Fingerprint]:
+    """The current fingerprint of each cell (resolved once per model and arm)."""
+    memo: dict[tuple[str, str], Fingerprint] = {}
+    out = {}
+    for cell in cells:
+        base = memo.get((cell.model, cell.arm))
+        if base is None:
+            base = memo[(cell.model, cell.arm)] = fingerprint(host, eco, attrs.evolve(cell, seed=0))
+        out[cell] = attrs.evolve(base, seed=cell.seed)
+    return out
+
+
+def cell_statuses(out: Path, keys: Mapping[Cell, Fingerprint]) -> dict[Cell, str]:
+    """Each cell's :func:`cell_status` against what ``out`` holds (the dry run)."""
+    return {cell: cell_status(read_cell(out, cell), fp) for cell, fp in keys.items()}
 
 
 class CellsFailed(SmtError, RuntimeError):
@@ -172,7 +405,7 @@ class CellsFailed(SmtError, RuntimeError):
 
 def _worker(args: tuple) -> tuple[str, str | None, int]:
     """Process-pool entry: trains one cell in a fresh host."""
-    eco_data, cell_dict, out = args
+    eco_data, cell_dict, out, keep = args
     import torch
 
     torch.set_num_threads(1)
@@ -183,7 +416,7 @@ def _worker(args: tuple) -> tuple[str, str | None, int]:
     eco = host.conv.structure(eco_data, EcosystemSpec)
     cell = Cell(**cell_dict)
     try:
-        run_cell(host, eco, cell, Path(out))
+        run_cell(host, eco, cell, Path(out), keep_checkpoints=keep)
         return cell.key, None, 0
     except Exception as exc:  # noqa: BLE001 - reported per cell
         code = int(exc.exit_code) if isinstance(exc, SmtError) else int(ExitCode.FAILED)
@@ -206,12 +439,13 @@ def run_matrix(
     seeds: int = 3,
     jobs: int = 1,
     models: Iterable[str] | None = None,
+    keep_checkpoints: str = "best",
     on_done: Callable[[Cell, bool], None] = lambda c, skipped: None,
 ) -> list[Cell]:
-    """Trains every unfinished cell of the matrix (``jobs`` processes);
-    returns all cells. A cell whose result file exists is skipped (resume)."""
+    """Trains every cell of the matrix that is not done with its current
+    fingerprint (``jobs`` processes); returns all cells."""
     cells = matrix_cells(host, eco, seeds, models)
-    return run_cells(host, eco, out, cells, jobs=jobs, on_done=on_done)
+    return run_cells(host, eco, out, cells, jobs=jobs, keep_checkpoints=keep_checkpoints, on_done=on_done)
 
 
 def run_cells(
@@ -221,26 +455,32 @@ def run_cells(
     cells: list[Cell],
     *,
     jobs: int = 1,
+    keep_checkpoints: str = "best",
+    keys: Mapping[Cell, Fingerprint] | None = None,
     on_done: Callable[[Cell, bool], None] = lambda c, skipped: None,
 ) -> list[Cell]:
-    """Trains the unfinished ``cells``; returns them."""
+    """Trains the ``cells`` whose stored result is not their current
+    fingerprint's (``keys``; default: computed now); returns them."""
     out = Path(out)
+    if keep_checkpoints not in KEEP_CHECKPOINTS:
+        raise ValueError(f"keep_checkpoints must be one of {', '.join(KEEP_CHECKPOINTS)}, got {keep_checkpoints!r}")
+    keys = fingerprints(host, eco, cells) if keys is None else keys
     todo = []
     for cell in cells:
-        if read_cell(out, cell) is not None:
+        if read_cell(out, cell, keys[cell]) is not None:
             on_done(cell, True)
         else:
             todo.append(cell)
     if jobs <= 1:
         for cell in todo:
-            run_cell(host, eco, cell, out)
+            run_cell(host, eco, cell, out, keep_checkpoints=keep_checkpoints)
             on_done(cell, False)
         return cells
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     eco_data = host.conv.unstructure(eco)
-    args = [(eco_data, attrs.asdict(c), str(out)) for c in todo]
+    args = [(eco_data, attrs.asdict(c), str(out), keep_checkpoints) for c in todo]
     errors, codes = [], set()
     # each worker ends when this process does, even killed outright (SIGKILL)
     with ProcessPoolExecutor(

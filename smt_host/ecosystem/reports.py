@@ -1,4 +1,4 @@
-"""adoption.json, adoption.md and the heatmap.
+"""adoption.json, adoption.md, the heatmap, and the terminal table.
 
 Each is written atomically (:mod:`smt_host.files`): a write that
 fails keeps the previous report whole. adoption.json is strict JSON (a NaN,
@@ -9,9 +9,45 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from smt_host.ecosystem.cells import ADOPTED, ALL
 from smt_host.files import atomic_path, write_json_atomic, write_text_atomic
+
+
+def _ne(p: dict) -> str:
+    """The NE change with its standard error, ``-1.10% ± 0.06%``."""
+    se = p["ne_delta_std"] / math.sqrt(p["seeds"]) if not _nan(p["ne_delta_std"]) and p["seeds"] else None
+    return f"{_num(p['ne_delta'], '+.2%')} ± {_num(se, '.2%')}"
+
+
+def _t(p: dict) -> str:
+    """``t`` against its critical value, ``-19.05 < -2.920`` (or n/a)."""
+    if p.get("t") is None or p.get("critical") is None:
+        return "n/a"
+    op = "<" if p["t"] < -p["critical"] else "≥"
+    return f"{p['t']:.2f} {op} -{p['critical']:.3f}"
+
+
+def _aa_line(matrix: dict) -> str | None:
+    aa = matrix.get("aa")
+    if not aa:
+        return None
+    return (
+        f"A/A check: a technique that changes nothing, {aa['pairs']:,} simulated pairs at {aa['seeds']} seeds "
+        f"(seed noise from {aa['pool']} recorded cells, std {aa['noise_std']:.2%}): adopted {aa['rate']:.1%} "
+        f"of the time at alpha {aa['alpha']:.0%} (the old 2-SE rule: {aa['old_rule_rate']:.1%})"
+    )
+
+
+def _throughput_line(matrix: dict) -> str | None:
+    if not matrix.get("pairs_per_hour"):
+        return None
+    cpu = f", {matrix['cpu_s']:.0f} CPU s" if matrix.get("cpu_s") else ""
+    return (
+        f"{len(matrix['pairs'])} pairs from {matrix['compute_s']:.0f} s of cell training{cpu} "
+        f"({matrix['pairs_per_hour']:.0f} pairs per hour in one process)"
+    )
 
 
 def write_reports(out: Path, matrix: dict) -> list[Path]:
@@ -24,25 +60,71 @@ def write_reports(out: Path, matrix: dict) -> list[Path]:
         "",
         f"Rule: {matrix['rule']}.",
         "",
-        "| model | technique | seeds | NE change | AUC change | calibration error change | FLOPs change | decision |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | technique | seeds | NE change ± SE | t vs critical | AUC change | calibration error change "
+        "| FLOPs change | decision |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in matrix["pairs"]:
         fd = "" if _nan(p["flops_delta"]) else f"{p['flops_delta']:+.1%}"
         if p["seeds"] == 0:
             lines.append(
-                f"| {p['model']} | {p['technique']} | 0 | n/a | n/a | n/a | over budget | **reject** ({p['reason']}) |"
+                f"| {p['model']} | {p['technique']} | 0 | n/a | n/a | n/a | n/a | over budget "
+                f"| **reject** ({p['reason']}) |"
             )
             continue
         lines.append(
-            f"| {p['model']} | {p['technique']} | {p['seeds']} | {_num(p['ne_delta'], '+.2%')} ± "
-            f"{_num(p['ne_delta_std'], '.2%')} | {_num(p['auc_delta'], '+.4f')} ± {_num(p['auc_delta_std'], '.4f')} | "
+            f"| {p['model']} | {p['technique']} | {p['seeds']} | {_ne(p)} | {_t(p)} | "
+            f"{_num(p['auc_delta'], '+.4f')} ± {_num(p['auc_delta_std'], '.4f')} | "
             f"{_num(p['calibration_error_delta'], '+.3f')} | {fd} | "
             f"**{p['decision']}** ({p['reason']}) |"
         )
+    extra = [line for line in (_aa_line(matrix), _throughput_line(matrix)) if line]
+    if extra:
+        lines += ["", *extra]
     write_text_atomic("\n".join(lines) + "\n", paths[1])
     _heatmap(matrix, paths[2])
     return paths
+
+
+def table(matrix: dict) -> Any:
+    """The adoption matrix as a ``rich`` table for the terminal (the
+    markdown file holds the same rows)."""
+    from rich.table import Table
+
+    t = Table(title="adoption at neutral capacity", caption=f"rule: {matrix['rule']}")
+    for col, right in (
+        ("model", False),
+        ("technique", False),
+        ("seeds", True),
+        ("NE chg ± SE", True),
+        ("t vs crit.", True),
+        ("AUC chg", True),
+        ("FLOPs chg", True),
+        ("decision", False),
+    ):
+        t.add_column(col, justify="right" if right else "left", overflow="fold", no_wrap=col == "decision")
+    for p in matrix["pairs"]:
+        if p["seeds"] == 0:
+            t.add_row(p["model"], p["technique"], "0", "n/a", "n/a", "n/a", "over budget", "reject: over budget")
+            continue
+        fd = "" if _nan(p["flops_delta"]) else f"{p['flops_delta']:+.1%}"
+        decision = "[bold green]ADOPT[/]" if p["decision"] == "adopt" else "reject"
+        t.add_row(
+            p["model"],
+            p["technique"],
+            str(p["seeds"]),
+            _ne(p),
+            _t(p),
+            _num(p["auc_delta"], "+.4f"),
+            fd,
+            decision,
+        )
+    return t
+
+
+def summary_lines(matrix: dict) -> list[str]:
+    """The lines printed under the table: the A/A check and the throughput."""
+    return [line for line in (_aa_line(matrix), _throughput_line(matrix)) if line]
 
 
 def _nan(x: float | None) -> bool:

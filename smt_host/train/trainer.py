@@ -38,7 +38,7 @@ from smt_host.contexts import LossInputs, TrainContext
 from smt_host.data import open_source
 from smt_host.data.batch import DataSource
 from smt_host.errors import DeviceError, TrainingError
-from smt_host.files import write_text_atomic
+from smt_host.files import write_json_atomic
 from smt_host.host import Host
 from smt_host.model.plan import Manifest, Plan
 from smt_host.spec.schema import EcosystemSpec, ModelSpec
@@ -584,5 +584,5 @@ def _train(
     metrics = attrs.asdict(result, filter=lambda a, v: a.name != "plan")
     metrics["plan"] = host.plan_dict(plan)
     if parallel is None or parallel.is_main:
-        write_text_atomic(json.dumps(metrics, indent=2, default=str), out_dir / "metrics.json")
+        write_json_atomic(json.loads(json.dumps(metrics, default=str)), out_dir / "metrics.json")
     return result
