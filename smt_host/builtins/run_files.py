@@ -130,7 +130,6 @@ class _Series:
     """The training figures between two records: loss sum, steps, time, examples."""
 
     def __init__(self, ctx: Any) -> None:
-        self.every = log_interval(ctx)
         self.started = self.last_time = time.perf_counter()
         self.last_examples = getattr(ctx, "examples", 0)
         self.loss_sum, self.steps = 0.0, 0
@@ -139,7 +138,7 @@ class _Series:
         """The record due at ``step``, or None."""
         self.loss_sum += loss
         self.steps += 1
-        if step % self.every:
+        if step % log_interval(ctx):
             return None
         now, examples = time.perf_counter(), getattr(ctx, "examples", 0)
         rate = (examples - self.last_examples) / (now - self.last_time) if now > self.last_time else 0.0
@@ -272,6 +271,9 @@ class TensorBoard:
 
     @hookimpl
     def smt_train_start(self, ctx: Any) -> None:
+        if not ctx.resumed:  # a run trained again from scratch: its old curves go
+            for old in (Path(ctx.out_dir) / TENSORBOARD_DIR).glob("events.out.tfevents.*"):
+                old.unlink()
         self._writer(ctx)
         self._series[str(ctx.out_dir)] = _Series(ctx)
 

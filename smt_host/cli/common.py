@@ -32,6 +32,24 @@ def console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
+def print_table(table: Any, stderr: bool = False) -> None:
+    """Prints a rich table: at the terminal's width on a terminal; on a pipe
+    at the width its content needs (rich would cut it at 80 columns)."""
+    from rich.console import Console
+
+    out = console(stderr=stderr)
+    if not out.is_terminal:
+        needed = Console(width=10_000).measure(table).maximum
+        out = Console(stderr=stderr, highlight=False, soft_wrap=True, width=max(needed, 20))
+    out.print(table)
+
+
+def is_quiet() -> bool:
+    """Whether ``smt -q`` was given (no header, no progress lines)."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get("smt.quiet"))
+
+
 def make_host(quiet: bool = False) -> Host:
     """The host with the installed plugins; unless ``quiet``, prints its
     header (host and plugin versions) on stderr, so ``--json`` output stays
@@ -39,7 +57,7 @@ def make_host(quiet: bool = False) -> Host:
     from smt_host.host import Host
 
     host = Host.create()
-    if not quiet:
+    if not quiet and not is_quiet():
         click.echo(host.spm.header(), err=True)
     return host
 

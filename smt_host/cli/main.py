@@ -11,8 +11,10 @@ prints the traceback first. click's own usage errors keep click's output
 (exit 2).
 
 The commands live one family per module (spec, plugins, plan, train,
-ecosystem, serve, authoring); none imports torch at module level, so ``smt --help``
-and ``smt --version`` start without it.
+ecosystem, serve, authoring, doctor); none imports torch at module level, so ``smt --help``,
+``smt --version`` and ``smt doctor`` start without it. torch and torchrec are
+not declared dependencies: a command that needs one and does not find it
+prints one line saying to run ``python -m smt_host.install``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import click
 
 from smt_host._version import __version__
-from smt_host.cli import authoring, ecosystem, plan, plugins, serve, spec, train
+from smt_host.cli import authoring, doctor, ecosystem, plan, plugins, serve, spec, train
 from smt_host.cli.common import INTERRUPT_NOTE
 from smt_host.errors import ExitCode, SmtError
 
@@ -49,6 +51,15 @@ class SmtGroup(click.Group):
             return super().invoke(ctx)
         except SmtError as exc:
             _report(ctx, exc, str(exc), exc.exit_code)
+        except ModuleNotFoundError as exc:
+            # torch / torchrec are not declared dependencies (see smt_host.install):
+            # their absence is one line saying what to run
+            from smt_host.install import missing_module_message
+
+            message = missing_module_message(exc.name or "")
+            if message is None:
+                raise
+            _report(ctx, exc, message, ExitCode.FAILED)
         except KeyboardInterrupt as exc:
             note = ctx.meta.get(INTERRUPT_NOTE)
             message = "interrupted"
@@ -62,8 +73,50 @@ class SmtGroup(click.Group):
             _report(ctx, exc, message, ExitCode.INTERRUPTED)
 
 
+def _plugin_choices(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """``-p NAME`` / ``-p no:NAME``, applied as ``SMT_LOAD_PLUGINS`` /
+    ``SMT_DISABLE_PLUGINS`` (merged with what they already say), so the
+    processes a command starts (ecosystem workers, torchrun ranks) see the same."""
+    load = [v for v in values if not v.startswith("no:")]
+    block = [v[3:] for v in values if v.startswith("no:")]
+    if any(not name for name in [*load, *block]):
+        raise click.BadParameter("give a plugin name: -p NAME or -p no:NAME", ctx=ctx, param=param)
+    if load:
+        current = os.environ.get("SMT_LOAD_PLUGINS")
+        names = [n for n in (current or "").split(",") if n.strip()] if current is not None else []
+        os.environ["SMT_LOAD_PLUGINS"] = ",".join(dict.fromkeys([*names, *load]))
+    if block:
+        names = [n for n in os.environ.get("SMT_DISABLE_PLUGINS", "").split(",") if n.strip()]
+        os.environ["SMT_DISABLE_PLUGINS"] = ",".join(dict.fromkeys([*names, *block]))
+    return values
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value and param.name == "verbose":
+        os.environ["SMT_DEBUG"] = "1"
+    ctx.meta[f"smt.{param.name}"] = value
+    return value
+
+
 @click.group(cls=SmtGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="smt")
+@click.option(
+    "-p",
+    "plugins_opt",
+    metavar="NAME",
+    multiple=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_plugin_choices,
+    help="As pytest's -p (repeatable): load only the named plugins (distribution or entry point "
+    "names), or block one with no:NAME (also a reporter): -p smt-dcnv2, -p no:tensorboard.",
+)
+@click.option(
+    "-q", "--quiet", count=True, expose_value=False, callback=_verbosity, help="No header and no progress lines."
+)
+@click.option(
+    "-v", "--verbose", count=True, expose_value=False, callback=_verbosity, help="Print the traceback of an error."
+)
 def cli() -> None:
     """smt: the Standard Model Template, a plugin host for ads ranking models.
 
@@ -73,8 +126,9 @@ def cli() -> None:
     point group "smt"): install one and every model it applies to uses it.
 
     Environment: SMT_LOAD_PLUGINS (unset: all; empty: none; "a,b": only these),
-    SMT_DISABLE_PLUGINS ("a,b": block these), SMT_DATA_DIR (real data sets),
-    SMT_DEBUG=1 (print the traceback of an error).
+    SMT_DISABLE_PLUGINS ("a,b": block these; also a reporter by name),
+    SMT_DATA_DIR (real data sets), SMT_DEBUG=1 (print the traceback of an
+    error, as -v). -p NAME / -p no:NAME set the first two.
     """
 
 
@@ -88,6 +142,7 @@ for _command in (
     authoring.new_plugin_cmd,
     serve.export_cmd,
     serve.predict_cmd,
+    doctor.doctor_cmd,
 ):
     cli.add_command(_command)
 

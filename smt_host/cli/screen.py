@@ -70,7 +70,7 @@ def rate(per_s: float) -> str:
 class _Task:
     def __init__(self, description: str, total: int | None, now: float) -> None:
         self.description, self.total = description, total
-        self.done, self.examples, self.started = 0, 0, now
+        self.done, self.base, self.examples, self.started = 0, 0, 0, now
         self.next_fraction, self.last_line = 0.1, now
 
     def line(self, now: float) -> str:
@@ -79,8 +79,8 @@ class _Task:
         if self.examples:
             parts.append(f"{rate(self.examples / elapsed)} examples/s")
         parts.append(duration(elapsed))
-        if self.total and self.done:
-            parts.append(f"ETA {duration(elapsed / self.done * (self.total - self.done))}")
+        if self.total and self.done > self.base:
+            parts.append(f"ETA {duration(elapsed / (self.done - self.base) * (self.total - self.done))}")
         return f"{self.description}: " + ", ".join(parts)
 
 
@@ -166,13 +166,17 @@ class Screen:
             self._log.flush()
 
     # ------------------------------------------- what the trainer calls
-    def add_task(self, description: str, total: int | None = None) -> int:
-        task_id = len(self._tasks) + 1
-        while task_id in self._tasks:
-            task_id += 1
-        self._tasks[task_id] = _Task(self.prefix + description, total, self.clock())
-        if self._rich is not None and not self.disable:
-            self._rich_ids[task_id] = self._rich.add_task(self.prefix + description, total=total, examples_per_s="")
+    def add_task(self, description: str, total: int | None = None, completed: int = 0) -> int:
+        """A new bar (``completed`` of ``total`` done already: a resumed epoch)."""
+        task_id = max(self._tasks, default=0) + 1
+        task = self._tasks[task_id] = _Task(self.prefix + description, total, self.clock())
+        task.done = task.base = completed
+        while total and completed >= task.next_fraction * total:
+            task.next_fraction += 0.1
+        if self._rich is not None:
+            self._rich_ids[task_id] = self._rich.add_task(
+                self.prefix + description, total=total, completed=completed, examples_per_s=""
+            )
         return task_id
 
     def update(
@@ -185,7 +189,7 @@ class Screen:
         if examples is not None:
             task.examples = examples
         now = self.clock()
-        if self._rich is not None and not self.disable:
+        if self._rich is not None:
             elapsed = max(now - task.started, 1e-9)
             speed = f"{rate(task.examples / elapsed)} ex/s" if task.examples else ""
             self._rich.update(

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from smt_host.cli.common import console, load_targets, make_host, on_interrupt, overrides_option
+from smt_host.cli.common import is_quiet, load_targets, make_host, on_interrupt, overrides_option, print_table
+from smt_host.cli.screen import duration, rate
 
 
 def _finished_epochs(checkpoint: Path) -> int | None:
@@ -46,6 +47,31 @@ def interrupt_note(run_dir: Path, before: int | None, resume: bool) -> str:
     return f"in {run_dir}; {epochs} checkpointed there, continue with --resume"
 
 
+def position_note(position) -> str:
+    """What ``error: interrupted`` adds when the trainer said where it was
+    (a :class:`smt_host.train.trainer.RunPosition`): the epoch and step, and
+    the last checkpoint this run wrote or resumed from, if any."""
+    from smt_host.train.trainer import describe_position
+
+    at = f"at epoch {position.epoch} step {position.step}" if position.epoch else "before training started"
+    if position.saved is None:
+        return f"{at}; nothing was saved yet"
+    return f"{at}; last checkpoint: {describe_position(position.saved)} at {position.path}, continue with --resume"
+
+
+def refuse_finished(run_dirs: list[Path]) -> None:
+    """Raises :class:`~smt_host.train.runlock.RunFolderError` naming the
+    first folder that holds a finished run (its ``metrics.json``)."""
+    from smt_host.train.runlock import RunFolderError
+
+    for run_dir in run_dirs:
+        if (run_dir / "metrics.json").exists():
+            raise RunFolderError(
+                f"{run_dir} holds a finished run; pass --resume to keep it (a finished run is not retrained) "
+                f"or --overwrite to train it again from scratch"
+            )
+
+
 @click.command("train")
 @click.argument("targets", nargs=-1)
 @click.option("--ecosystem", "-e", type=click.Path(), help="Ecosystem TOML or folder (default: the built-in one).")
@@ -59,15 +85,33 @@ def interrupt_note(run_dir: Path, before: int | None, resume: bool) -> str:
 )
 @overrides_option
 @click.option("--resume", is_flag=True, help="Continue runs from their checkpoints (finished runs are not retrained).")
+@click.option("--overwrite", is_flag=True, help="Train again from scratch over finished runs (refused without it).")
 @click.option("--epochs", type=click.IntRange(min=1), help="Override training.epochs of every model.")
 @click.option("--seed", type=int, help="Override training.seed of every model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--no-progress", is_flag=True, help="No progress bars or progress lines.")
+@click.option(
+    "--no-tensorboard",
+    is_flag=True,
+    help="Write no TensorBoard events (the built-in reporter writes RUN/tensorboard/ when tensorboard is installed).",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where a one-process run trains: cpu, cuda or cuda:N (tables, dense part, optimizers, evaluation).",
+)
+@click.option(
+    "--max-steps",
+    type=click.IntRange(min=1),
+    help="Stop each epoch after N steps (sets training.max_steps_per_epoch of every model).",
+)
 @click.option(
     "--locked",
     "lockfile",
     type=click.Path(exists=True, dir_okay=False),
-    help="Train exactly the technique set of this lock file (from `smt ecosystem lock`).",
+    help="Train exactly what this lock file (from `smt ecosystem lock`) measured: each model's technique set "
+    "at its locked capacity; every model is checked against the lock before any trains.",
 )
 @click.option(
     "--nproc-per-node",
@@ -77,14 +121,38 @@ def interrupt_note(run_dir: Path, before: int | None, resume: bool) -> str:
     help="Train on N local processes (torchrec DistributedModelParallel, launched with torch.distributed.run).",
 )
 def train_cmd(
-    targets, ecosystem, out, overrides, resume, epochs, seed, as_json, no_progress, lockfile, nproc_per_node
+    targets,
+    ecosystem,
+    out,
+    overrides,
+    resume,
+    overwrite,
+    epochs,
+    seed,
+    as_json,
+    no_progress,
+    no_tensorboard,
+    device,
+    max_steps,
+    lockfile,
+    nproc_per_node,
 ) -> None:
     """Train models: with no TARGETS, every model of the default ecosystem.
 
     TARGETS are model names of the ecosystem, or one ecosystem TOML file or
     folder. For each model: progress, validation each epoch with early
-    stopping, test NE / logloss / AUC / calibration. Each run folder holds
-    checkpoint.pt (model, optimizer, plan, manifest) and metrics.json.
+    stopping, test NE / logloss / AUC / calibration. Each run folder
+    OUT/<ecosystem>/<model>/ holds checkpoint.pt (model, optimizers, plan,
+    manifest; the previous one as checkpoint.prev.pt), metrics.json (the
+    results), metrics.jsonl (loss, learning rates, examples/s every tenth of
+    an epoch, each validation), train.log (what the screen showed),
+    spec.toml (the resolved spec: smt train spec.toml trains it again),
+    environment.txt (versions), curves.png and tensorboard/ (when
+    tensorboard is installed; --no-tensorboard or -p no:tensorboard).
+
+    On a terminal the screen shows live bars (model i/n, steps, examples/s,
+    ETA); on a pipe it prints a line every tenth of an epoch. A finished
+    run folder is not trained again without --resume or --overwrite.
 
     With --nproc-per-node N > 1 the command re-launches itself on N local
     ranks with torch.distributed.run (gloo on CPU, NCCL on GPUs); under
@@ -96,66 +164,52 @@ def train_cmd(
         argv = launch.strip_option(sys.argv[1:], "--nproc-per-node")
         sys.exit(launch.relaunch(nproc_per_node, argv))
 
+    import os
+
     import attrs
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
 
-    from smt_host.errors import LockError, ManifestMismatch
-    from smt_host.train.trainer import train_model
+    from smt_host.cli.screen import Screen
+    from smt_host.train.trainer import check_device, train_model
 
+    if no_tensorboard:
+        blocked = [n for n in os.environ.get("SMT_DISABLE_PLUGINS", "").split(",") if n.strip()]
+        os.environ["SMT_DISABLE_PLUGINS"] = ",".join(dict.fromkeys([*blocked, "tensorboard"]))
     host = make_host(quiet=False)
+    device = check_device(device)
     eco, specs = load_targets(host, targets, ecosystem, overrides)
     parallel = None
     if launch.launched():  # one rank of a torchrun job: tables sharded with torchrec DMP
         from smt_host.distributed.parallel import Parallel
 
         parallel = Parallel.from_env()
-    lock = None
-    if lockfile:
-        from smt_host.ecosystem.lock import check_lock, locked_spec
+    locked = None
+    if lockfile:  # every model checked and planned at its locked capacity before any trains
+        from smt_host.ecosystem.lock import prepare_locked, read_lock
 
-        lock = json.loads(Path(lockfile).read_text())
-        try:
-            check_lock(lock, host)
-        except ManifestMismatch as exc:
-            raise ManifestMismatch(f"{lockfile}: {exc}") from exc
+        locked = prepare_locked(host, eco, specs, read_lock(Path(lockfile)), where=lockfile)
     results = []
+    if not resume and not overwrite:
+        refuse_finished([Path(out) / eco.name / spec.name for spec in specs])
     started = time.perf_counter()
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console(stderr=True),
-        transient=True,
-        disable=no_progress,
-    )
+    progress = Screen(disable=no_progress or is_quiet())
     with progress:
-        for spec in specs:
-            if epochs is not None or seed is not None:
-                changes = {}
-                if epochs is not None:
-                    changes["epochs"] = epochs
-                if seed is not None:
-                    changes["seed"] = seed
+        for index, spec in enumerate(specs, 1):
+            changes = {
+                k: v
+                for k, v in (("epochs", epochs), ("seed", seed), ("max_steps_per_epoch", max_steps))
+                if v is not None
+            }
+            if changes:
                 spec = attrs.evolve(spec, training=attrs.evolve(spec.training, **changes))
             run_dir = Path(out) / eco.name / spec.name
+            progress.start_model(index, len(specs), spec.name, run_dir)
             before = _mtime(run_dir / "checkpoint.pt")
             on_interrupt(lambda run_dir=run_dir, before=before: interrupt_note(run_dir, before, resume))
             plan = None
-            if lock is not None:
-                try:
-                    spec, only = locked_spec(spec, lock)
-                except LockError as exc:
-                    raise LockError(f"{lockfile}: {exc}") from exc
-                plan = host.plan(spec, only=only)
-            results.append(
-                train_model(
+            if locked is not None:
+                spec, plan = locked.apply(spec)
+            try:
+                result = train_model(
                     host,
                     spec,
                     eco,
@@ -165,8 +219,14 @@ def train_cmd(
                     progress=progress,
                     parallel=parallel,
                     log=progress.console.print,
+                    device=device,
                 )
-            )
+            except KeyboardInterrupt as exc:
+                position = getattr(exc, "run_position", None)
+                if position is not None:  # the trainer says where it was and what it saved
+                    on_interrupt(lambda run_dir=run_dir, p=position: f"in {run_dir} {position_note(p)}")
+                raise
+            results.append(result)
         on_interrupt(None)
     wall = time.perf_counter() - started
     rows = [
@@ -176,6 +236,7 @@ def train_cmd(
             **{k: m[k] for k in ("ne", "logloss", "auc", "calibration")},
             "epochs": r.epochs,
             "wall_s": round(r.wall_s, 2),
+            "examples_per_s": round(r.examples_per_s, 1),
             "out_dir": r.out_dir,
         }
         for r in results
@@ -186,9 +247,9 @@ def train_cmd(
         return
     from rich.table import Table
 
-    table = Table(title=f"test metrics, ecosystem {eco.name!r} ({wall:.1f} s)")
-    for col in ("model", "task", "NE", "logloss", "AUC", "calibration", "epochs", "seconds"):
-        table.add_column(col, justify="right" if col not in ("model", "task") else "left")
+    table = Table(title=f"test metrics, ecosystem {eco.name!r} ({len(results)} models, {duration(wall)} in all)")
+    for col in ("model", "task", "NE", "logloss", "AUC", "calibration", "epochs", "seconds", "examples/s"):
+        table.add_column(col, justify="right" if col not in ("model", "task") else "left", no_wrap=True)
     for row in rows:
         table.add_row(
             row["model"],
@@ -199,6 +260,7 @@ def train_cmd(
             f"{row['calibration']:.3f}",
             str(row["epochs"]),
             f"{row['wall_s']:.1f}",
+            rate(row["examples_per_s"]),
         )
-    console().print(table)
+    print_table(table)
     click.echo(f"runs written to {Path(out) / eco.name}")
