@@ -256,7 +256,8 @@ DATA_CASES = {
         "bad.libfm",
         _folder,
         {},
-        r".*/spec\.toml: data file is a folder, not a file: .*bad\.libfm @ \$\.models\.m\.data\.options\.train",
+        r".*/spec\.toml: the folder .*bad\.libfm holds no data files \(names starting with \. or _ are skipped\) "
+        r"@ \$\.models\.m\.data\.options\.train",
     ),
     "unreadable": (
         "libfm",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 import numpy as np
@@ -50,11 +51,14 @@ class RowFaults:
 
 @attrs.frozen
 class Chunk:
-    """Rows read from a file: ``data`` (n rows) and ``lines`` (n,) int64, the
-    1-based line number of each row (used to split one file by fraction)."""
+    """Rows read from a file: ``data`` (n rows), ``lines`` (n,) int64, the
+    1-based line number of each row (used to split one file by fraction), and
+    ``extra``, a ``pyarrow.Table`` of n rows holding the format's passthrough
+    columns (None without them)."""
 
     data: TensorSplit
     lines: np.ndarray
+    extra: Any = None
 
     def __len__(self) -> int:
         return len(self.data)

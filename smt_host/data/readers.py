@@ -20,8 +20,9 @@ against sparse features, vocab sizes, tasks, file existence) follow.
 
 :class:`FileOptions`, shared by every file source:
 
-* ``train`` / ``valid`` / ``test``: a file or a list of files per split
-  (``train`` required); or
+* ``train`` / ``valid`` / ``test``: a path or a list of paths per split
+  (``train`` required), each a file, a glob or a folder, maybe partitioned
+  (hive-style ``key=value/`` folders; :mod:`smt_host.data.filesets`); or
 * ``file`` (a file or a list) with ``split = [train, valid, test]``
   fractions summing to 1 (the test one may be left out, meaning 0); each row
   goes to a split by a fixed hash of its line number and ``split_seed``
@@ -79,6 +80,7 @@ from typing import TYPE_CHECKING, Any, Literal, NewType
 import attrs
 import cattrs
 import numpy as np
+import pyarrow as pa
 import torch
 from cattrs.errors import AttributeValidationNote, ClassValidationError
 
@@ -86,6 +88,7 @@ from smt_host.data import data_dir
 from smt_host.data.batch import Batch, TensorSplit
 from smt_host.data.chunks import Chunk, RowFaults, concat_splits, log, make_split, rebatch, split_of_lines, take_rows
 from smt_host.data.files import READ_ERRORS, read_error
+from smt_host.data.filesets import FileSetError, RankShard, balance, expand, parquet_fragment
 from smt_host.data.libfm import Field, LibfmFormat
 from smt_host.data.tabular import ENCODINGS, TRANSFORMS, DenseColumn, SparseColumn, TabularFormat
 from smt_host.errors import ConfigError, DataFormatError, FieldValueError
@@ -133,6 +136,8 @@ class FileSource:
 
     Attributes:
         skipped: malformed rows skipped, by file name (latest full pass).
+        partitions: the partition columns of each file of a partitioned
+            folder, ``{path: {key: value}}`` (see :mod:`smt_host.data.filesets`).
     """
 
     def __init__(
@@ -146,8 +151,11 @@ class FileSource:
         streaming: bool = False,
         skip_malformed: bool = False,
         shuffle_buffer: int = 262_144,
+        partitions: Mapping[Path, Mapping[str, str]] | None = None,
     ) -> None:
         self.fmt = fmt
+        self.partitions = {Path(k): dict(v) for k, v in (partitions or {}).items() if v}
+        self._file_rows: dict[Path, int] = {}
         self.task_names = tuple(task_names)
         self.files = {k: tuple(v) for k, v in files.items()}
         self.fractions = tuple(fractions) if fractions else None
@@ -177,8 +185,9 @@ class FileSource:
         a file without rows (empty, or every row skipped as malformed)."""
         faults = RowFaults(path, self.skip_malformed)
         rows, line = 0, 0
+        parts = self.partitions.get(path)
         try:
-            for chunk in self.fmt.read(path, faults):
+            for chunk in self.fmt.read(path, faults, parts) if parts else self.fmt.read(path, faults):
                 rows += len(chunk)
                 if len(chunk.lines):
                     line = int(chunk.lines[-1])
@@ -204,18 +213,52 @@ class FileSource:
 
     def chunks(self, split: str) -> Iterator[TensorSplit]:
         """Streams the rows of ``split`` as splits of a few thousand rows."""
+        for chunk in self.rows(split):
+            yield chunk.data
+
+    def rows(self, split: str) -> Iterator[Chunk]:
+        """Streams the rows of ``split`` in file order as :class:`Chunk`
+        objects: the data, each row's line in its file, and the format's
+        passthrough columns (``extra``; see :meth:`for_scoring`)."""
         self._check_split(split)
         if self.fractions is None:
             for path in self.files[split]:
-                for chunk in self._read_file(path):
-                    yield chunk.data
+                yield from self._read_file(path)
             return
         which = SPLITS.index(split)
         for k, path in enumerate(self.files["file"]):
             for chunk in self._read_file(path):
                 mask = split_of_lines(chunk.lines, self.fractions, self.split_seed * 1_000_003 + k) == which
                 if mask.any():
-                    yield take_rows(chunk.data, torch.from_numpy(np.nonzero(mask)[0]))
+                    idx = np.nonzero(mask)[0]
+                    extra = None if chunk.extra is None else chunk.extra.take(idx)
+                    yield Chunk(take_rows(chunk.data, torch.from_numpy(idx)), chunk.lines[idx], extra)
+
+    @property
+    def scorable(self) -> bool:
+        """Whether :meth:`for_scoring` applies (CSV and Parquet formats)."""
+        return isinstance(self.fmt, TabularFormat)
+
+    def for_scoring(self, keep_columns: Sequence[str] = ()) -> FileSource:
+        """This source over the same files for scoring: a label column a file
+        lacks gives NaN labels for its task, and ``keep_columns`` are passed
+        through in each chunk of :meth:`rows` (``Chunk.extra``). CSV and
+        Parquet formats only: ValueError for another (libFM lines always
+        hold a label and no other column)."""
+        if not isinstance(self.fmt, TabularFormat):
+            raise ValueError("only csv and parquet data can be scored without labels or keep columns")
+        fmt = attrs.evolve(self.fmt, optional_labels=True, passthrough=tuple(keep_columns))
+        return FileSource(
+            fmt,
+            self.task_names,
+            self.files,
+            fractions=self.fractions,
+            split_seed=self.split_seed,
+            streaming=self.streaming,
+            skip_malformed=self.skip_malformed,
+            shuffle_buffer=self.shuffle_buffer,
+            partitions=self.partitions,
+        )
 
     def load(self, split: str) -> TensorSplit:
         """The whole split in memory (cached)."""
@@ -298,12 +341,60 @@ class FileSource:
         return self._base_rates
 
     def num_examples(self, split: str) -> int:
-        """Rows of ``split`` (one counting pass when streaming, cached)."""
+        """Rows of ``split`` (streaming: from the Parquet footers, else one
+        counting pass; cached)."""
         if not self.streaming:
             return len(self.load(split))
         if split not in self._counts:
-            self._counts[split] = sum(len(p) for p in self.chunks(split))
+            if self.fractions is None:
+                self._counts[split] = sum(self.rows_of(p) for p in self.files[split])
+            else:
+                self._counts[split] = sum(len(p) for p in self.chunks(split))
         return self._counts[split]
+
+    def rows_of(self, path: Path) -> int:
+        """Rows of one file: a Parquet file's footer says (unless malformed
+        rows are skipped); any other is counted by reading it (cached)."""
+        if path not in self._file_rows:
+            n = None
+            if getattr(self.fmt, "kind", None) == "parquet" and not self.skip_malformed:
+                n = _parquet_rows(path)
+            if n is None:
+                n = sum(len(c) for c in self._read_file(path))
+            self._file_rows[path] = n
+        return self._file_rows[path]
+
+    def rank_shard(self, rank: int, world_size: int) -> RankShard | None:
+        """Rank ``rank``'s shard for distributed training
+        (:class:`~smt_host.data.filesets.RankShard`): its own train files,
+        divided among the ranks by rows (:func:`~smt_host.data.filesets.balance`).
+        None where a shard does not apply: one process, a split by fraction
+        (``file`` + ``split``), or fewer train files than ranks (every rank
+        then reads the whole split and takes its slice of each batch)."""
+        if world_size < 2 or self.fractions is not None or len(self.files.get("train", ())) < world_size:
+            return None
+        files = self.files["train"]
+        rows = [self.rows_of(p) for p in files]
+        mine = balance(rows, world_size)[rank]
+        own = FileSource(
+            self.fmt,
+            self.task_names,
+            {"train": [files[i] for i in mine]},
+            streaming=self.streaming,
+            skip_malformed=self.skip_malformed,
+            shuffle_buffer=self.shuffle_buffer,
+            partitions=self.partitions,
+        )
+        return RankShard(self, rank, world_size, own, [rows[i] for i in mine], sum(rows))
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """Rows of a Parquet file from its footer (None if it cannot be read:
+    the reader then names the fault)."""
+    try:
+        return parquet_fragment(path).metadata.num_rows
+    except READ_ERRORS:
+        return None
 
 
 # ---------------------------------------------------------------- options
@@ -356,14 +447,20 @@ def _one_char(inst: Any, attribute: attrs.Attribute, value: str | None) -> None:
 
 @attrs.frozen(kw_only=True)
 class FileOptions:
-    """Options shared by every file source.
+    """Options shared by every file source. Each path is a file, a glob
+    (``"day_*.parquet"``, ``**`` spans folders) or a folder (every file
+    below it not named ``.*`` or ``_*``; ``key=value`` folders add
+    partition columns), relative to the data folder (see
+    ``smt_host/data/filesets.py``).
 
     Attributes:
-        train: file(s) of the train split (required unless ``file`` is given).
-        valid: file(s) of the validation split.
-        test: file(s) of the test split.
-        file: file(s) cut into the three splits by ``split`` (instead of
-            ``train``/``valid``/``test``).
+        train: files, globs or folders of the train split (required unless
+            ``file`` is given); in a distributed run each rank reads its
+            own share of the files.
+        valid: files, globs or folders of the validation split.
+        test: files, globs or folders of the test split.
+        file: files, globs or folders cut into the three splits by
+            ``split`` (instead of ``train``/``valid``/``test``).
         split: ``[train, valid, test]`` fractions of ``file``, summing to 1
             (two: the test fraction is 0).
         split_seed: seed of the row-to-split hash.
@@ -637,35 +734,89 @@ def parse_options(model: ModelSpec, eco: EcosystemSpec, kind: str) -> FileOption
 # ------------------------------------------------- checks against the model
 
 
-def _resolve(model: ModelSpec, eco: EcosystemSpec, paths: Sequence[str], key: str) -> list[Path]:
-    out = []
+def _resolve(
+    model: ModelSpec, eco: EcosystemSpec, paths: Sequence[str], key: str, partitions: dict[Path, dict[str, str]]
+) -> list[Path]:
+    """The files ``paths`` name (files, globs, folders: :func:`~smt_host.data.filesets.expand`),
+    in order, each once; their partition columns go into ``partitions``."""
+    out: dict[Path, None] = {}
     for v in paths:
-        p = Path(v).expanduser()
-        p = p if p.is_absolute() else data_dir() / p
-        if p.is_dir():
-            _fail(model, eco, f"data file is a folder, not a file: {p}", key)
-        if not p.is_file():
-            _fail(model, eco, f"data file not found: {p} (set SMT_DATA_DIR; data folder is {data_dir()})", key)
-        if not os.access(p, os.R_OK):
-            _fail(model, eco, f"data file cannot be read (permission denied): {p}", key)
-        out.append(p)
-    return out
+        try:
+            found = expand(v, data_dir())
+        except FileSetError as exc:
+            _fail(model, eco, str(exc), key)
+        for p, parts in found:
+            if not p.is_file():
+                _fail(model, eco, f"data file not found: {p} (set SMT_DATA_DIR; data folder is {data_dir()})", key)
+            if not os.access(p, os.R_OK):
+                _fail(model, eco, f"data file cannot be read (permission denied): {p}", key)
+            out[p] = None
+            if parts:
+                partitions[p] = parts
+    return list(out)
 
 
-def _files(model: ModelSpec, eco: EcosystemSpec, o: FileOptions) -> dict[str, list[Path]]:
-    """The files of each split (``{"file": [...]}`` with ``split``)."""
+def _files(
+    model: ModelSpec, eco: EcosystemSpec, o: FileOptions, partitions: dict[Path, dict[str, str]]
+) -> dict[str, list[Path]]:
+    """The files of each split (``{"file": [...]}`` with ``split``); the
+    partition columns of each file go into ``partitions``."""
     if o.file is not None:
         clash = [k for k in SPLITS if getattr(o, k) is not None]
         if clash:
             _fail(model, eco, f"give either 'file' with 'split' or {', '.join(map(repr, clash))}, not both", "file")
         if o.split is None:
             _fail(model, eco, "'file' needs split = [train, valid, test] fractions summing to 1", "split")
-        return {"file": _resolve(model, eco, o.file, "file")}
+        return {"file": _resolve(model, eco, o.file, "file", partitions)}
     if o.split is not None:
         _fail(model, eco, "'split' needs 'file' (one file split by fraction)", "split")
     if o.train is None:
         _fail(model, eco, "required field missing (give 'train', or 'file' with 'split')", "train")
-    return {k: _resolve(model, eco, getattr(o, k), k) for k in SPLITS if getattr(o, k) is not None}
+    return {k: _resolve(model, eco, getattr(o, k), k, partitions) for k in SPLITS if getattr(o, k) is not None}
+
+
+def _check_file_set(
+    model: ModelSpec,
+    eco: EcosystemSpec,
+    fmt: TabularFormat,
+    key: str,
+    paths: Sequence[Path],
+    partitions: Mapping[Path, Mapping[str, str]],
+) -> None:
+    """Refuses a set of Parquet files (one split) with a file that lacks a
+    feature column or has a partition key that is also one of its columns,
+    or whose needed columns have types that do not unify across files. A
+    file whose footer cannot be read is left to the reader (a
+    DataFormatError naming it); CSV files are checked as they are read."""
+    features = {s.column for s in fmt.sparse} | {d.column for d in fmt.dense}
+    first: dict[str, tuple[pa.DataType, Path]] = {}
+    for p in paths:
+        parts = partitions.get(p, {})
+        if fmt.kind != "parquet":
+            continue
+        try:
+            schema = parquet_fragment(p).physical_schema
+        except READ_ERRORS:
+            continue
+        both = sorted(set(parts) & set(schema.names))
+        if both:
+            _fail(model, eco, f"{p}: column {both[0]!r} is both in the file and a partition folder", key)
+        missing = sorted(c for c in features if c not in schema.names and c not in parts)
+        if missing:
+            _fail(model, eco, f"{p}: missing column {missing[0]!r} (of {len(paths)} files of the split)", key)
+        for c in fmt.needed_columns():
+            if c not in schema.names:
+                continue
+            t = schema.field(c).type
+            if c not in first:
+                first[c] = (t, p)
+                continue
+            t0, p0 = first[c]
+            if t != t0:
+                try:
+                    pa.unify_schemas([pa.schema([(c, t0)]), pa.schema([(c, t)])], promote_options="permissive")
+                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                    _fail(model, eco, f"mixed schemas: column {c!r} is {t0} in {p0} but {t} in {p}", key)
 
 
 def _streams(o: FileOptions, files: Mapping[str, Sequence[Path]]) -> bool:
@@ -748,7 +899,15 @@ def open_file_source(model: ModelSpec, eco: EcosystemSpec, kind: str) -> FileSou
     """Builds the ``kind`` file source of ``model`` (ConfigError on bad options)."""
     o = parse_options(model, eco, kind)
     fmt = _libfm_format(model, eco, o) if isinstance(o, LibfmOptions) else _tabular_format(model, eco, o)
-    files = _files(model, eco, o)
+    partitions: dict[Path, dict[str, str]] = {}
+    files = _files(model, eco, o, partitions)
+    if isinstance(fmt, TabularFormat):
+        for key, paths in files.items():
+            if len(paths) > 1 or any(p in partitions for p in paths):
+                _check_file_set(model, eco, fmt, key, paths, partitions)
+    elif partitions:
+        p, parts = next(iter(partitions.items()))
+        _fail(model, eco, f"{p}: partition folders ({', '.join(parts)}) need the csv or parquet source", "train")
     return FileSource(
         fmt,
         model.task_names,
@@ -758,4 +917,5 @@ def open_file_source(model: ModelSpec, eco: EcosystemSpec, kind: str) -> FileSou
         streaming=_streams(o, files),
         skip_malformed=o.skip_malformed,
         shuffle_buffer=o.shuffle_buffer,
+        partitions=partitions,
     )

@@ -11,7 +11,11 @@ Each feature of the model reads one column:
   as above and the row becomes a jagged feature (possibly empty).
 * dense: a float; ``transform = "log1p"`` gives log(1 + x) for x >= 0 and 0
   for x < 0; an empty cell gives 0.
-* labels: one column per task, values -1/0/1 (as text or numbers) -> 0/1.
+* labels: one column per task, values -1/0/1 (as text or numbers) -> 0/1;
+  with ``optional_labels`` (scoring data) a label column the file lacks
+  gives NaN labels for its task.
+* ``passthrough`` columns (ids to carry to the output of a scoring run) are
+  read as they are (CSV: text) into :attr:`Chunk.extra`, one row per row kept.
 
 CSV files are streamed with ``pyarrow.csv.open_csv`` (``.gz`` decompressed on
 the fly); every column is read as text so a bad cell can be reported with its
@@ -25,7 +29,7 @@ file that cannot be read (truncated gzip data, not a Parquet file...) is a
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import attrs
@@ -71,6 +75,12 @@ class TabularFormat:
         header: whether the first CSV line names the columns; None: yes unless its first cell is a number.
         column_names: names of the columns of a file without header.
         block_bytes: bytes per CSV block; chunk_rows: rows per Parquet batch.
+        optional_labels: a label column missing from a file gives NaN labels
+            for its task instead of an error (scoring data without labels).
+        passthrough: columns read as they are into each chunk's ``extra``
+            table (ids to pass through to predictions).
+        partition: ``(key, value)`` text columns of the file being read, from
+            its hive-style ``key=value`` folders (set per file by :meth:`read`).
     """
 
     kind: str
@@ -82,6 +92,9 @@ class TabularFormat:
     column_names: tuple[str, ...] | None = None
     block_bytes: int = 1 << 22
     chunk_rows: int = 65_536
+    optional_labels: bool = False
+    passthrough: tuple[str, ...] = ()
+    partition: tuple[tuple[str, str], ...] = ()
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -89,9 +102,36 @@ class TabularFormat:
 
     def needed_columns(self) -> list[str]:
         cols = list(self.labels) + [s.column for s in self.sparse] + [d.column for d in self.dense]
-        return list(dict.fromkeys(cols))
+        return list(dict.fromkeys(cols + list(self.passthrough)))
 
-    def read(self, path: Path, faults: RowFaults) -> Iterator[Chunk]:
+    def columns_in(self, names: list[str], file: str, line: int) -> list[str]:
+        """The columns to read of a file whose columns are ``names``: the
+        needed ones, less the label columns it lacks when labels are
+        optional (the file's partition columns are not read from it). A
+        missing column, or a partition key that is also a column of the
+        file, is a DataFormatError at ``file:line``."""
+        keys = [k for k, _ in self.partition]
+        both = [k for k in keys if k in names]
+        if both:
+            raise DataFormatError(file, line, f"column {both[0]!r} is both in the file and a partition folder")
+        names = [*names, *keys]
+        absent = [c for c in self.needed_columns() if c not in names]
+        optional = set(self.labels) - {s.column for s in self.sparse} - {d.column for d in self.dense}
+        missing = [c for c in absent if not (self.optional_labels and c in optional)]
+        if missing:
+            raise DataFormatError(
+                file,
+                line,
+                f"missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
+                f"the file has {len(names)} columns: {', '.join(names)}",
+            )
+        return [c for c in self.needed_columns() if c not in absent and c not in keys]
+
+    def read(self, path: Path, faults: RowFaults, partitions: Mapping[str, str] | None = None) -> Iterator[Chunk]:
+        """The chunks of the file ``path``; ``partitions``: its partition
+        columns ``{key: value}`` (each row gets them as text cells)."""
+        if partitions:
+            return attrs.evolve(self, partition=tuple(partitions.items())).read(path, faults)
         if self.kind == "parquet":
             return self._read_parquet(path, faults)
         return self._read_csv(path, faults)
@@ -123,14 +163,7 @@ class TabularFormat:
             names = list(self.column_names)
         else:
             raise DataFormatError(path.name, 0, "the file has no header: set the 'column_names' option")
-        missing = [c for c in self.needed_columns() if c not in names]
-        if missing:
-            raise DataFormatError(
-                path.name,
-                1 if header else 0,
-                f"missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
-                f"the file has {len(names)} columns: {', '.join(names)}",
-            )
+        self.columns_in(names, path.name, 1 if header else 0)
         return delimiter, header, names
 
     def _read_csv(self, path: Path, faults: RowFaults) -> Iterator[Chunk]:
@@ -163,7 +196,7 @@ class TabularFormat:
             # reading the file failed (truncated gzip data...): the stream knows the line
             return stream.error if stream.error is not None else read_error(path.name, 0, exc)
 
-        needed = self.needed_columns()
+        needed = self.columns_in(names, path.name, 1 if header else 0)
         try:
             reader = pacsv.open_csv(
                 stream,
@@ -225,17 +258,9 @@ class TabularFormat:
             pf = pq.ParquetFile(str(path))
         except READ_ERRORS as exc:
             raise _parquet_error(path, 0, exc) from exc
-        names = pf.schema_arrow.names
-        missing = [c for c in self.needed_columns() if c not in names]
-        if missing:
-            raise DataFormatError(
-                path.name,
-                0,
-                f"missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
-                f"the file has {len(names)} columns: {', '.join(names)}",
-            )
+        columns = self.columns_in(pf.schema_arrow.names, path.name, 0)
         seen = 0
-        batches = pf.iter_batches(batch_size=self.chunk_rows, columns=self.needed_columns())
+        batches = pf.iter_batches(batch_size=self.chunk_rows, columns=columns)
         while True:
             try:
                 batch = next(batches)
@@ -267,9 +292,12 @@ class TabularFormat:
         for r, message in (known or {}).items():
             fs.add(r, message)
         col = {name: batch.column(i) for i, name in enumerate(batch.schema.names)}
-        labels = np.zeros((n, len(self.labels)), dtype=np.float32)
+        for key, value in self.partition:  # the same text in every row
+            col[key] = pa.array([value], pa.string()).take(np.zeros(n, dtype=np.int64))
+        labels = np.full((n, len(self.labels)), np.nan, dtype=np.float32)  # NaN: the file has no such column
         for t, name in enumerate(self.labels):
-            labels[:, t] = _labels(col[name], name, fs)
+            if name in col:
+                labels[:, t] = _labels(col[name], name, fs)
         singles, jagged = [], {}
         for s in self.sparse:
             if s.sequence:
@@ -283,7 +311,7 @@ class TabularFormat:
         good = fs.good_mask()
         if blank_rows and n:
             empty = np.ones(n, dtype=bool)
-            for a in col.values():
+            for a in batch.columns:  # a row's own cells: a partition column is never blank
                 empty &= _empty(a)
             good &= ~empty
             for r in np.nonzero(empty)[0]:
@@ -300,7 +328,10 @@ class TabularFormat:
         jag = {}
         for name, (values, lengths, parents) in jagged.items():
             jag[name] = (values[good[parents]], lengths[good])
-        return Chunk(make_split(self.keys, ids, dense[good], labels[good], jag), lines[good])
+        extra = None
+        if self.passthrough:
+            extra = pa.table({name: col[name] for name in self.passthrough}).filter(pa.array(good))
+        return Chunk(make_split(self.keys, ids, dense[good], labels[good], jag), lines[good], extra)
 
 
 def _parquet_error(path: Path, line: int, exc: BaseException) -> DataFormatError:

@@ -93,10 +93,20 @@ class RankSlices:
     def __init__(self, data: Any, rank: int, world_size: int, device: Any = "cpu") -> None:
         self.data, self.rank, self.world_size, self.device = data, rank, world_size, device
         self.task_names = data.task_names
+        # a file set divided among ranks (each reads only its own files), when the source offers one
+        shard = getattr(data, "rank_shard", None)
+        self.own = shard(rank, world_size) if callable(shard) else None
 
     def batches(self, split: str, batch_size: int, **kwargs: Any) -> Iterator[Batch]:
+        if self.own is not None:
+            for batch in self.own.batches(split, batch_size, **kwargs):
+                yield batch.to(self.device)
+            return
         for batch in self.data.batches(split, batch_size, **kwargs):
             yield slice_batch(batch, self.rank, self.world_size).to(self.device)
+
+    def num_examples(self, split: str) -> int:
+        return (self.own or self.data).num_examples(split)
 
     def base_rates(self) -> torch.Tensor:
         return self.data.base_rates()

@@ -9,14 +9,18 @@ checkpoint carries. :func:`build_from_plan` turns it back into a module.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
 import cattrs
+import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from smt_host.errors import CapacityError, ConfigError, ManifestMismatch
-from smt_host.model.capacity import Cost, measure, neutral_scale
+from smt_host.model.capacity import FLOP_BATCH, Cost, measure, neutral_scale
 from smt_host.model.resolve import ActiveTechnique, Resolution, SkippedTechnique, resolve
 from smt_host.model.template import base_context, build_loss, build_model, build_optimizers
 from smt_host.plugins import SmtPluginManager
@@ -163,6 +167,134 @@ def _external(res: Resolution) -> list[ActiveTechnique]:
     return [a for a in res.active if a.dist != HOST_DIST]
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Intra-op threads set to 1 while planning: the plan measures batches of
+    a few examples, where a thread pool only costs (and a busy machine makes
+    spinning OpenMP threads collapse, about 10x slower at 2 threads)."""
+    n = torch.get_num_threads()
+    if n != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n != 1:
+            torch.set_num_threads(n)
+
+
+def _tail_flops(spec: ModelSpec, res: Resolution, spm: SmtPluginManager, member: nn.Module, scale: float) -> float:
+    """FLOPs per example of one member's over-arch, task arch and heads at
+    ``scale``: the parts the over-arch's width reaches (``ctx.width_scale``
+    is the over-arch's knob, see ``smt_over_arch``; every other part is
+    built the same at any scale). Built from the slot hooks as the template
+    builds them on the meta device (no initialisation), then given zeroed
+    weights on the CPU (a forward on meta tensors is slower than the CPU's)
+    and run on a (FLOP_BATCH, in) input: the counts depend on shapes only.
+
+    Args:
+        member: a ``TemplateModel`` of the same resolution (any scale): where
+            the over-arch's input width (its deep branches, sum out_i) and
+            the task arch's extra input (its ``to_task_arch`` branches,
+            sum out_j) are read.
+    """
+    ctx = base_context(spec, "meta", scale)
+    width = sum(member.branches[n].out_dim for n in member.deep_branches)
+    beside = sum(member.branches[n].out_dim for n in member.task_branches)
+    (o,), (t,), (h,) = res.slot("over_arch"), res.slot("task_arch"), res.slot("heads")
+    counter = FlopCounterMode(display=False)
+    with torch.device("meta"):
+        over = spm.call(o.name, "smt_over_arch", ctx=ctx.evolve(in_dim=width), params=o.params)
+        task = spm.call(t.name, "smt_task_arch", ctx=ctx.evolve(in_dim=over.out_dim + beside), params=t.params)
+        heads = [
+            spm.call(h.name, "smt_head", ctx=ctx.evolve(in_dim=d), params=h.params, task=name)
+            for d, name in zip(task.out_dims, spec.task_names)
+        ]
+    over, task, *heads = (_zeroed(m) for m in (over, task, *heads))
+    with torch.no_grad():
+        x = torch.zeros(FLOP_BATCH, width)  # (B, sum out_i)
+        with counter:
+            hidden = over(x)  # (B, H)
+            if beside:
+                hidden = torch.cat([hidden, torch.zeros(FLOP_BATCH, beside)], dim=1)  # (B, H + sum out_j)
+            for head, tower in zip(heads, task(hidden)):  # T x (B, H_t)
+                head(tower)
+    return counter.get_total_flops() / FLOP_BATCH
+
+
+def _zeroed(module: nn.Module) -> nn.Module:
+    """``module`` (on the meta device) on the CPU in eval mode, its tensors zeros."""
+    module = module.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for t in (*module.parameters(), *module.buffers()):
+            t.zero_()
+    return module
+
+
+class _Probe:
+    """The FLOPs of ``spec`` at over-arch scales, for the neutral-capacity
+    bisection, each scale measured once.
+
+    ``built(scale)`` builds the whole model and measures it (cached by
+    scale). ``flops(scale)`` is that model's FLOPs; on the fast path it is
+    predicted instead, from the model at scale 1 and the parts the scale
+    reaches (:func:`_tail_flops`, per member):
+    ``flops(s) = flops(1) + members * (tail(s) - tail(1))``. The fast path
+    is taken only when ``tail(1)`` equals what :func:`measure` counts for
+    those parts of the real model, and the plan checks the prediction at the
+    scale it settles on against a real build (:meth:`exact`).
+    """
+
+    def __init__(
+        self, spec: ModelSpec, res: Resolution, spm: SmtPluginManager, seed: int, combiner: str, fast: bool
+    ) -> None:
+        self.spec, self.res, self.spm, self.seed, self.combiner = spec, res, spm, seed, combiner
+        self.fast = fast
+        self._built: dict[float, tuple[nn.Module, Cost]] = {}
+        self._predicted: dict[float, float] = {}
+        self._tail: tuple[float, float, int, nn.Module] | None = None  # flops(1), tail(1), members, member
+
+    def built(self, scale: float) -> tuple[nn.Module, Cost]:
+        if scale not in self._built:
+            model = build_model(self.spec, self.res, self.spm, width_scale=scale, seed=self.seed)
+            self._built[scale] = (model, measure(model, self.spec, self.combiner))
+        return self._built[scale]
+
+    def _tail_model(self) -> tuple[float, float, int, nn.Module] | None:
+        if self._tail is None and self.fast:
+            model, cost = self.built(1.0)
+            first = model.members[0]
+            names = {slot: self.res.slot(slot) for slot in ("over_arch", "task_arch", "heads")}
+            if all(len(v) == 1 for v in names.values()):
+                measured = sum(cost.parts.get(f"{slot}:{v[0].name}", 0.0) for slot, v in names.items())
+                tail1 = _tail_flops(self.spec, self.res, self.spm, first, 1.0)
+                if tail1 == measured:
+                    self._tail = (cost.flops, tail1, len(model.members), first)
+            if self._tail is None:
+                self.fast = False
+        return self._tail
+
+    def flops(self, scale: float) -> float:
+        if scale in self._built or not self.fast:
+            return self.built(scale)[1].flops
+        tail = self._tail_model()
+        if tail is None:
+            return self.built(scale)[1].flops
+        f1, tail1, members, first = tail
+        if scale not in self._predicted:
+            self._predicted[scale] = f1 + members * (_tail_flops(self.spec, self.res, self.spm, first, scale) - tail1)
+        return self._predicted[scale]
+
+    def exact(self, scale: float) -> bool:
+        """Whether the FLOPs given for ``scale`` are those of the real model
+        (builds it); False turns the fast path off."""
+        predicted = self._predicted.get(scale)
+        ok = predicted is None or predicted == self.built(scale)[1].flops
+        if not ok:
+            self.fast = False
+            self._predicted.clear()
+        return ok
+
+
 def make_plan(
     spec: ModelSpec,
     spm: SmtPluginManager,
@@ -173,21 +305,45 @@ def make_plan(
     only: frozenset[str] | None = None,
     budget: Any = ...,
     seed: int | None = None,
+    fast: bool = True,
 ) -> Plan:
     """Plans ``spec`` with the installed techniques.
 
     ``budget`` overrides the spec's capacity budget (None: no budget,
     "baseline", or FLOPs). ``seed`` overrides ``spec.training.seed``.
+
+    Under a budget the over-arch scale is bisected (:func:`neutral_scale`).
+    ``fast`` (default) predicts the FLOPs at each scale from the model at
+    scale 1 and the parts the scale reaches, building only those, on the
+    meta device (see :class:`_Probe`); the scale found is checked with a
+    real build, and bisected again by whole builds should the prediction be
+    off, so the plan is the same as with ``fast=False``, which builds and
+    measures the whole model at every scale tried. Each model is built once
+    per scale either way; the baseline of a model without external
+    techniques is the model itself.
     """
+    with _one_thread():
+        return _make_plan(spec, spm, conv, builtins_only, without, only, budget, seed, fast)
+
+
+def _make_plan(
+    spec: ModelSpec,
+    spm: SmtPluginManager,
+    conv: cattrs.Converter,
+    builtins_only: bool,
+    without: frozenset[str],
+    only: frozenset[str] | None,
+    budget: Any,
+    seed: int | None,
+    fast: bool,
+) -> Plan:
     res = resolve(spec, spm, conv, builtins_only=builtins_only, without=without, only=only)
     seed = spec.training.seed if seed is None else seed
     budget = spec.capacity.budget if budget is ... else budget
     tolerance = spec.capacity.tolerance
 
     combiner = res.slot("ensemble")[0].name
-
-    def flops_at(scale: float) -> float:
-        return measure(build_model(spec, res, spm, width_scale=scale, seed=seed), spec).flops
+    probe = _Probe(spec, res, spm, seed, combiner, fast)
 
     if budget is None:
         mode, target, scale = "none", None, 1.0
@@ -195,11 +351,16 @@ def make_plan(
         if budget == "baseline":
             mode = "baseline"
             base = resolve(spec, spm, conv, builtins_only=True)
-            target = measure(build_model(spec, base, spm, seed=seed), spec).flops
+            if base.active == res.active:  # the same techniques: the baseline is this model
+                target = probe.built(1.0)[1].flops
+            else:
+                target = measure(build_model(spec, base, spm, seed=seed), spec).flops
         else:
             mode, target = "flops", float(budget)
         try:
-            scale = neutral_scale(flops_at, target, tolerance).scale
+            scale = neutral_scale(probe.flops, target, tolerance).scale
+            if not probe.exact(scale):  # the prediction was off: bisect again on whole builds
+                scale = neutral_scale(probe.flops, target, tolerance).scale
         except CapacityError as exc:
             smallest = build_model(spec, res, spm, width_scale=1 / 64, seed=seed)
             parts = measure(smallest, spec, combiner).parts
@@ -213,8 +374,7 @@ def make_plan(
                 + f" @ $.models.{spec.name}.capacity.budget"
             ) from None
 
-    built = build_model(spec, res, spm, width_scale=scale, seed=seed)
-    cost = measure(built, spec, combiner)
+    built, cost = probe.built(scale)
     parts = built.members[0].parts()  # widths and per-technique FLOPs are one member's
     entries = []
     for a in res.active:
