@@ -10,16 +10,24 @@ Model selection uses validation only: the "best" combination is the set of
 techniques whose single runs beat the baseline on *validation* (see
 ``choose_best``).
 
-The model and its training recipe are ``examples/real/frappe.toml``; a
+The baseline and its training recipe are ``examples/real/frappe.toml``; a
 technique's own recipe (its parameters, and the template settings it wants,
-tuned on validation) is a table of ``benchmarks/frappe_x1.toml`` merged into
-that model table for the technique's runs and for "best" when it joins.
+tuned on validation) is a spec file, ``benchmarks/recipes/frappe_<technique>.toml``,
+that extends it. A technique's runs train that file as ``smt train`` does
+(``smt train benchmarks/recipes/frappe_finalmlp.toml`` trains what the
+benchmark measures, with the epoch cap and seed as ``--epochs`` and
+``--seed``); a technique without a recipe file runs on frappe.toml itself.
+"best" joins the recipes of its techniques into one file,
+``<out>/frappe_runs/best/recipe.toml`` (two recipes that set one setting
+differently cannot join), and trains that.
 Each finished run is saved (``<out>/frappe_runs/<config>/seed<N>/result.json``)
 and reused by the next invocation with the same recipe (the spec's
-features, arch, training and the parameters of the run's techniques, see
-``recipe``) unless ``--fresh``: an interrupted benchmark picks up where it
-stopped, and editing the recipe retrains only the runs it touches. Writes JSON and a markdown table
-(``--out``, default benchmarks/results/).
+features, arch, training and the parameters of the run's techniques, and
+the versions of smt-host and of every installed plugin, see ``recipe``)
+unless ``--fresh``: an interrupted benchmark picks up where it stopped,
+editing a recipe retrains only the runs it touches, and a new host or
+plugin version re-measures. Writes JSON and a markdown table (``--out``,
+default benchmarks/results/).
 Data: ``$SMT_DATA_DIR/frappe`` (default ../shared/data).
 """
 
@@ -30,7 +38,6 @@ import json
 import statistics
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import attrs
@@ -53,43 +60,111 @@ PUBLISHED = [  # BARS, reczoo/BARS ranking/ctr/<Model>/<Model>_frappe_x1/README.
 
 
 SPEC = ROOT / "examples" / "real" / "frappe.toml"
-RECIPES = ROOT / "benchmarks" / "frappe_x1.toml"
+#: the recipe files, ``frappe_<technique>.toml``, each extending ``SPEC``
+RECIPES = ROOT / "benchmarks" / "recipes"
+MODEL = "frappe"
 
 
-def frappe_spec(max_epochs: int, overrides: dict | None = None):
-    """(ecosystem, spec) of ``examples/real/frappe.toml`` (which holds the
-    recipe: MLP 400-400-400 with BatchNorm and dropout 0.2, Adam, L2 0.1 on
-    the tables, lr x0.1 on a validation plateau), with ``overrides`` (a
-    partial model table) merged in, capped at ``max_epochs``."""
-    from smt_host.spec.loading import ecosystem_from_dict
+def frappe_spec(max_epochs: int, overrides: dict | None = None, path: Path = SPEC):
+    """(ecosystem, spec) of the spec file ``path`` (a recipe file, or
+    ``examples/real/frappe.toml``: MLP 400-400-400 with BatchNorm and dropout
+    0.2, Adam, L2 0.1 on the tables, lr x0.1 on a validation plateau), loaded
+    as ``smt train path`` loads it, with ``overrides`` (a partial model
+    table, set key by key as ``--set model.<key>=...`` would) and capped at
+    ``max_epochs``."""
+    from smt_host.spec.loading import load_ecosystem
 
-    data = tomllib.loads(SPEC.read_text(encoding="utf-8"))
-    data["model"] = merge_tables(data["model"], overrides or {})
-    eco = ecosystem_from_dict(data, source=str(SPEC) + (f" + {RECIPES.name}" if overrides else ""))
-    spec = eco.model("frappe")
+    eco = load_ecosystem(path, overrides=list(_dotted(overrides or {}, ("model",))))
+    spec = eco.model(MODEL)
     return eco, attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=max_epochs))
 
 
-def merge_tables(base: dict, over: dict) -> dict:
-    """``base`` with ``over`` merged in, tables recursively, other values replaced."""
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge_tables(out[k], v)
+def _dotted(table: dict, prefix: tuple[str, ...]):
+    """``(path, value)`` of each leaf of ``table`` (arrays are leaves)."""
+    for k, v in table.items():
+        if isinstance(v, dict) and v:
+            yield from _dotted(v, (*prefix, k))
         else:
-            out[k] = v
+            yield (*prefix, k), v
+
+
+def merge_tables(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` merged in, tables recursively, other values
+    replaced: what ``extends`` does (:func:`smt_host.spec.layers.deep_merge`)."""
+    from smt_host.spec.layers import deep_merge
+
+    return deep_merge(base, over)
+
+
+def recipe_files(folder: Path = RECIPES) -> dict[str, Path]:
+    """The recipe files: technique name -> ``folder/frappe_<technique>.toml``."""
+    return {f.stem.removeprefix("frappe_"): f for f in sorted(folder.glob("frappe_*.toml"))}
+
+
+def load_recipes(folder: Path = RECIPES) -> dict[str, dict]:
+    """Each recipe file's own settings: technique name -> the file's
+    ``[model]`` table (a partial model table, without its base's). Every
+    file must extend ``examples/real/frappe.toml`` and hold nothing else."""
+    from smt_host.spec.layers import EXTENDS, read_toml
+
+    out = {}
+    for name, path in recipe_files(folder).items():
+        data = read_toml(path)
+        base = data.pop(EXTENDS, None)
+        if not isinstance(base, str) or (path.parent / base).resolve() != SPEC.resolve():
+            raise SystemExit(
+                f"{path}: a recipe must start with extends = {_relpath(SPEC, path.parent)!r}, got {base!r}"
+            )
+        if set(data) - {"model"}:
+            raise SystemExit(f"{path}: a recipe holds one [model] table, got {sorted(set(data) - {'model'})}")
+        out[name] = data.get("model", {})
     return out
 
 
-def load_recipes(path: Path = RECIPES) -> dict[str, dict]:
-    """The per-technique recipes: technique name -> partial model table."""
-    if not path.exists():
-        return {}
-    recipes = tomllib.loads(path.read_text(encoding="utf-8"))
-    bad = [k for k, v in recipes.items() if not isinstance(v, dict)]
-    if bad:
-        raise SystemExit(f"{path}: every top-level entry must be a table named after a technique, got {bad}")
-    return recipes
+def _relpath(target: Path, folder: Path) -> str:
+    import os
+
+    return os.path.relpath(target.resolve(), folder.resolve())
+
+
+def write_recipe(path: Path, model_table: dict, comment: str = "") -> Path:
+    """Writes a recipe file at ``path``: ``extends`` the base spec, then
+    ``model_table`` as its ``[model]`` table (tables, strings, numbers,
+    booleans and arrays of them). Returns ``path``."""
+    lines = [f"# {line}" for line in comment.splitlines()]
+    inside = path.resolve().is_relative_to(ROOT)  # a file of the repository names its base relatively
+    lines.append(f"extends = {_toml_value(_relpath(SPEC, path.parent) if inside else str(SPEC.resolve()))}")
+    lines += _toml_tables(model_table, ("model",))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _toml_tables(table: dict, prefix: tuple[str, ...]) -> list[str]:
+    scalars = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    lines = ["", f"[{'.'.join(_toml_key(p) for p in prefix)}]", *scalars] if scalars or not table else []
+    for k, v in table.items():
+        if isinstance(v, dict):
+            lines += _toml_tables(v, (*prefix, k))
+    return lines
+
+
+def _toml_key(key: str) -> str:
+    import re
+
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as a TOML value")
 
 
 def combined_recipe(recipes: dict[str, dict], techniques: list[str]) -> dict:
@@ -117,11 +192,14 @@ def combined_recipe(recipes: dict[str, dict], techniques: list[str]) -> dict:
     return out
 
 
-def recipe(spec, techniques, plugin_techniques, conv) -> dict:
+def recipe(spec, techniques, plugin_techniques, conv, versions: dict[str, str] | None = None) -> dict:
     """What a run's result depends on besides its seed: the spec's
-    features, arch and training (seed left out) and the technique tables
+    features, arch and training (seed left out), the technique tables
     of the built-ins and of ``techniques`` (not those of other plugins'
-    techniques, so tuning one technique keeps the others' saved runs)."""
+    techniques, so tuning one technique keeps the others' saved runs), and
+    ``versions``: distribution -> version of smt-host and of every
+    installed plugin (``host.spm.distributions``), so a new version of the
+    host or of a plugin re-measures."""
     training = conv.unstructure(spec.training)
     training.pop("seed", None)
     tables = {k: v for k, v in spec.techniques.items() if k in techniques or k not in plugin_techniques}
@@ -132,6 +210,7 @@ def recipe(spec, techniques, plugin_techniques, conv) -> dict:
                 "arch": conv.unstructure(spec.arch),
                 "training": training,
                 "techniques": tables,
+                "versions": dict(sorted((versions or {}).items())),
             },
             sort_keys=True,
             default=str,
@@ -151,9 +230,10 @@ def _init_worker(threads: int) -> None:
 def run_config(job: dict) -> dict:
     """Trains one (config, techniques, seed) run, or returns its saved result.
 
-    ``job``: config, techniques (list), seed, max_epochs, overrides (the
-    config's partial model table), recipe (see ``recipe``), out (folder),
-    fresh. Writes
+    ``job``: config, techniques (list), seed, max_epochs, spec (the spec
+    file the run trains: a recipe file, or frappe.toml; default frappe.toml),
+    overrides (a partial model table set over it, for tests; default none),
+    recipe (see ``recipe``), out (folder), fresh. Writes
     ``<out>/<config>/seed<N>/result.json`` once the run is complete, so an
     interrupted benchmark resumes where it stopped.
     """
@@ -171,7 +251,7 @@ def run_config(job: dict) -> dict:
     if "host" not in _WORKER:
         _WORKER["host"] = Host.create()
     host = _WORKER["host"]
-    eco, spec = frappe_spec(job["max_epochs"], job["overrides"])
+    eco, spec = frappe_spec(job["max_epochs"], job.get("overrides"), Path(job.get("spec") or SPEC))
     data_key = json.dumps(host.conv.unstructure(spec.data), sort_keys=True, default=str)
     if _WORKER.get("data_key") != data_key:  # every config reads the same files: open them once
         _WORKER.update(data_key=data_key, data=open_source(spec, eco))
@@ -193,6 +273,7 @@ def run_config(job: dict) -> dict:
         "techniques": sorted(job["techniques"]),
         "max_epochs": job["max_epochs"],
         "recipe": job["recipe"],
+        "spec": str(job.get("spec") or SPEC),
         "test_auc": r.test["click"]["auc"],
         "test_logloss": r.test["click"]["logloss"],
         "valid_auc": final_valid["auc"],
@@ -245,7 +326,9 @@ def choose_best(summaries: dict[str, dict], singles: list[str]) -> list[str]:
     return sorted(chosen)
 
 
-def seed_ensemble(host, runs: list[dict], runs_dir: Path, overrides: dict, max_epochs: int) -> dict | None:
+def seed_ensemble(
+    host, runs: list[dict], runs_dir: Path, overrides: dict | None, max_epochs: int, path: Path = SPEC
+) -> dict | None:
     """Validation and test metrics of one config's seed runs averaged: the
     mean logit of their saved best models (calibration fits included).
 
@@ -255,6 +338,8 @@ def seed_ensemble(host, runs: list[dict], runs_dir: Path, overrides: dict, max_e
     Logits are averaged rather than probabilities because that scored higher
     on *validation* (0.989024 vs 0.988202 for the three FinalMLP runs).
     None when a run's checkpoint is missing (a result restored without it).
+    The runs trained the spec file ``path`` with ``overrides`` set (see
+    ``frappe_spec``).
     """
     import torch
 
@@ -268,7 +353,7 @@ def seed_ensemble(host, runs: list[dict], runs_dir: Path, overrides: dict, max_e
     if missing:
         print(f"seed ensemble of {runs[0]['config']}: skipped, no checkpoint at {', '.join(missing)}", flush=True)
         return None
-    eco, spec = frappe_spec(max_epochs, overrides)
+    eco, spec = frappe_spec(max_epochs, overrides, path)
     data = open_source(spec, eco)
     plan = host.plan(
         spec, **({"only": frozenset(runs[0]["techniques"])} if runs[0]["techniques"] else {"builtins_only": True})
@@ -301,7 +386,14 @@ def summarize(runs: list[dict]) -> dict:
         xs = [r[key] for r in runs]
         return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
-    out = {"config": runs[0]["config"], "seeds": len(runs), "techniques": runs[0]["techniques"]}
+    out = {
+        "config": runs[0]["config"],
+        "seeds": len(runs),
+        "techniques": runs[0]["techniques"],
+        "spec": runs[0].get("spec"),
+        "flops": runs[0]["flops"],
+        "dense_params": runs[0]["dense_params"],
+    }
     for key in ("test_auc", "test_logloss", "valid_auc", "valid_logloss", "epochs", "wall_s", "train_examples_per_s"):
         out[key], out[key + "_std"] = ms(key)
     return out
@@ -310,7 +402,10 @@ def summarize(runs: list[dict]) -> dict:
 def markdown(summaries: list[dict], ensemble: dict | None = None) -> str:
     """The results table, published rows included, by test AUC; ``ensemble``
     (see ``seed_ensemble``) is a row of its own, marked as the ensemble it is."""
-    lines = ["| model | test AUC | test logloss | epochs | wall s/run | train ex/s |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | test AUC | test logloss | FLOPs/ex | dense params | epochs | wall s/run | train ex/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     rows = [
         (
             f"smt {s['config']}" + (f" ({'+'.join(s['techniques'])})" if s["config"] == "best" else ""),
@@ -334,13 +429,14 @@ def markdown(summaries: list[dict], ensemble: dict | None = None) -> str:
         if s == "ensemble":
             lines.append(
                 f"| *{name} ({ensemble['models']} models: not a single model, not a mean over seeds)* "
-                f"| *{auc:.6f}* | *{ll:.6f}* | | | |"
+                f"| *{auc:.6f}* | *{ll:.6f}* | | | | | |"
             )
         elif s is None:
-            lines.append(f"| {name} (BARS) | {auc:.6f} | {ll:.6f} | | | |")
+            lines.append(f"| {name} (BARS) | {auc:.6f} | {ll:.6f} | | | | | |")
         else:
             lines.append(
                 f"| **{name}** | **{auc:.6f}** ± {s['test_auc_std']:.6f} | **{ll:.6f}** ± {s['test_logloss_std']:.6f} "
+                f"| {s['flops']:,.0f} | {s['dense_params']:,} "
                 f"| {s['epochs']:.1f} | {s['wall_s']:.0f} | {s['train_examples_per_s']:,.0f} |"
             )
     return "\n".join(lines) + "\n"
@@ -414,14 +510,17 @@ def main(argv=None) -> int:
     _, spec = frappe_spec(args.max_epochs)
     singles = applicable_techniques(host, spec)
     recipes = load_recipes()
-    for name, table in recipes.items():  # techniques off by default (an ensemble) join where their recipe enables them
-        if name not in singles and name in applicable_techniques(host, frappe_spec(args.max_epochs, table)[1]):
+    files = recipe_files()
+    for name in recipes:  # techniques off by default (an ensemble) join where their recipe enables them
+        if name not in singles and name in applicable_techniques(
+            host, frappe_spec(args.max_epochs, path=files[name])[1]
+        ):
             singles.append(name)
     unused = sorted(set(recipes) - set(singles))
     if unused:
         print(
-            f"note: {RECIPES.name} tables {unused} name no installed, applicable technique; not used "
-            f"(installed: {', '.join(singles) or 'none'})",
+            f"note: recipes {', '.join(files[n].name for n in unused)} name no installed, applicable technique; "
+            f"not used (installed: {', '.join(singles) or 'none'})",
             file=sys.stderr,
         )
     configs = ["baseline", *singles, "best"] if args.configs == "all" else args.configs.split(",")
@@ -436,17 +535,30 @@ def main(argv=None) -> int:
     print(host.spm.header(), f"| {args.jobs} job(s) x {threads} torch threads | configs {configs}", flush=True)
     runs_dir = args.out / "frappe_runs"
 
+    versions = dict(host.spm.distributions)
+
+    def spec_file(config: str, techniques) -> Path:
+        """The spec file a config trains: frappe.toml, a technique's recipe, or best's joined recipe."""
+        if config != "best":
+            return files.get(config, SPEC)
+        return write_recipe(
+            runs_dir / "best" / "recipe.toml",
+            combined_recipe(recipes, sorted(techniques)),
+            f"The Frappe_x1 benchmark's best combination, {' + '.join(sorted(techniques))}: their recipes in\n"
+            f"{_relpath(RECIPES, runs_dir / 'best')}/ joined (written by benchmarks/frappe_x1.py).",
+        )
+
     def jobs_for(config: str, techniques) -> list[dict]:
-        overrides = combined_recipe(recipes, sorted(techniques))
-        _, run_spec = frappe_spec(args.max_epochs, overrides)
-        key = recipe(run_spec, techniques, singles, host.conv)
+        path = spec_file(config, techniques)
+        _, run_spec = frappe_spec(args.max_epochs, path=path)
+        key = recipe(run_spec, techniques, singles, host.conv, versions)
         return [
             {
                 "config": config,
                 "techniques": sorted(techniques),
                 "seed": seed,
                 "max_epochs": args.max_epochs,
-                "overrides": overrides,
+                "spec": str(path),
                 "recipe": key,
                 "out": str(runs_dir),
                 "fresh": args.fresh,
@@ -467,7 +579,7 @@ def main(argv=None) -> int:
             best = run_all(jobs_for("best", chosen), args.jobs, threads)
             summaries["best"] = summarize(best)
             all_runs += best
-            ensemble = seed_ensemble(host, best, runs_dir, combined_recipe(recipes, chosen), args.max_epochs)
+            ensemble = seed_ensemble(host, best, runs_dir, None, args.max_epochs, spec_file("best", chosen))
             if ensemble is not None:
                 print(
                     f"best, its {ensemble['models']} seed runs averaged (an ensemble, not one model): "

@@ -55,7 +55,7 @@ class SlotContext:
         in_dim: the width of the slot's input, one meaning per slot:
             dense_arch Nd (dense features); over_arch the summed out_dim of
             the branches that feed it; task_arch H (the over-arch's
-            out_dim); heads H_t (this task's tower width); 0 for the slots
+            out_dim) plus the out_dim of the ``to_task_arch`` branches; heads H_t (this task's tower width); 0 for the slots
             whose input is not a flat vector (embedding, interaction: the
             input is (B, F, D), see ``num_features`` and ``embedding_dim``;
             ensemble, loss, optimizer).

@@ -208,11 +208,21 @@ def smt_interaction(ctx: SlotContext, params: Any) -> torch.nn.Module:
     read the same feature embeddings; their outputs are concatenated along
     dim 1 (a DHEN-style ensemble of branches) and feed the over-arch.
 
-    A branch that sets the attribute ``to_logits = True`` is a *wide* part
-    instead (Wide & Deep's linear part, DeepFM's FM, FinalMLP's fusion
-    logit): it maps (B, F, D) to (B, T), ``out_dim == T``, and the template
-    adds its output to the heads' logits (before output transforms). At
-    least one branch of a model must feed the over-arch.
+    A branch may route its output elsewhere with one of two bool
+    attributes (set at most one; only the value ``True`` counts):
+
+    * ``to_task_arch = True``: the branch runs *beside* the over-arch. Its
+      (B, out_i) skips the over-arch and is concatenated after the
+      over-arch's output, so the task arch reads (B, H + sum of such
+      out_i). A cross network beside the deep network, concatenated before
+      the logit, is DCNv2's "parallel" structure (the stacked one is the
+      default routing: the over-arch reads the cross output).
+    * ``to_logits = True``: a *wide* part (Wide & Deep's linear part,
+      DeepFM's FM, FinalMLP's fusion logit): it maps (B, F, D) to (B, T),
+      ``out_dim == T``, and the template adds its output to the heads'
+      logits (before output transforms).
+
+    At least one branch of a model must feed the over-arch.
 
     Args:
         ctx: ``ctx.num_features`` is F, ``ctx.embedding_dim`` is D,
@@ -222,7 +232,8 @@ def smt_interaction(ctx: SlotContext, params: Any) -> torch.nn.Module:
     Returns:
         an ``nn.Module`` mapping (B, F, D) to (B, out_i), declaring
         ``out_dim == out_i`` as an int attribute (checked against the real
-        output when the plan is made), and optionally ``to_logits``.
+        output when the plan is made), and optionally ``to_task_arch`` or
+        ``to_logits``.
     """
 
 
@@ -230,11 +241,14 @@ def smt_interaction(ctx: SlotContext, params: Any) -> torch.nn.Module:
 def smt_over_arch(ctx: SlotContext, params: Any) -> torch.nn.Module:
     """Over-arch slot (exclusive): (B, sum out_i) -> (B, H).
 
-    Its width is the capacity knob: ``ctx.width_scale`` multiplies every
-    hidden width, and the host chooses it in capacity-neutral mode.
+    The over-arch reads the branches that feed it (neither ``to_task_arch``
+    nor ``to_logits``). Its width is the capacity knob: ``ctx.width_scale``
+    multiplies every hidden width, and the host chooses it in
+    capacity-neutral mode.
 
     Args:
-        ctx: ``ctx.in_dim`` is sum out_i, ``ctx.width_scale`` a float > 0.
+        ctx: ``ctx.in_dim`` is sum out_i of the branches that feed it,
+            ``ctx.width_scale`` a float > 0.
         params: this technique's parameters.
 
     Returns:
@@ -244,14 +258,17 @@ def smt_over_arch(ctx: SlotContext, params: Any) -> torch.nn.Module:
 
 @_hookspec
 def smt_task_arch(ctx: SlotContext, params: Any) -> torch.nn.Module:
-    """Task-arch slot (exclusive): (B, H) -> one (B, H_t) per task.
+    """Task-arch slot (exclusive): (B, H') -> one (B, H_t) per task.
 
     The first applicable technique in host order wins (highest priority);
     the shared-bottom built-in has priority 0 so that multi-task techniques
-    that apply to the model replace it.
+    that apply to the model replace it. Its input is the over-arch's output
+    (B, H), followed by the output of every ``to_task_arch`` interaction
+    branch: H' = H + sum of their out_dim. The built-in makes one tower per
+    task, or none with ``arch.task_tower = false`` (each H_t is then H').
 
     Args:
-        ctx: ``ctx.in_dim`` is H, ``ctx.tasks`` the model's task names (T).
+        ctx: ``ctx.in_dim`` is H', ``ctx.tasks`` the model's task names (T).
         params: this technique's parameters.
 
     Returns:

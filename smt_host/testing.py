@@ -187,7 +187,7 @@ def check_model(host: Host, spec: ModelSpec, name: str) -> None:
     assert hidden.shape == (16, model.over_arch.out_dim), (
         f"{where}: over arch declares {model.over_arch.out_dim}, returns {tuple(hidden.shape)}"
     )
-    towers = model.task_arch(hidden)
+    towers = model.task_arch(model.task_arch_input(feats, hidden))
     assert [tuple(t.shape) for t in towers] == [(16, d) for d in model.task_arch.out_dims], (
         f"{where}: task arch declares out_dims {model.task_arch.out_dims}, returns {[tuple(t.shape) for t in towers]}"
     )

@@ -245,8 +245,8 @@ def test_did_you_mean_for_a_spec_key():
     ]
     assert errors_of(arch={"batchnorm": True, "zzz": 1}) == [
         "unknown key 'batchnorm' (did you mean 'batch_norm'?); valid keys: dense_arch, over_arch, task_width, "
-        f"dropout, batch_norm @ {M}.arch",
-        f"unknown key 'zzz'; valid keys: dense_arch, over_arch, task_width, dropout, batch_norm @ {M}.arch",
+        f"dropout, batch_norm, task_tower @ {M}.arch",
+        f"unknown key 'zzz'; valid keys: dense_arch, over_arch, task_width, dropout, batch_norm, task_tower @ {M}.arch",
     ]
 
 

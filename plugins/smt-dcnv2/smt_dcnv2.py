@@ -22,9 +22,19 @@ The modules are torchrec's (:mod:`torchrec.modules.crossnet`): ``CrossNet``,
 Shapes (B batch, F features, D embedding dim):
     (B, F, D) -> (B, F*D), the output of the last cross layer.
 
-The branch runs beside the template's other interaction branches (the flat
-embeddings by default), and the over-arch MLP reads their concatenation: the
-paper's "stacked" structure, cross network then deep network.
+Where the output goes is the paper's choice of structure (section 3.1,
+figure 2), the ``structure`` parameter:
+
+* ``"stacked"`` (the default): the cross output feeds the over-arch MLP, the
+  deep network: cross network, then deep network. The over-arch reads every
+  branch that feeds it, so beside the template's flat-embedding branch (on
+  by default) it reads ``[x_L, x_0]``; with ``flat = false`` it reads
+  ``x_L`` alone, the paper's stacked form.
+* ``"parallel"``: the cross output skips the over-arch (``to_task_arch``)
+  and is concatenated with the deep network's output, the over-arch MLP on
+  the flat embeddings: ``[x_L, MLP(x_0)]``; with ``arch.task_tower = false``
+  the head is one linear logit on that, the paper's parallel form and the
+  DCNv2 of BARS/FuxiCTR.
 """
 
 from __future__ import annotations
@@ -36,9 +46,13 @@ import torch
 from torch import nn
 from torchrec.modules.crossnet import CrossNet, LowRankCrossNet, LowRankMixtureCrossNet
 
-from smt_host import FieldValueError, SlotContext, at_least, hookimpl, technique
+from smt_host import FieldValueError, SlotContext, at_least, hookimpl, one_of, technique
 
-__all__ = ["DCNv2", "DCNv2Branch", "DCNv2Params", "smt_techniques"]
+__all__ = ["STRUCTURES", "DCNv2", "DCNv2Branch", "DCNv2Params", "smt_techniques"]
+
+#: where the cross network's output goes: into the deep network (the
+#: over-arch), or beside it
+STRUCTURES = ("stacked", "parallel")
 
 
 def _experts_need_low_rank(inst: DCNv2Params, attribute: attrs.Attribute, value: int) -> None:
@@ -61,15 +75,19 @@ class DCNv2Params:
             quality of full rank.
         num_experts: 1 for one cross matrix per layer (full or low rank);
             K > 1 for the low-rank mixture of K experts (needs ``low_rank``).
+        structure: ``"stacked"``: the cross output feeds the over-arch (the
+            deep network); ``"parallel"``: it skips the over-arch and is
+            concatenated with the over-arch's output (see the module doc).
 
     Example:
         >>> DCNv2Params(num_layers=2, low_rank=32, num_experts=4)
-        DCNv2Params(num_layers=2, low_rank=32, num_experts=4)
+        DCNv2Params(num_layers=2, low_rank=32, num_experts=4, structure='stacked')
     """
 
     num_layers: int = attrs.field(default=3, validator=at_least(1))
     low_rank: int | None = attrs.field(default=None, validator=at_least(1))
     num_experts: int = attrs.field(default=1, validator=[at_least(1), _experts_need_low_rank])
+    structure: str = attrs.field(default="stacked", validator=one_of(*STRUCTURES))
 
 
 class DCNv2Branch(nn.Module):
@@ -81,6 +99,9 @@ class DCNv2Branch(nn.Module):
         num_layers: cross layers (>= 1).
         low_rank: None for full rank, else the rank (>= 1).
         num_experts: experts per layer (>= 1; > 1 needs ``low_rank``).
+        structure: ``"stacked"`` or ``"parallel"``; ``"parallel"`` sets
+            ``to_task_arch``, so the template concatenates the output after
+            the over-arch's instead of feeding the over-arch with it.
         device: where to make the parameters.
 
     Shapes:
@@ -91,8 +112,10 @@ class DCNv2Branch(nn.Module):
         >>> branch = DCNv2Branch(3, 4, num_layers=2, low_rank=2, num_experts=3)
         >>> branch(torch.randn(5, 3, 4)).shape
         torch.Size([5, 12])
-        >>> branch.out_dim, type(branch.cross).__name__
-        (12, 'LowRankMixtureCrossNet')
+        >>> branch.out_dim, type(branch.cross).__name__, branch.to_task_arch
+        (12, 'LowRankMixtureCrossNet', False)
+        >>> DCNv2Branch(3, 4, structure="parallel").to_task_arch
+        True
     """
 
     def __init__(
@@ -103,6 +126,7 @@ class DCNv2Branch(nn.Module):
         num_layers: int = 3,
         low_rank: int | None = None,
         num_experts: int = 1,
+        structure: str = "stacked",
         device: Any = None,
     ) -> None:
         super().__init__()
@@ -116,6 +140,8 @@ class DCNv2Branch(nn.Module):
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         if num_experts > 1 and low_rank is None:
             raise ValueError(f"num_experts={num_experts} needs low_rank (the mixture's experts are low rank), got None")
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {', '.join(map(repr, STRUCTURES))}, got {structure!r}")
         n = num_features * embedding_dim
         cross: nn.Module
         if num_experts > 1:
@@ -127,6 +153,9 @@ class DCNv2Branch(nn.Module):
         self.cross = cross.to(device) if device is not None else cross
         self.in_features = n
         self.out_dim = n
+        self.structure = structure
+        #: the template's routing: True puts the output beside the over-arch's (parallel)
+        self.to_task_arch = structure == "parallel"
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.cross(features.flatten(1))
@@ -134,7 +163,7 @@ class DCNv2Branch(nn.Module):
 
 @technique(name="dcnv2", slot="interaction", params=DCNv2Params)
 class DCNv2:
-    """DCNv2 cross network over the flat embeddings (Wang et al., WWW 2021)."""
+    """DCNv2 cross network over the flat embeddings, stacked or parallel (Wang et al., WWW 2021)."""
 
     @hookimpl
     def smt_interaction(self, ctx: SlotContext, params: DCNv2Params) -> nn.Module:
@@ -144,6 +173,7 @@ class DCNv2:
             num_layers=params.num_layers,
             low_rank=params.low_rank,
             num_experts=params.num_experts,
+            structure=params.structure,
             device=ctx.device,
         )
 

@@ -6,7 +6,15 @@
                                                   +-> (B, F, D) -> interaction branches
     sparse KJT -> embedding (torchrec EBC) -> (B, F_s, D)          (concat: B, sum out_i)
         -> over_arch (B, H) -> task_arch [T x (B, H_t)] -> heads [T x (B,)] -> logits (B, T)
+                   (+ concat the (B, out_j) of each branch that declares to_task_arch: B, H + sum out_j)
                                   (+ the (B, T) of each branch that declares to_logits)
+
+A branch goes to one of three places: by default its output feeds the
+over-arch (a *deep* branch; the cross network then the deep network is
+DCNv2's "stacked" form); with ``to_task_arch = True`` it skips the over-arch
+and is concatenated with the over-arch's output (DCNv2's "parallel" form:
+cross network beside the deep network); with ``to_logits = True`` it gives
+(B, T) added to the logits (a wide part).
 
 The host calls each active technique's slot hook (:mod:`smt_host.hookspecs`)
 in the resolution's order and checks what comes back.
@@ -40,10 +48,12 @@ class TemplateModel(nn.Module):
         dense_arch: (B, Nd) -> (B, D), or None for a model without dense features.
         branches: interaction branches, each (B, F, D) -> (B, out_i); a
             branch whose ``to_logits`` attribute is True instead gives (B, T)
-            added to the logits (a "wide" part, as in Wide & Deep or DeepFM).
+            added to the logits (a "wide" part, as in Wide & Deep or DeepFM);
+            one whose ``to_task_arch`` attribute is True skips the over-arch:
+            its (B, out_i) is concatenated after the over-arch's output.
         branch_names: the technique name of each branch.
-        over_arch: (B, sum out_i) -> (B, H).
-        task_arch: (B, H) -> T x (B, H_t).
+        over_arch: (B, sum out_i of the deep branches) -> (B, H).
+        task_arch: (B, H + sum out_j of the to_task_arch branches) -> T x (B, H_t).
         heads: T modules (B, H_t) -> (B,).
         task_names: the T task names.
         feature_transforms: KJT -> KJT modules run before the lookup.
@@ -85,8 +95,12 @@ class TemplateModel(nn.Module):
         self.sparse_keys = list(sparse_keys)
         self.dense_arch = dense_arch
         self.branches = nn.ModuleDict(dict(zip(branch_names, branches)))
+        #: branches whose (B, T) is added to the logits
         self.logit_branches = [n for n, b in self.branches.items() if adds_to_logits(b)]
-        self.deep_branches = [n for n in self.branches if n not in self.logit_branches]
+        #: branches whose (B, out_j) skips the over-arch, concatenated after its output
+        self.task_branches = [n for n, b in self.branches.items() if feeds_task_arch(b)]
+        #: branches that feed the over-arch
+        self.deep_branches = [n for n in self.branches if n not in (*self.logit_branches, *self.task_branches)]
         self.over_arch = over_arch
         self.task_arch = task_arch
         self.heads = nn.ModuleDict(dict(zip(task_names, heads)))
@@ -137,10 +151,17 @@ class TemplateModel(nn.Module):
         """(B, F, D) -> (B, sum out_i): the branches that feed the over-arch, concatenated."""
         return torch.cat([self.branches[n](feats) for n in self.deep_branches], dim=1)
 
+    def task_arch_input(self, feats: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, F, D), over-arch output (B, H) -> (B, H + sum out_j): the
+        over-arch's output, then each ``to_task_arch`` branch's, concatenated."""
+        if not self.task_branches:
+            return hidden
+        return torch.cat([hidden, *(self.branches[n](feats) for n in self.task_branches)], dim=1)
+
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         feats = self.features(dense, sparse)
         hidden = self.over_arch(self.over_arch_input(feats))
-        towers = self.task_arch(hidden)
+        towers = self.task_arch(self.task_arch_input(feats, hidden))
         logits = torch.stack([head(t) for head, t in zip(self.heads.values(), towers)], dim=1)
         for name in self.logit_branches:
             logits = logits + self.branches[name](feats)
@@ -153,6 +174,13 @@ def adds_to_logits(branch: nn.Module) -> bool:
     """True for an interaction branch whose (B, T) output is added to the
     logits rather than fed to the over-arch (``to_logits = True``)."""
     return getattr(branch, "to_logits", False) is True
+
+
+def feeds_task_arch(branch: nn.Module) -> bool:
+    """True for an interaction branch whose (B, out_i) output skips the
+    over-arch and is concatenated after the over-arch's output, as input to
+    the task arch (``to_task_arch = True``)."""
+    return getattr(branch, "to_task_arch", False) is True
 
 
 def _out_dim(module: Any, technique: ActiveTechnique, hook: str) -> int:
@@ -321,25 +349,33 @@ def _build_member(
                 f"technique {t.name!r} ({t.dist} {t.version}): dense arch out_dim must equal D={ctx.embedding_dim}"
             )
 
-    branches, names, width = [], [], 0
+    branches, names, width, beside = [], [], 0, 0
     for t in res.slot("interaction"):
         branch = _module(spm.call(t.name, "smt_interaction", ctx=ctx, params=t.params), t, "smt_interaction")
         out = _out_dim(branch, t, "smt_interaction")
+        if adds_to_logits(branch) and feeds_task_arch(branch):
+            raise PluginError(
+                f"technique {t.name!r} ({t.dist} {t.version}): its interaction branch declares both "
+                f"to_logits and to_task_arch; it goes to one place"
+            )
         if adds_to_logits(branch):
             if out != len(spec.tasks):
                 raise PluginError(
                     f"technique {t.name!r} ({t.dist} {t.version}): its interaction branch adds to the "
                     f"logits (to_logits) so its out_dim must be T={len(spec.tasks)}, got {out}"
                 )
+        elif feeds_task_arch(branch):
+            beside += out
         else:
             width += out
         branches.append(branch)
         names.append(t.name)
     if not width:
+        where = "adds to the logits" if not beside else "adds to the logits or skips the over-arch (to_task_arch)"
         raise ConfigError(
             [
                 f"slot 'interaction' of model {spec.name!r} has no branch feeding the over-arch "
-                f"(every branch adds to the logits: {names}) @ $.models.{spec.name}.techniques"
+                f"(every branch {where}: {names}) @ $.models.{spec.name}.techniques"
             ]
         )
 
@@ -349,7 +385,9 @@ def _build_member(
 
     (t,) = res.slot("task_arch")
     task_arch = _module(
-        spm.call(t.name, "smt_task_arch", ctx=ctx.evolve(in_dim=hidden), params=t.params), t, "smt_task_arch"
+        spm.call(t.name, "smt_task_arch", ctx=ctx.evolve(in_dim=hidden + beside), params=t.params),
+        t,
+        "smt_task_arch",
     )
     out_dims = getattr(task_arch, "out_dims", None)
     if not isinstance(out_dims, tuple) or len(out_dims) != len(spec.tasks):
@@ -420,7 +458,7 @@ def _verify_widths(model: TemplateModel, spec: ModelSpec, res: Resolution, devic
                 f"technique {a.name!r} ({a.dist} {a.version}): over arch declares out_dim "
                 f"{model.over_arch.out_dim} but returns {tuple(hidden.shape)}"
             )
-        towers = model.task_arch(hidden)
+        towers = model.task_arch(torch.cat([hidden, *(outs[n] for n in model.task_branches)], dim=1))
         a = by_slot["task_arch"]
         got = [tuple(t.shape) for t in towers]
         if got != [(2, d) for d in model.task_arch.out_dims]:

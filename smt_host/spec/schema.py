@@ -8,7 +8,7 @@ from typing import Any, Union
 import attrs
 
 from smt_host.errors import ConfigError, FieldValueError
-from smt_host.spec.validators import at_least, identifier, in_range, one_of, positive_widths
+from smt_host.spec.validators import at_least, greater_than, identifier, in_range, one_of, positive_widths
 
 
 @attrs.frozen
@@ -137,6 +137,8 @@ class Training:
     ``weight_decay`` is L2 on dense parameters, ``embedding_weight_decay``
     L2 on every row of the embedding tables (the gradient gains
     ``lambda * row``, the same as adding ``lambda / 2 * ||E||^2`` to the loss).
+    ``checkpoint_every_steps`` adds checkpoints within an epoch, holding the
+    data position, so a crash loses at most that many steps.
     """
 
     epochs: int = attrs.field(
@@ -149,13 +151,13 @@ class Training:
     )
     lr: float = attrs.field(
         default=1e-3,
-        validator=at_least(0.0),
-        metadata={"doc": "Learning rate (>= 0) of the dense parameters' optimizer."},
+        validator=greater_than(0.0, "a learning rate of 0 trains nothing"),
+        metadata={"doc": "Learning rate (> 0) of the dense parameters' optimizer."},
     )
     embedding_lr: float = attrs.field(
         default=0.01,
-        validator=at_least(0.0),
-        metadata={"doc": "Learning rate (>= 0) of the embedding tables' optimizer."},
+        validator=greater_than(0.0, "a learning rate of 0 trains nothing"),
+        metadata={"doc": "Learning rate (> 0) of the embedding tables' optimizer."},
     )
     weight_decay: float = attrs.field(
         default=0.0, validator=at_least(0.0), metadata={"doc": "L2 penalty (>= 0) on the dense parameters."}
@@ -175,9 +177,9 @@ class Training:
     )
     lr_decay: float = attrs.field(
         default=1.0,
-        validator=in_range(0.0, 1.0),
+        validator=[greater_than(0.0, "a factor of 0 sets every learning rate to 0"), in_range(0.0, 1.0)],
         metadata={
-            "doc": "Factor in [0, 1] on every learning rate after an epoch without validation improvement; 1.0: never."
+            "doc": "Factor in (0, 1] on every learning rate after an epoch without validation improvement; 1.0: never."
         },
     )
     early_stop_metric: str = attrs.field(
@@ -195,6 +197,13 @@ class Training:
         validator=at_least(1),
         metadata={"doc": "Examples per batch when evaluating (validation and test), at least 1."},
     )
+    checkpoint_every_steps: int = attrs.field(
+        default=0,
+        validator=at_least(0),
+        metadata={
+            "doc": "Also checkpoint every this many training steps (>= 0) within an epoch, with the data position, so `--resume` continues mid-epoch; 0: only at epoch ends."
+        },
+    )
 
 
 @attrs.frozen
@@ -203,6 +212,9 @@ class Arch:
 
     ``dropout`` follows each over-arch activation; ``batch_norm`` puts a
     ``BatchNorm1d`` between each over-arch linear layer and its activation.
+    ``task_tower = false`` leaves out the built-in task towers: each head
+    reads the over-arch's output (the models of DCNv2 and BARS end in one
+    linear logit).
     """
 
     dense_arch: tuple[int, ...] = attrs.field(
@@ -227,6 +239,12 @@ class Arch:
     )
     batch_norm: bool = attrs.field(
         default=False, metadata={"doc": "Put a BatchNorm1d between each over-arch linear layer and its activation."}
+    )
+    task_tower: bool = attrs.field(
+        default=True,
+        metadata={
+            "doc": "Whether the built-in task arch puts a tower (task_width wide) per task on the over-arch; false: each head reads the over-arch's output directly."
+        },
     )
 
 

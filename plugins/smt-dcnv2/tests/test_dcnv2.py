@@ -128,6 +128,7 @@ def test_mixture_of_low_rank_experts_follows_the_paper():
         ({"num_layers": 0}, "num_layers must be >= 1, got 0"),
         ({"low_rank": 0}, "low_rank must be None or >= 1, got 0"),
         ({"num_experts": 2}, "num_experts=2 needs low_rank (the mixture's experts are low rank), got None"),
+        ({"structure": "serial"}, "structure must be one of 'stacked', 'parallel', got 'serial'"),
     ],
 )
 def test_branch_refuses_bad_arguments(kwargs, message):
@@ -151,7 +152,11 @@ def test_branch_refuses_bad_arguments(kwargs, message):
         ),
         (
             {"lowrank": 8},
-            "unknown key 'lowrank' (did you mean 'low_rank'?); valid keys: num_layers, low_rank, num_experts @ $.models.feed_ctr.techniques.dcnv2",
+            "unknown key 'lowrank' (did you mean 'low_rank'?); valid keys: num_layers, low_rank, num_experts, structure @ $.models.feed_ctr.techniques.dcnv2",
+        ),
+        (
+            {"structure": "serial"},
+            "must be one of 'stacked', 'parallel', got 'serial' @ $.models.feed_ctr.techniques.dcnv2.structure",
         ),
         (
             {"num_layers": "three"},
@@ -169,7 +174,7 @@ def test_params_reach_the_branch(host, eco):
     spec = with_params(eco.model("feed_ctr"), {"num_layers": 2, "low_rank": 16, "num_experts": 2})
     plan = host.plan(spec)
     (entry,) = [e for e in plan.entries if e.technique == "dcnv2"]
-    assert entry.params == {"num_layers": 2, "low_rank": 16, "num_experts": 2}
+    assert entry.params == {"num_layers": 2, "low_rank": 16, "num_experts": 2, "structure": "stacked"}
     model = host.build(plan, spec).members[0]
     cross = model.branches["dcnv2"].cross
     assert type(cross).__name__ == "LowRankMixtureCrossNet"
@@ -202,7 +207,7 @@ def test_plan_counts_the_cross_flops(host, eco):
     plan = host.plan(spec)
     (entry,) = [e for e in plan.entries if e.technique == "dcnv2"]
     n = plan.widths["num_features"] * plan.widths["embedding_dim"]
-    assert (entry.slot, entry.dist, entry.version, entry.out_dim) == ("interaction", "smt-dcnv2", "0.1.0", n)
+    assert (entry.slot, entry.dist, entry.version, entry.out_dim) == ("interaction", "smt-dcnv2", "0.2.0", n)
     # three full-rank layers: an (N, N) matrix-vector product each, 2 N^2 FLOPs
     assert entry.flops == 3 * 2 * n * n
     branch = host.build(plan, spec).members[0].branches["dcnv2"]
@@ -222,7 +227,15 @@ def test_opt_out_and_disable(host, eco):
 
 
 @pytest.mark.parametrize("model", ["feed_ctr", "feed_ctr_cvr", "video_install"])
-@pytest.mark.parametrize("value", [True, {"low_rank": 16}, {"low_rank": 8, "num_experts": 3, "num_layers": 2}])
+@pytest.mark.parametrize(
+    "value",
+    [
+        True,
+        {"low_rank": 16},
+        {"low_rank": 8, "num_experts": 3, "num_layers": 2},
+        {"structure": "parallel", "low_rank": 8},
+    ],
+)
 def test_gradients_reach_every_branch_parameter(host, eco, model, value):
     spec = with_params(eco.model(model), value)
     plan = host.plan(spec)
@@ -239,7 +252,15 @@ def test_gradients_reach_every_branch_parameter(host, eco, model, value):
     assert [n for n, p in params.items() if not p.grad.abs().sum() > 0] == []
 
 
-@pytest.mark.parametrize("value", [True, {"low_rank": 4}, {"low_rank": 4, "num_experts": 2, "num_layers": 2}])
+@pytest.mark.parametrize(
+    "value",
+    [
+        True,
+        {"low_rank": 4},
+        {"low_rank": 4, "num_experts": 2, "num_layers": 2},
+        {"structure": "parallel"},
+    ],
+)
 def test_conformance(smt_check, smt_tiny_ecosystem, value):
     eco = smt_tiny_ecosystem
     eco = attrs.evolve(eco, models={n: with_params(m, value) for n, m in eco.models.items()})
@@ -248,3 +269,92 @@ def test_conformance(smt_check, smt_tiny_ecosystem, value):
 
 def test_conformance_defaults(smt_check):
     assert smt_check("dcnv2") == ["tiny_ctr", "tiny_multi", "tiny_nodense"]
+
+
+# --------------------------------------------------------------- structures
+
+RECIPE = Path(__file__).resolve().parents[3] / "benchmarks" / "recipes" / "frappe_dcnv2.toml"
+
+
+def _manual_logits(net, feats, *, parallel: bool):
+    """The logits of the paper's structures, from the parts' own modules:
+    parallel head(tower([MLP(x_0), x_L])), stacked (no flat branch) head(tower(MLP(x_L)))."""
+    cross = net.branches["dcnv2"](feats)
+    if parallel:
+        joined = torch.cat([net.over_arch(net.branches["flat"](feats)), cross], dim=1)
+    else:
+        joined = net.over_arch(cross)
+    towers = net.task_arch(joined)
+    return torch.stack([head(t) for head, t in zip(net.heads.values(), towers)], dim=1)
+
+
+@pytest.mark.parametrize("model", ["feed_ctr", "feed_ctr_cvr"])
+def test_parallel_puts_the_cross_output_beside_the_deep_network(host, eco, model):
+    spec = with_params(eco.model(model), {"structure": "parallel", "num_layers": 2})
+    plan = host.plan(spec)
+    net = host.build(plan, spec).members[0].eval()
+    n = plan.widths["num_features"] * plan.widths["embedding_dim"]
+    assert (net.deep_branches, net.task_branches) == (["flat"], ["dcnv2"])
+    assert plan.widths["interaction"] == net.branches["flat"].out_dim  # the over-arch reads x_0 alone
+    hidden = net.over_arch.out_dim
+    assert [t.in_dim for t in net.task_arch.towers] == [hidden + n] * len(spec.tasks)
+    batch = example_batch(spec, 6)
+    with torch.no_grad():
+        feats = net.features(batch.dense, batch.sparse)
+        torch.testing.assert_close(net(batch.dense, batch.sparse), _manual_logits(net, feats, parallel=True))
+
+
+def test_stacked_without_flat_is_the_papers_stacked_form(host, eco):
+    base = eco.model("feed_ctr")
+    spec = attrs.evolve(base, techniques={**base.techniques, "flat": False, "dcnv2": {"structure": "stacked"}})
+    plan = host.plan(spec)
+    net = host.build(plan, spec).members[0].eval()
+    n = plan.widths["num_features"] * plan.widths["embedding_dim"]
+    assert (net.deep_branches, net.task_branches) == (["dcnv2"], [])
+    assert plan.widths["interaction"] == n  # the over-arch reads x_L alone
+    batch = example_batch(spec, 6)
+    with torch.no_grad():
+        feats = net.features(batch.dense, batch.sparse)
+        torch.testing.assert_close(net(batch.dense, batch.sparse), _manual_logits(net, feats, parallel=False))
+
+
+def test_the_default_stays_the_0_1_form(host, eco):
+    """structure unset: the cross output feeds the over-arch beside the flat branch, as in 0.1."""
+    spec = eco.model("feed_ctr")
+    net = host.build(host.plan(spec), spec).members[0]
+    assert net.branches["dcnv2"].structure == "stacked"
+    assert (net.deep_branches, net.task_branches) == (["flat", "dcnv2"], [])
+
+
+@pytest.mark.skipif(not RECIPE.exists(), reason="the benchmark recipe lives in the smt repository")
+def test_the_frappe_recipe_builds_the_bars_network_exactly(host):
+    """benchmarks/recipes/frappe_dcnv2.toml is the DCNv2 of BARS/FuxiCTR:
+    cross network (4 full-rank layers) || DNN 400x3 with BatchNorm -> concat ->
+    one linear logit, with 404,501 dense parameters (FuxiCTR's log: 458,391
+    in all, 53,890 of them its embedding rows)."""
+    from smt_host.spec.loading import load_ecosystem
+
+    spec = load_ecosystem(RECIPE).model("frappe")
+    plan = host.plan(spec, only=frozenset({"dcnv2"}))
+    net = host.build(plan, spec).members[0].eval()
+    n, h = 10 * 10, 400
+    assert (net.deep_branches, net.task_branches, net.logit_branches) == (["flat"], ["dcnv2"], [])
+    assert type(net.branches["dcnv2"].cross).__name__ == "CrossNet" and len(net.branches["dcnv2"].cross.kernels) == 4
+    assert list(net.task_arch.out_dims) == [h + n] and sum(p.numel() for p in net.task_arch.parameters()) == 0
+    cross = 4 * (n * n + n)
+    dnn = (n * h + h) + 2 * (h * h + h) + 3 * 2 * h  # linear layers, and BatchNorm's scale and shift
+    logit = (h + n) + 1
+    assert cross + dnn + logit == 404_501
+    assert plan.cost.dense_params == 404_501
+    assert plan.cost.flops == 4 * 2 * n * n + 2 * (n * h + 2 * h * h) + 2 * (h + n)  # 801,000
+    batch = example_batch(spec, 5)
+    with torch.no_grad():
+        feats = net.features(batch.dense, batch.sparse)
+        x0 = feats.flatten(1)
+        xl = x0
+        for w, b in zip(net.branches["dcnv2"].cross.kernels, net.branches["dcnv2"].cross.bias):
+            xl = x0 * (xl @ w.T + b.squeeze(1)) + xl  # x_{l+1} = x_0 * (W x_l + b) + x_l
+        deep = net.over_arch(x0)
+        head = net.heads["click"].linear
+        want = (torch.cat([deep, xl], dim=1) @ head.weight.T + head.bias)[:, 0]
+        torch.testing.assert_close(net(batch.dense, batch.sparse)[:, 0], want)
