@@ -59,7 +59,7 @@ def test_cli_generates_the_distribution(tmp_path):
     ]
     project = tomllib.loads((folder / "pyproject.toml").read_text())
     assert project["project"]["name"] == "smt-mask-net"
-    assert project["project"]["dependencies"] == ["smt-host>=0.3,<0.4"]
+    assert project["project"]["dependencies"] == ["smt-host>=0.4,<0.5"]
     assert project["project"]["entry-points"]["smt"] == {"mask-net": "smt_mask_net"}
     assert project["tool"]["setuptools"]["py-modules"] == ["smt_mask_net"]
     test = (folder / "tests" / "test_mask_net.py").read_text()
