@@ -158,3 +158,40 @@ def test_analyse_reports_t_p_and_the_aa_check(tmp_path):
     assert matrix["alpha"] == 0.05 and "one-sided t test at level 0.05" in matrix["rule"]
     assert matrix["aa"]["pool"] == 9 and matrix["aa"]["seeds"] == 3
     assert analyse(tmp_path, cells, alpha=0.001)["pairs"][0]["critical"] == pytest.approx(critical_value(3, 0.001))
+
+
+def test_the_heatmap_shows_change_and_se_marks_adoption_and_over_budget(tmp_path):
+    from smt_host.ecosystem.reports import text_colour, write_reports
+
+    def pair(technique, seeds, ne, std, decision):
+        return {
+            "model": "m",
+            "technique": technique,
+            "seeds": seeds,
+            "ne_delta": ne,
+            "ne_delta_std": std,
+            "auc_delta": 0.0,
+            "auc_delta_std": 0.0,
+            "calibration_error_delta": 0.0,
+            "flops_delta": 0.0,
+            "decision": decision,
+            "reason": "r",
+        }
+
+    matrix = {
+        "rule": "paired one-sided t test",
+        "ecosystem": "eco1",
+        "models": ["m"],
+        "pairs": [
+            pair("a", 4, -0.012, 0.002, "adopt"),
+            pair("b", 4, 0.003, 0.004, "reject"),
+            pair("all", 0, float("nan"), float("nan"), "reject"),
+        ],
+    }
+    write_reports(tmp_path, matrix)
+    svg = (tmp_path / "adoption.svg").read_text()
+    assert (tmp_path / "adoption.png").read_bytes()[:4] == b"\x89PNG"
+    for text in ("-1.20%", "± 0.10", "+0.30%", "± 0.20", "ADOPT", "over budget", "ecosystem eco1, seeds 4"):
+        assert text in svg, text
+    assert "model" in svg and "technique (or set)" in svg  # axis titles
+    assert text_colour((0.0, 0.0, 0.0, 1)) == "white" and text_colour((1.0, 1.0, 1.0, 1)) == "black"

@@ -234,6 +234,7 @@ def draw_curves(records: list[dict], path: Path, title: str = "") -> None:
     axes[0].grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 0.94 if title else 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png", bbox_inches="tight")
     plt.close(fig)

@@ -172,6 +172,7 @@ def ecosystem_run_cmd(
     wall = time.perf_counter() - started
     matrix = analyse(Path(out), cells, keys=keys, alpha=alpha)
     matrix["wall_s"] = wall
+    matrix["ecosystem"] = eco.name
     matrix["cells"] = len(cells)
     matrix["cells_resumed"] = len(skipped)
     paths = write_reports(Path(out), matrix)

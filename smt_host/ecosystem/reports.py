@@ -51,7 +51,8 @@ def _throughput_line(matrix: dict) -> str | None:
 
 
 def write_reports(out: Path, matrix: dict) -> list[Path]:
-    """adoption.json, adoption.md and adoption.png (heatmap of the NE change)."""
+    """adoption.json, adoption.md and adoption.png (heatmap of the NE
+    change; adoption.svg beside it)."""
     out = Path(out)
     paths = [out / "adoption.json", out / "adoption.md", out / "adoption.png"]
     write_json_atomic(matrix, paths[0])
@@ -136,12 +137,43 @@ def _num(x: float | None, spec: str) -> str:
     return "n/a" if _nan(x) else format(x, spec)
 
 
+def _se_percent(p: dict) -> float | None:
+    """The standard error of the NE change, in percent (None with one seed)."""
+    if _nan(p.get("ne_delta_std")) or not p.get("seeds"):
+        return None
+    return p["ne_delta_std"] / math.sqrt(p["seeds"]) * 100
+
+
+def text_colour(rgba: tuple) -> str:
+    """Black or white, whichever contrasts more with a cell of colour ``rgba``
+    (WCAG relative luminance).
+
+    Example:
+        >>> text_colour((0.05, 0.1, 0.4, 1.0)), text_colour((0.95, 0.95, 0.9, 1.0))
+        ('white', 'black')
+    """
+
+    def channel(c: float) -> float:
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (channel(c) for c in rgba[:3])
+    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    return "black" if (luminance + 0.05) / 0.05 > 1.05 / (luminance + 0.05) else "white"
+
+
 def _heatmap(matrix: dict, path: Path) -> None:
+    """The NE change of each technique x model pair, as ``path`` (PNG) and
+    the same name with ``.svg``: a colour-blind-safe diverging palette
+    (blue is better, i.e. lower NE; orange worse), the change ± its SE in each
+    cell with the text colour chosen by contrast, adopted cells outlined,
+    over-budget cells hatched, axis titles, the ecosystem and seeds below
+    the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.patches import Rectangle
 
     models = matrix["models"]
 
@@ -151,27 +183,44 @@ def _heatmap(matrix: dict, path: Path) -> None:
     names = {column(p["technique"]) for p in matrix["pairs"]}
     techniques = sorted(names - {ALL, "adopted set"}) + [c for c in (ALL, "adopted set") if c in names]
     grid = np.full((len(models), max(1, len(techniques))), np.nan)
-    marks = {}
+    cells = {}
     for p in matrix["pairs"]:
         i, j = models.index(p["model"]), techniques.index(column(p["technique"]))
-        grid[i, j] = np.nan if _nan(p["ne_delta"]) else p["ne_delta"] * 100
-        marks[(i, j)] = p["decision"]
-    fig, ax = plt.subplots(figsize=(2.5 + 1.1 * len(techniques), 2.0 + 0.7 * len(models)))
+        grid[i, j] = np.nan if _nan(p["ne_delta"]) or not p["seeds"] else p["ne_delta"] * 100
+        cells[(i, j)] = p
+    fig, ax = plt.subplots(figsize=(3.0 + 1.35 * len(techniques), 2.4 + 0.8 * len(models)))
     finite = grid[np.isfinite(grid)]
     lim = max(0.5, float(np.abs(finite).max())) if finite.size else 1.0
-    im = ax.imshow(grid, cmap="RdYlGn_r", vmin=-lim, vmax=lim, aspect="auto")
+    cmap = matplotlib.colormaps["PuOr_r"].copy()  # purple-orange: safe for red-green colour blindness
+    cmap.set_bad("white")
+    im = ax.imshow(grid, cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xticks(range(len(techniques)), techniques, rotation=30, ha="right")
     ax.set_yticks(range(len(models)), models)
-    for (i, j), dec in marks.items():
-        value = (
-            "over\nbudget" if np.isnan(grid[i, j]) else f"{grid[i, j]:+.2f}%\n{'ADOPT' if dec == 'adopt' else 'reject'}"
-        )
-        ax.text(j, i, value, ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=ax, label="NE change vs baseline (%)")
-    ax.set_title("technique x model: NE change at neutral capacity")
+    ax.set_xlabel("technique (or set)")
+    ax.set_ylabel("model")
+    for (i, j), p in cells.items():
+        if np.isnan(grid[i, j]):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="0.55", linewidth=0))
+            ax.text(j, i, "over budget" if not p["seeds"] else "n/a", ha="center", va="center", fontsize=9)
+            continue
+        se = _se_percent(p)
+        adopted = p["decision"] == "adopt"
+        label = f"{grid[i, j]:+.2f}%" + (f"\n± {se:.2f}" if se is not None else "") + ("\nADOPT" if adopted else "")
+        colour = text_colour(cmap((grid[i, j] + lim) / (2 * lim)))
+        ax.text(j, i, label, ha="center", va="center", fontsize=9, color=colour, fontweight="bold" if adopted else None)
+        if adopted:
+            ax.add_patch(Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, edgecolor="black", linewidth=2.2))
+    fig.colorbar(im, ax=ax, label="NE change vs baseline, % (lower is better)")
+    seeds = sorted({p["seeds"] for p in matrix["pairs"] if p["seeds"]})
+    subtitle = f"ecosystem {matrix.get('ecosystem', '?')}, seeds {'/'.join(map(str, seeds)) or 'none'}"
+    if matrix.get("rule"):
+        subtitle += "; outlined: adopted; hatched: over the capacity budget"
+    ax.set_title(f"NE change at neutral capacity\n{subtitle}", fontsize=10)
     fig.tight_layout()
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
+        with atomic_path(path.with_suffix(".svg")) as tmp:
+            fig.savefig(tmp, format="svg")
     finally:
         plt.close(fig)
