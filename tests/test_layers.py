@@ -197,7 +197,8 @@ def test_resolve_extends_is_plain_data(tmp_path):
     path.write_text(OVERRIDES_ONLY)
     data = resolve_extends(path)
     assert "extends" not in data and "name" not in data
-    assert data["models"]["feed_ctr"]["training"] == {"epochs": 1}
+    base = resolve_extends(default_ecosystem_path())["models"]["feed_ctr"]["training"]
+    assert data["models"]["feed_ctr"]["training"] == {**base, "epochs": 1}  # merged key by key
     assert data["models"]["feed_ctr"]["surface"] == "feed"
     assert resolve_extends(default_ecosystem_path())["name"] == "default"
 

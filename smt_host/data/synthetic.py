@@ -15,6 +15,10 @@ The bias of each event is solved so that positive rates are realistic
 deterministic per (seed, surface, sizes). A model's features are a subset of
 the world's, so models see the same entities through different feature sets.
 
+The train/valid/test splits share each label pattern in proportion to their
+sizes (:func:`stratified_split`), so every split has the train base rate
+and NE (divided by the train base rate's entropy) compares like with like.
+
 Shapes: N examples, S sparse features, Nd dense features, T tasks.
 """
 
