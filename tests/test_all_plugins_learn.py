@@ -62,7 +62,7 @@ def host() -> Host:
 def eco(host):
     eco = host.default_ecosystem()
     return attrs.evolve(
-        eco, synthetic=attrs.evolve(eco.synthetic, train_examples=2048, valid_examples=512, test_examples=512)
+        eco, synthetic=attrs.evolve(eco.synthetic, train_examples=2048, valid_examples=4096, test_examples=512)
     )
 
 

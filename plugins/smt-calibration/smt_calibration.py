@@ -32,6 +32,8 @@ from smt_host import SlotContext, TrainContext, at_least, hookimpl, one_of, tech
 
 #: the identity knots span this logit range (probabilities 1e-13 .. 1 - 1e-13)
 IDENTITY_RANGE = 30.0
+#: the smallest Platt slope: a calibration map never reverses (or flattens) the ranking
+MIN_SLOPE = 1e-3
 
 
 @attrs.frozen
@@ -174,6 +176,18 @@ class Calibrator(nn.Module):
 
         with torch.enable_grad():
             opt.step(closure)
+        # a calibration map must keep the model's ranking: where the fit wants a
+        # slope below MIN_SLOPE (validation scores at chance, or too few positives),
+        # the slope is held there and only the intercept is fitted
+        low = a.detach() < MIN_SLOPE
+        if bool(low.any()):
+            a = torch.where(low, torch.full_like(a, MIN_SLOPE), a.detach())
+            b = b.detach().clone().requires_grad_(True)
+            opt = torch.optim.LBFGS(
+                [b], lr=1.0, max_iter=steps, tolerance_grad=1e-10, tolerance_change=1e-12, line_search_fn="strong_wolfe"
+            )
+            with torch.enable_grad():
+                opt.step(closure)
         with torch.no_grad():
             self.scale.copy_(a.detach().to(self.scale))
             self.bias.copy_(b.detach().to(self.bias))
@@ -229,7 +243,7 @@ def _metrics(logits: torch.Tensor, labels: torch.Tensor, tasks: list[str], base_
     for i, t in enumerate(tasks):
         rate = float(base_rates[i]) if base_rates is not None else float(labels[:, i].mean())
         m = binary_metrics(pred[:, i], labels[:, i], rate)
-        out[t] = {k: m[k] for k in ("ne", "logloss", "auc", "calibration")}
+        out[t] = {k: m[k] for k in ("ne", "logloss", "auc", "calibration", "positives")}
     return out
 
 

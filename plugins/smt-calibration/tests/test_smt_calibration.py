@@ -28,7 +28,7 @@ def eco(host):
 
 def test_smt_plugins_lists_the_distribution():
     (t,) = listed_techniques(DIST, load_only=True).values()  # alone: nothing shadows it
-    assert t["version"] == "0.2.0"
+    assert t["version"] == "0.2.1"
     assert (t["name"], t["slot"]) == ("calibration", "training")
     assert t["applies_to"] == MODELS
 
@@ -75,6 +75,23 @@ def test_platt_stays_finite_without_positives():
     assert torch.isfinite(c.scale).all() and torch.isfinite(c.bias).all()
     # predicts about Platt's negative target 1 / (N- + 2)
     assert abs(float(torch.sigmoid(c(z)).mean()) - 1 / 302) < 1e-3
+
+
+def test_platt_never_reverses_the_ranking():
+    # a model that ranks backwards on the validation split (at chance, few
+    # positives): the unconstrained fit would take a < 0 and flip every
+    # ranking; the slope is held at MIN_SLOPE and the mean still matches
+    from smt_calibration import MIN_SLOPE
+
+    z, y = _synthetic(20_000, a=[-0.8, 1.2], b=[-2.0, -1.0], seed=3)
+    c = Calibrator(2, "platt")
+    c.fit(z, y)
+    assert float(c.scale[0]) == pytest.approx(MIN_SLOPE) and float(c.scale[1]) == pytest.approx(1.2, abs=0.05)
+    out = c(z)
+    for t in range(2):  # the calibrated scores never decrease as the logit grows, task by task
+        order = torch.argsort(z[:, t])
+        assert bool((out[order, t].diff() >= 0).all()), t
+    assert abs(float(torch.sigmoid(out[:, 0]).mean()) / float(y[:, 0].mean()) - 1) < 2e-2
 
 
 def test_pav_golden():
@@ -167,7 +184,9 @@ def test_before_test_fits_on_valid_and_reports_before_and_after(host, method, tm
     assert set(report["tasks"]) == {"click", "conversion"}
     assert report["tasks"]["click"]["before"]["calibration"] > 2  # the tiny valid split has clicks
     for task, entry in report["tasks"].items():
-        if entry["before"]["calibration"] != entry["before"]["calibration"]:  # nan: no positives in valid
+        # nan: no positives in valid; with a handful, Platt's smoothed targets ((N+ + 1) / (N+ + 2))
+        # move the mean prediction by O(1 / N+), so only the log loss is checked
+        if entry["before"]["calibration"] != entry["before"]["calibration"] or entry["before"]["positives"] < 10:
             assert entry["after"]["logloss"] < entry["before"]["logloss"]
             continue
         assert entry["before"]["calibration"] > 2, (task, entry)
