@@ -151,7 +151,13 @@ def test_distributed_training_of_an_ensemble_is_refused(small_eco, tmp_path):
     from smt_host.errors import TrainingError
 
     with pytest.raises(TrainingError) as err:
-        train_model(ensemble_host(), small_eco.model("tiny_ctr"), small_eco, tmp_path, parallel=types.SimpleNamespace())
+        train_model(
+            ensemble_host(),
+            small_eco.model("tiny_ctr"),
+            small_eco,
+            tmp_path,
+            parallel=types.SimpleNamespace(is_main=True),
+        )
     assert str(err.value) == (
         "tiny_ctr: distributed training of a model of 2 networks (avg, <extra>) is not supported yet; "
         "train it in one process, or opt out @ $.models.tiny_ctr.techniques.avg"
