@@ -152,10 +152,16 @@ def test_an_error_is_one_line_and_smt_debug_shows_the_traceback(tmp_path):
     assert debug.stderr.strip().splitlines()[-1] == errors[0]  # the traceback comes first
 
 
-def test_click_usage_errors_keep_clicks_behaviour():
+def test_click_usage_errors_are_one_line_naming_the_command():
     out = smt("plan", "--no-such-option")
     assert out.returncode == 2
-    assert "No such option" in out.stderr and "error:" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: smt plan: No such option") and "--no-such-option" in line
+    assert line.endswith("(smt plan --help)")
+    missing = smt("predict")
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert missing.stderr.startswith("error: smt predict: Missing argument 'EXPORTED'")
+    assert smt("--version").returncode == 0 and smt("plan", "--help").returncode == 0
 
 
 # in-process: the handler, with the work replaced

@@ -7,8 +7,8 @@ message naming the file, path or distribution and exits with the error's
 ``exit_code`` (2 bad input, 1 a failed run); Ctrl-C prints ``error:
 interrupted`` with what the command attached (see
 :func:`smt_host.cli.common.on_interrupt`) and exits 130; ``SMT_DEBUG=1``
-prints the traceback first. click's own usage errors keep click's output
-(exit 2).
+prints the traceback first. click's usage errors are one ``error:`` line
+too, naming the command and its ``--help`` (exit 2).
 
 The commands live one family per module (spec, plugins, plan, train,
 ecosystem, serve, authoring, doctor); none imports torch at module level, so ``smt --help``,
@@ -44,7 +44,29 @@ def _report(ctx: click.Context, exc: BaseException, message: str, code: int) -> 
 
 
 class SmtGroup(click.Group):
-    """A click group whose commands report errors by raising: the one handler."""
+    """A click group whose commands report errors by raising: the one handler.
+
+    click's usage errors (a missing argument, an unknown option, a bad
+    value) are one line too: ``error: smt train: No such option: --epoch
+    (Did you mean --epochs?) (smt train --help)``, exit 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            path = exc.ctx.command_path if exc.ctx is not None else "smt"
+            if _debug():
+                traceback.print_exception(exc, file=sys.stderr)
+            click.echo(f"error: {path}: {exc.format_message()} ({path} --help)", err=True)
+            sys.exit(ExitCode.USAGE_ERROR)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(ExitCode.INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -148,8 +170,8 @@ for _command in (
 
 
 def main() -> None:
-    """The console script ``smt``."""
-    cli()
+    """The console script ``smt`` (also ``python -m smt_host``, named ``smt`` in messages)."""
+    cli(prog_name="smt")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -143,8 +143,13 @@ class Screen:
         self.end_model()
         self.prefix = f"[{index}/{count}] " if count > 1 or index > 1 else "[1/1] "
         if run_dir is not None:
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self._log = open(Path(run_dir) / TRAIN_LOG, "a", encoding="utf-8")  # noqa: SIM115 - closed in end_model
+            try:
+                Path(run_dir).mkdir(parents=True, exist_ok=True)
+                self._log = open(Path(run_dir) / TRAIN_LOG, "a", encoding="utf-8")  # noqa: SIM115 - closed in end_model
+            except OSError as exc:
+                from smt_host.train.runlock import RunFolderError
+
+                raise RunFolderError(f"{run_dir}: cannot create the run folder: {exc.strerror or exc}") from None
             self._log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {name}\n")
 
     def end_model(self) -> None:

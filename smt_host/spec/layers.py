@@ -64,6 +64,13 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"file not found: {path}"], str(path)) from None
     except IsADirectoryError:
         raise ConfigError([f"expected a TOML file, got a folder: {path}"], str(path)) from None
+    except UnicodeDecodeError as exc:
+        line = Path(path).read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            [f"line {line}: not UTF-8 (byte 0x{exc.object[exc.start]:02x}); TOML files are UTF-8"], str(path)
+        ) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc.strerror or exc}"], str(path)) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

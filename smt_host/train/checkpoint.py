@@ -168,6 +168,10 @@ def _load_verified(path: Path, notice: Notice) -> dict:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not _looks_like_zip(path):  # not the zip smt writes: garbage bytes more likely than a legacy file
+            raise DamagedFileError(
+                f"{where}: damaged checkpoint: not a checkpoint archive ({_first_line(exc)})"
+            ) from None
         if status == "sealed" or "Weights only load failed" in str(exc):
             raise UnsafeFileError(
                 f"{where}: refused: loading it would run code or build objects a checkpoint never holds "

@@ -96,7 +96,9 @@ def test_a_short_run_learns_and_saves_every_member(host, tmp_path):
     spec = enable(eco.model("feed_ctr"))
     spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1, batch_size=128))
     result = train_model(host, spec, eco, tmp_path)
-    assert result.test["click"]["auc"] > 0.62, result.test  # a broken ensemble (members untrained) stays near 0.5
+    # a broken ensemble (members untrained) stays near 0.5; 5000 test rows (~170 clicks)
+    # give an AUC standard error of about 0.02, so 0.57 is 3 of them above chance
+    assert result.test["click"]["auc"] > 0.57, result.test
     saved = saved_checkpoint(tmp_path)
     assert {k.split(".")[1] for k in saved["best_model"]} == {"0", "1"}
     assert (

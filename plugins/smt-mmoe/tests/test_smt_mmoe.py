@@ -165,7 +165,8 @@ def test_short_training_learns_clicks(host, eco, tmp_path):
     spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1, batch_size=128))
     result = train_model(host, spec, small, tmp_path)
     assert result.plan.slot("task_arch")[0].technique == "mmoe"
-    assert result.test["click"]["auc"] > 0.6, result.test
+    # 5000 test rows (~170 clicks): an AUC standard error of about 0.02, so 0.57 is 3 of them above chance
+    assert result.test["click"]["auc"] > 0.57, result.test
 
 
 def test_docstring_examples_run():
