@@ -3,14 +3,46 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata as md
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import attrs
 import pytest
 
 from smt_host.testing import tiny_ecosystem
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the distribution names of the first-party plugins under plugins/
+FIRST_PARTY_DISTS = [
+    tomllib.loads((p / "pyproject.toml").read_text())["project"]["name"]
+    for p in sorted((ROOT / "plugins").glob("*"))
+    if (p / "pyproject.toml").exists()
+]
+
+
+def _installed(dist: str) -> bool:
+    try:
+        md.distribution(dist)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+def every_plugin_installed() -> list:
+    """The marks of a module that needs every first-party plugin installed
+    (tox -e all): ``allplugins``, and a skip naming the missing ones."""
+    missing = [d for d in FIRST_PARTY_DISTS if not _installed(d)]
+    return [
+        pytest.mark.allplugins,
+        pytest.mark.skipif(
+            not FIRST_PARTY_DISTS or bool(missing),
+            reason=f"needs every plugin under plugins/ installed (tox -e all); missing: {missing or 'no plugins yet'}",
+        ),
+    ]
+
 
 pytest_plugins = ["smt_host.testing"]
 

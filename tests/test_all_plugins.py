@@ -4,38 +4,16 @@ apply to it."""
 
 from __future__ import annotations
 
-import importlib.metadata as md
-import tomllib
-from pathlib import Path
-
 import attrs
 import pytest
 import torch
+from conftest import FIRST_PARTY_DISTS as DISTS
+from conftest import every_plugin_installed
 
 from smt_host.host import Host
 from smt_host.model.template import example_batch
 
-ROOT = Path(__file__).resolve().parents[1]
-PLUGINS = sorted(p for p in (ROOT / "plugins").glob("*") if (p / "pyproject.toml").exists())
-DISTS = [tomllib.loads((p / "pyproject.toml").read_text())["project"]["name"] for p in PLUGINS]
-
-
-def _installed(dist: str) -> bool:
-    try:
-        md.distribution(dist)
-        return True
-    except md.PackageNotFoundError:
-        return False
-
-
-missing = [d for d in DISTS if not _installed(d)]
-pytestmark = [
-    pytest.mark.allplugins,
-    pytest.mark.skipif(
-        not DISTS or bool(missing),
-        reason=f"needs every plugin under plugins/ installed (tox -e all); missing: {missing or 'no plugins yet'}",
-    ),
-]
+pytestmark = every_plugin_installed()
 
 
 @pytest.fixture(scope="module")

@@ -13,37 +13,16 @@ training split, every task's AUC must be clearly above 0.5 and its NE below
 
 from __future__ import annotations
 
-import importlib.metadata as md
-import tomllib
-from pathlib import Path
-
 import attrs
 import pytest
+from conftest import every_plugin_installed
 
 from smt_host.host import Host
 
-ROOT = Path(__file__).resolve().parents[1]
-PLUGINS = sorted(p for p in (ROOT / "plugins").glob("*") if (p / "pyproject.toml").exists())
-DISTS = [tomllib.loads((p / "pyproject.toml").read_text())["project"]["name"] for p in PLUGINS]
 MODELS = ["feed_ctr", "feed_ctr_cvr", "shop_cvr", "video_ctr", "video_install"]
 
 
-def _installed(dist: str) -> bool:
-    try:
-        md.distribution(dist)
-        return True
-    except md.PackageNotFoundError:
-        return False
-
-
-missing = [d for d in DISTS if not _installed(d)]
-pytestmark = [
-    pytest.mark.allplugins,
-    pytest.mark.skipif(
-        not DISTS or bool(missing),
-        reason=f"needs every plugin under plugins/ installed (tox -e all); missing: {missing or 'no plugins yet'}",
-    ),
-]
+pytestmark = every_plugin_installed()
 
 #: the training settings of examples/real/frappe.toml that stalled qr_embedding 0.1 (as --set would give them)
 BARS = {
