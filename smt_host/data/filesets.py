@@ -41,15 +41,12 @@ import os
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from smt_host.data.batch import Batch, TensorSplit
 from smt_host.data.chunks import concat_splits, rebatch, take_rows
-
-if TYPE_CHECKING:  # pragma: no cover
-    from smt_host.data.readers import FileSource
 
 __all__ = ["RankShard", "balance", "expand", "hidden", "parquet_fragment", "partition_values"]
 
@@ -233,10 +230,10 @@ class RankShard:
 
     def __init__(
         self,
-        source: FileSource,
+        source: Any,
         rank: int,
         world_size: int,
-        own: FileSource,
+        own: Any,
         rows: Sequence[int],
         total_rows: int,
     ) -> None:
