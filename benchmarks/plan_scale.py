@@ -47,29 +47,18 @@ FIVE = ("smt-dcnv2", "smt-mmoe", "smt-calibration", "smt-embedding-reg", "smt-fo
 # ------------------------------------------------------------ the ecosystem
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-
-
 def ecosystem_toml(n: int, budget: str | float = "baseline") -> str:
     """A TOML ecosystem of ``n`` distinct models derived from the built-in five."""
     import tomllib
+
+    import tomli_w
 
     from smt_host.spec.loading import default_ecosystem_path
 
     with open(default_ecosystem_path(), "rb") as f:
         base = tomllib.load(f)
     names = list(base["models"])
-    lines = [f'name = "plan_scale_{n}"', "", "[synthetic]"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in base.get("synthetic", {}).items()]
+    models = {}
     for i in range(n):
         m = base["models"][names[i % len(names)]]
         k = i // len(names)
@@ -77,18 +66,16 @@ def ecosystem_toml(n: int, budget: str | float = "baseline") -> str:
         if k and len(sparse) > 4:  # leave one feature out (after the first round)
             del sparse[(k - 1) % len(sparse)]
         over = [512 + 8 * (k % 32), 256 + 4 * (k // 32 % 16), 128]  # the default's depth, widths varied
-        name = f"m{i:04d}"
-        lines += ["", f"[models.{name}]"]
-        for key in ("description", "surface"):
-            if key in m:
-                lines.append(f"{key} = {_toml_value(m[key])}")
-        lines.append(f"tasks = {_toml_value(m['tasks'])}")
-        lines += [f"[models.{name}.features]", f"sparse = {_toml_value(sparse)}"]
-        if m["features"].get("dense"):
-            lines.append(f"dense = {_toml_value(m['features']['dense'])}")
-        lines += [f"[models.{name}.arch]", f"over_arch = {_toml_value(over)}"]
-        lines += [f"[models.{name}.capacity]", f"budget = {_toml_value(budget)}"]
-    return "\n".join(lines) + "\n"
+        model = {key: m[key] for key in ("description", "surface") if key in m}
+        model["tasks"] = m["tasks"]
+        model["features"] = {
+            "sparse": sparse,
+            **({"dense": m["features"]["dense"]} if m["features"].get("dense") else {}),
+        }
+        model["arch"] = {"over_arch": over}
+        model["capacity"] = {"budget": budget}
+        models[f"m{i:04d}"] = model
+    return tomli_w.dumps({"name": f"plan_scale_{n}", "synthetic": base.get("synthetic", {}), "models": models})
 
 
 # ------------------------------------------------------------------ worker
