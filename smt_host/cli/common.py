@@ -44,6 +44,15 @@ def print_table(table: Any, stderr: bool = False) -> None:
     out.print(table)
 
 
+def block_plugins(names: Sequence[str]) -> None:
+    """Adds ``names`` to ``SMT_DISABLE_PLUGINS`` (``-p no:NAME``,
+    ``--no-tensorboard``), so the processes a command starts block them too."""
+    import os
+
+    current = [n for n in os.environ.get("SMT_DISABLE_PLUGINS", "").split(",") if n.strip()]
+    os.environ["SMT_DISABLE_PLUGINS"] = ",".join(dict.fromkeys([*current, *names]))
+
+
 def is_quiet() -> bool:
     """Whether ``smt -q`` was given (no header, no progress lines)."""
     ctx = click.get_current_context(silent=True)

@@ -28,7 +28,7 @@ import click
 
 from smt_host._version import __version__
 from smt_host.cli import authoring, doctor, ecosystem, plan, plugins, serve, spec, train
-from smt_host.cli.common import INTERRUPT_NOTE
+from smt_host.cli.common import INTERRUPT_NOTE, block_plugins
 from smt_host.errors import ExitCode, SmtError
 
 
@@ -108,8 +108,7 @@ def _plugin_choices(ctx: click.Context, param: click.Parameter, values: tuple[st
         names = [n for n in (current or "").split(",") if n.strip()] if current is not None else []
         os.environ["SMT_LOAD_PLUGINS"] = ",".join(dict.fromkeys([*names, *load]))
     if block:
-        names = [n for n in os.environ.get("SMT_DISABLE_PLUGINS", "").split(",") if n.strip()]
-        os.environ["SMT_DISABLE_PLUGINS"] = ",".join(dict.fromkeys([*names, *block]))
+        block_plugins(block)
     return values
 
 

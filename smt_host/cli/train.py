@@ -9,7 +9,15 @@ from pathlib import Path
 
 import click
 
-from smt_host.cli.common import is_quiet, load_targets, make_host, on_interrupt, overrides_option, print_table
+from smt_host.cli.common import (
+    block_plugins,
+    is_quiet,
+    load_targets,
+    make_host,
+    on_interrupt,
+    overrides_option,
+    print_table,
+)
 from smt_host.cli.screen import duration, rate
 
 
@@ -164,16 +172,13 @@ def train_cmd(
         argv = launch.strip_option(sys.argv[1:], "--nproc-per-node")
         sys.exit(launch.relaunch(nproc_per_node, argv))
 
-    import os
-
     import attrs
 
     from smt_host.cli.screen import Screen
     from smt_host.train.trainer import check_device, train_model
 
     if no_tensorboard:
-        blocked = [n for n in os.environ.get("SMT_DISABLE_PLUGINS", "").split(",") if n.strip()]
-        os.environ["SMT_DISABLE_PLUGINS"] = ",".join(dict.fromkeys([*blocked, "tensorboard"]))
+        block_plugins(["tensorboard"])
     host = make_host(quiet=False)
     device = check_device(device)
     eco, specs = load_targets(host, targets, ecosystem, overrides)
