@@ -9,9 +9,11 @@ host's internal modules, which may move between releases.
 * declaring a reporter (``smt_reporters``: loggers, trackers):
   :func:`reporter`, :class:`ReporterInfo`;
 * what the hooks receive: :class:`SlotContext`, :class:`TrainContext`,
-  :class:`LossInputs` (and ``LossFn``), :class:`TableSpec`;
+  :class:`LossInputs` (and ``LossFn``), :class:`TableSpec`,
+  :class:`SequenceFeature` (the history ``smt_sequence`` builds a part for);
 * building blocks: :class:`MLP`, :func:`scaled`, :func:`example_batch`,
-  :class:`TemplateModel`, :func:`binary_metrics`;
+  :class:`TemplateModel`, :func:`binary_metrics`, :func:`make_ebc` (the torchrec
+  ``EmbeddingBagCollection`` the host builds from :class:`TableSpec` s);
 * validators for parameter classes: :func:`at_least`, :func:`in_range`,
   :func:`one_of`, :func:`identifier`, :func:`positive_widths`;
 * errors: :class:`SmtError` and its subclasses, :class:`ExitCode`;
@@ -49,6 +51,7 @@ from smt_host.errors import (
     TrainingError,
 )
 from smt_host.hookspecs import hookimpl
+from smt_host.spec.schema import SequenceFeature
 from smt_host.spec.validators import at_least, identifier, in_range, one_of, positive_widths
 from smt_host.technique import SLOTS, ReporterInfo, TechniqueInfo, reporter, technique
 
@@ -58,6 +61,7 @@ _LAZY = {
     "scaled": "smt_host.model.modules",
     "TemplateModel": "smt_host.model.template",
     "example_batch": "smt_host.model.template",
+    "make_ebc": "smt_host.model.template",
     "binary_metrics": "smt_host.train.metrics",
     "Host": "smt_host.host",
     "Batch": "smt_host.data.batch",
@@ -98,6 +102,7 @@ __all__ = [
     "ManifestMismatch",
     "PluginError",
     "ReporterInfo",
+    "SequenceFeature",
     "SlotContext",
     "SmtError",
     "TableSpec",
@@ -109,6 +114,7 @@ __all__ = [
     "at_least",
     "binary_metrics",
     "example_batch",
+    "make_ebc",
     "hookimpl",
     "identifier",
     "in_range",

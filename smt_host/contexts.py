@@ -54,12 +54,14 @@ class SlotContext:
         spec: the model spec (:class:`smt_host.spec.schema.ModelSpec`).
         in_dim: the width of the slot's input, one meaning per slot:
             dense_arch Nd (dense features); over_arch the summed out_dim of
-            the branches that feed it; task_arch H (the over-arch's
+            the branches that feed it; sequence D; task_arch H (the over-arch's
             out_dim) plus the out_dim of the ``to_task_arch`` branches; heads H_t (this task's tower width); 0 for the slots
             whose input is not a flat vector (embedding, interaction: the
             input is (B, F, D), see ``num_features`` and ``embedding_dim``;
             ensemble, loss, optimizer).
-        num_features: F, features reaching the interaction slot.
+        num_features: F, features reaching the interaction slot: the sparse
+            features, one per sequence feature (history), one for the dense
+            arch's output when the model has dense features.
         embedding_dim: D.
         num_dense: Nd, dense feature count.
         tasks: task names, in spec order (T of them).

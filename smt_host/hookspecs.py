@@ -18,9 +18,9 @@ Only the host declares hooks; plugins implement them with the public
   ``reporter:<name>`` and implements lifecycle hooks only, called with
   ``params=None`` after the techniques. Reporters are no part of any plan.
 
-Shapes use: B batch, F features (sparse features, plus one for the dense
-arch's output when the model has dense features), D embedding dim, T tasks,
-H widths.
+Shapes use: B batch, F features (sparse features, plus one per sequence
+feature, plus one for the dense arch's output when the model has dense
+features), D embedding dim, T tasks, H widths, L history length.
 
 Every slot hook receives ``ctx`` (:class:`smt_host.slots.SlotContext`:
 the model spec, widths of the slot's input, tasks, device) and ``params``
@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from smt_host.contexts import LossFn, SlotContext, TableSpec, TrainContext
+    from smt_host.spec.schema import SequenceFeature
 
 _hookspec = pluggy.HookspecMarker("smt")
 
@@ -197,6 +198,46 @@ def smt_dense_arch(ctx: SlotContext, params: Any) -> torch.nn.Module:
 
     Returns:
         an ``nn.Module`` mapping (B, Nd) to (B, D), with ``out_dim == D``.
+    """
+
+
+@_hookspec
+def smt_sequence(ctx: SlotContext, params: Any, feature: SequenceFeature) -> torch.nn.Module:
+    """Sequence slot (exclusive): one history and its candidate -> (B, D).
+
+    Fires once per sequence feature of the model (``[[features.sequence]]``,
+    in spec order), for the winning technique only (the applicable one with
+    the highest priority; ties by name), when the model is built. A model
+    without sequence features has no sequence part: the slot's techniques
+    are reported as not applicable ("no sequence features"). Each output
+    joins the interaction input as one more feature, so the interaction
+    reads (B, F_sparse + n_sequence [+ 1 dense], D).
+
+    Args:
+        ctx: ``ctx.embedding_dim == ctx.in_dim == D``.
+        params: this technique's parameters.
+        feature: the history (:class:`smt_host.SequenceFeature`):
+            ``feature.name``, ``feature.candidate`` (the sparse feature
+            whose table it shares), ``feature.max_length`` (L_max).
+
+    Returns:
+        an ``nn.Module`` with ``out_dim == D`` and ``input_format``,
+        ``"padded"`` (the default when absent) or ``"jagged"``:
+
+        * ``"padded"``: ``forward(history (B, L, D) float, mask (B, L) bool,
+          candidate (B, D)) -> (B, D)``. ``history[:, 0]`` is the most recent
+          item, ``history[:, j]`` the j-th most recent; padding follows the
+          real items (``mask`` False there). 1 <= L <= L_max: an all-empty
+          batch has L = 1 and ``mask`` all False. A row with an empty
+          history must give a finite output.
+        * ``"jagged"``: ``forward(values (N, D) float, lengths (B,) int64,
+          candidate (B, D)) -> (B, D)``; row b's items are its
+          ``lengths[b]`` values, most recent first.
+
+        ``candidate`` is the candidate feature's pooled embedding (the row
+        it feeds to the interaction, from the shared table). The module
+        must be ``torch.export``-able (no Python control flow on tensor
+        values).
     """
 
 

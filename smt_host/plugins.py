@@ -419,6 +419,7 @@ class SmtPluginManager:
 BUILTIN_MODULES: tuple[str, ...] = (
     "smt_host.builtins.embedding",
     "smt_host.builtins.dense_arch",
+    "smt_host.builtins.sequence",
     "smt_host.builtins.interaction",
     "smt_host.builtins.over_arch",
     "smt_host.builtins.task_arch",

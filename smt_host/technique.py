@@ -33,6 +33,7 @@ import attrs
 SLOTS: tuple[str, ...] = (
     "embedding",
     "dense_arch",
+    "sequence",
     "interaction",
     "over_arch",
     "task_arch",
@@ -45,17 +46,20 @@ SLOTS: tuple[str, ...] = (
 
 #: Slots filled by exactly one technique: the applicable one with the highest
 #: priority wins (ties broken by name); the others are reported as shadowed.
-EXCLUSIVE_SLOTS: frozenset[str] = frozenset({"dense_arch", "over_arch", "task_arch", "heads", "ensemble", "optimizer"})
+EXCLUSIVE_SLOTS: frozenset[str] = frozenset(
+    {"dense_arch", "sequence", "over_arch", "task_arch", "heads", "ensemble", "optimizer"}
+)
 
 #: Exclusive slots that may stay empty: a model without dense features has
-#: no dense arch. (A model is one network through the built-in ``single``
+#: no dense arch, one without sequence features no sequence part. (A model is one network through the built-in ``single``
 #: ensemble technique unless another one makes it several.)
-OPTIONAL_SLOTS: frozenset[str] = frozenset({"dense_arch"})
+OPTIONAL_SLOTS: frozenset[str] = frozenset({"dense_arch", "sequence"})
 
 #: The hook each slot's techniques implement.
 SLOT_HOOKS: dict[str, str] = {
     "embedding": "smt_embedding_tables",
     "dense_arch": "smt_dense_arch",
+    "sequence": "smt_sequence",
     "interaction": "smt_interaction",
     "over_arch": "smt_over_arch",
     "task_arch": "smt_task_arch",
@@ -74,6 +78,7 @@ MODULE_HOOKS: tuple[str, ...] = (
     "smt_feature_transform",
     "smt_pooled_transform",
     "smt_dense_arch",
+    "smt_sequence",
     "smt_interaction",
     "smt_over_arch",
     "smt_task_arch",

@@ -7,9 +7,11 @@ Enable it in a plugin's tests and check an installed technique::
     def test_conformance(smt_check):
         smt_check("dcnv2")
 
-For every model of a tiny synthetic ecosystem (:func:`tiny_ecosystem`) that
-the technique applies to, :func:`check_technique` builds the model with the
-technique and checks that
+For every model of a tiny synthetic ecosystem (:func:`tiny_ecosystem`; for a
+``sequence`` technique the one with ``histories``, whose model
+``tiny_history`` is the only one it applies to) that the technique applies
+to, :func:`check_technique` builds the model with the technique and checks
+that
 
 1. the technique is in the model's plan, in its declared slot;
 2. every declared width equals the real one (branch ``out_dim``, dense arch
@@ -20,7 +22,12 @@ technique and checks that
 6. FLOPs are counted in the plan (the technique's own part where the plan
    measures one);
 7. ``torch.export`` of the built model runs and agrees with eager;
-8. its parameters round-trip through the host's converter.
+8. its parameters round-trip through the host's converter;
+9. for a ``sequence`` technique, its module of each history meets the slot's
+   contract (:func:`check_sequence_module`: ``out_dim == D``, a known
+   ``input_format``, finite output for empty histories and an all-empty
+   batch, padding that does not leak into the output), and the exported
+   program equals eager on a batch of histories of mixed lengths.
 
 A failed check raises ``AssertionError`` naming the model and the check.
 """
@@ -48,6 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "Host",
     "check_model",
+    "check_sequence_module",
     "check_technique",
     "default_ecosystem_path",
     "ecosystem_from_dict",
@@ -100,12 +108,27 @@ _SPARSE = [
 ]
 
 
-def tiny_ecosystem(embedding_dim: int = 8) -> EcosystemSpec:
+def tiny_ecosystem(embedding_dim: int = 8, *, histories: bool = False) -> EcosystemSpec:
     """Three small models: single-task with dense features, two-task with
-    dense features, single-task without dense features."""
+    dense features, single-task without dense features; with ``histories``
+    a fourth, ``tiny_history``: single-task with a click history
+    (``hist_ad_id``, candidate ``ad_id``, max_length 6)."""
     sparse = [{"name": n, "vocab_size": v, "embedding_dim": embedding_dim} for n, v in _SPARSE]
     small = {"dense_arch": [16], "over_arch": [32, 16], "task_width": 8}
     training = {"epochs": 1, "batch_size": 256}
+    models = {
+        "tiny_history": {
+            "surface": "feed",
+            "tasks": [{"name": "click"}],
+            "arch": small,
+            "training": training,
+            "features": {
+                "sparse": sparse,
+                "dense": [{"name": "user_activity"}],
+                "sequence": [{"name": "hist_ad_id", "candidate": "ad_id", "max_length": 6}],
+            },
+        }
+    }
     return ecosystem_from_dict(
         {
             "name": "tiny",
@@ -132,6 +155,7 @@ def tiny_ecosystem(embedding_dim: int = 8) -> EcosystemSpec:
                     "training": training,
                     "features": {"sparse": sparse[:5], "dense": []},
                 },
+                **(models if histories else {}),
             },
         },
         source="<tiny ecosystem>",
@@ -245,6 +269,111 @@ def check_model(host: Host, spec: ModelSpec, name: str) -> None:
             f"{where}: params do not round-trip"
         )
 
+    # 9. sequence modules meet the slot's contract; export equals eager on mixed history lengths
+    if spec.features.sequence:
+        if reg.info.slot == "sequence":
+            for feature in spec.features.sequence:
+                check_sequence_module(
+                    model.sequence[feature.name],
+                    embedding_dim=spec.embedding_dim,
+                    max_length=feature.max_length,
+                    where=f"{where}, history {feature.name!r}",
+                )
+        from smt_host.model.template import export_dynamic_shapes
+
+        mixed = mixed_history_batch(spec, 16)
+        args = (batch.dense, batch.sparse)
+        dynamic = torch.export.export(whole.eval(), args, strict=False, dynamic_shapes=export_dynamic_shapes(spec))
+        with torch.no_grad():
+            torch.testing.assert_close(
+                dynamic.module()(mixed.dense, mixed.sparse),
+                whole(mixed.dense, mixed.sparse),
+                msg=lambda m: f"{where}: exported program differs from eager on mixed history lengths: {m}",
+            )
+
+
+def mixed_history_batch(spec: ModelSpec, batch_size: int = 16) -> Any:
+    """A batch like :func:`~smt_host.model.template.example_batch` whose
+    histories have mixed lengths: row b holds ``b % (max_length + 1)`` ids
+    (row 0 an empty history)."""
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from smt_host.data.batch import Batch
+    from smt_host.model.template import example_batch
+
+    base = example_batch(spec, batch_size, history_length=0)
+    by_key = base.sparse.to_dict()
+    g = torch.Generator().manual_seed(2)
+    keys, values, lengths = [], [], []
+    for f in spec.features.sparse:
+        keys.append(f.name)
+        values.append(by_key[f.name].values())
+        lengths.append(by_key[f.name].lengths())
+    for s in spec.features.sequence:
+        n = torch.arange(batch_size) % (s.max_length + 1)
+        keys.append(s.name)
+        values.append(torch.randint(0, spec.candidate_of(s).vocab_size, (int(n.sum()),), generator=g))
+        lengths.append(n.to(torch.int32))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.cat(values), lengths=torch.cat([x.to(torch.int32) for x in lengths])
+    )
+    return Batch(base.dense, kjt, base.labels)
+
+
+def check_sequence_module(module: Any, *, embedding_dim: int, max_length: int, where: str = "sequence module") -> None:
+    """Checks one module of the ``sequence`` slot against the contract of
+    :func:`smt_host.hookspecs.smt_sequence` (raises AssertionError):
+
+    * ``out_dim == embedding_dim`` (D) and ``input_format`` is "padded"
+      (or absent) or "jagged";
+    * on 5 rows with histories of lengths 0, 1, 2, L_max, 1 it returns
+      (5, D), finite (the empty one too);
+    * padded: an all-empty batch (L = 1, mask all False) gives finite
+      (B, D); and what lies in the padding (mask False) does not change
+      the output;
+    * jagged: an all-empty batch (no values) gives finite (B, D).
+
+    A plugin's golden tests call it on the module its hook returns.
+    """
+    import torch
+
+    d = embedding_dim
+    fmt = getattr(module, "input_format", "padded")
+    assert getattr(module, "out_dim", None) == d, (
+        f"{where}: out_dim is {getattr(module, 'out_dim', None)!r}, want D={d}"
+    )
+    assert fmt in ("padded", "jagged"), f"{where}: input_format {fmt!r}, want 'padded' or 'jagged'"
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([0, 1, min(2, max_length), max_length, 1])
+    b, total = len(lengths), int(lengths.sum())
+    candidate = torch.randn(b, d, generator=g)
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            if fmt == "jagged":
+                out = module(torch.randn(total, d, generator=g), lengths, candidate)
+                empty = module(torch.zeros(0, d), torch.zeros(b, dtype=torch.int64), candidate)
+            else:
+                mask = torch.arange(max_length).unsqueeze(0) < lengths.unsqueeze(1)  # (B, L)
+                history = torch.randn(b, max_length, d, generator=g) * mask.unsqueeze(-1)
+                out = module(history, mask, candidate)
+                noisy = history + torch.randn(b, max_length, d, generator=g) * (~mask).unsqueeze(-1)
+                torch.testing.assert_close(
+                    module(noisy, mask, candidate),
+                    out,
+                    msg=lambda m: f"{where}: values in the padding (mask False) change the output: {m}",
+                )
+                empty = module(torch.zeros(b, 1, d), torch.zeros(b, 1, dtype=torch.bool), candidate)
+    finally:
+        module.train(was)
+    assert tuple(out.shape) == (b, d), f"{where}: returns {tuple(out.shape)} for {b} histories, want ({b}, {d})"
+    assert torch.isfinite(out).all(), f"{where}: non-finite output (an empty history must give a finite one)"
+    assert tuple(empty.shape) == (b, d) and torch.isfinite(empty).all(), (
+        f"{where}: an all-empty batch gives {tuple(empty.shape)} with non-finite values"
+    )
+
 
 def check_technique(name: str, *, host: Host | None = None, ecosystem: EcosystemSpec | None = None) -> list[str]:
     """Runs every check on every model of ``ecosystem`` (default: the tiny one)
@@ -254,7 +383,8 @@ def check_technique(name: str, *, host: Host | None = None, ecosystem: Ecosystem
     from smt_host.host import Host
 
     host = host or Host.create()
-    eco = ecosystem or tiny_ecosystem()
+    info = host.spm.techniques[name].info if name in host.spm.techniques else None
+    eco = ecosystem or tiny_ecosystem(histories=info is not None and info.slot == "sequence")
     if name not in host.spm.techniques:
         raise AssertionError(
             f"technique {name!r} is not installed; installed: {', '.join(sorted(host.spm.techniques))}"
@@ -266,6 +396,8 @@ def check_technique(name: str, *, host: Host | None = None, ecosystem: Ecosystem
         ok, why = info.check_applies(spec)
         if info.slot == "dense_arch" and not spec.features.dense:
             ok, why = False, "no dense features"
+        if info.slot == "sequence" and not spec.features.sequence:
+            ok, why = False, "no sequence features"
         if not ok:
             reasons[spec.name] = why
             continue

@@ -13,6 +13,7 @@ pytest_plugins = ["smt_host.testing"]
 BUILTINS = [
     "embedding_bag",
     "mlp_dense",
+    "mean_pool",
     "flat",
     "mlp_over",
     "shared_bottom",
@@ -33,7 +34,9 @@ def test_every_builtin_module_is_listed():
 @pytest.mark.parametrize("name", BUILTINS)
 def test_builtin_passes_the_kit(name):
     checked = check_technique(name, host=Host.create(load=""))
-    expected = ["tiny_ctr", "tiny_multi"] if name == "mlp_dense" else ["tiny_ctr", "tiny_multi", "tiny_nodense"]
+    expected = {"mlp_dense": ["tiny_ctr", "tiny_multi"], "mean_pool": ["tiny_history"]}.get(
+        name, ["tiny_ctr", "tiny_multi", "tiny_nodense"]
+    )
     assert checked == expected
 
 

@@ -13,6 +13,7 @@ from smt_host.plugins import get_plugin_manager
 BUILTIN_ORDER = [
     "embedding_bag",
     "mlp_dense",
+    "mean_pool",
     "flat",
     "mlp_over",
     "shared_bottom",

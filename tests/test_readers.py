@@ -622,13 +622,13 @@ def test_options_are_structured_with_paths(tmp_path: Path) -> None:
     ]
     assert errors_of("parquet", {"train": path, "delimiter": ";"}, ["a"]) == [
         "unknown key 'delimiter'; valid keys: train, valid, test, file, split, split_seed, schema, streaming, "
-        "stream_above_mb, shuffle_buffer, skip_malformed, chunk_rows, encode, transform, separator, features, "
+        "stream_above_mb, shuffle_buffer, skip_malformed, chunk_rows, encode, transform, separator, order, features, "
         f"labels @ {opts}"
     ]
     assert errors_of("csv", {"train": path, "features": {"a": {"encode": "x"}, "b": "s", "c": {"col": "a"}}}) == [
         f"must be one of 'hash', 'mod', 'int', got 'x' @ {opts}.features.a.encode",
-        f"expected a table with keys column, encode, separator, transform, got 's' @ {opts}.features.b",
-        "unknown key 'col' (did you mean 'column'?); valid keys: column, encode, separator, transform "
+        f"expected a table with keys column, encode, separator, transform, order, got 's' @ {opts}.features.b",
+        "unknown key 'col' (did you mean 'column'?); valid keys: column, encode, separator, transform, order "
         f"@ {opts}.features.c",
     ]
     assert errors_of("csv", {"train": path, "features": {"zz": {}}}) == [
@@ -696,22 +696,29 @@ def test_example_spec_loads_and_yields_a_batch(path: Path) -> None:
         pytest.skip(f"real data not found at {data_dir()} (set SMT_DATA_DIR)")
     src = open_source(model, eco)
     b = next(src.batches("valid", 16))
-    assert b.sparse.keys() == [f.name for f in model.features.sparse]
+    assert b.sparse.keys() == [f.name for f in model.features.sparse] + [f.name for f in model.features.sequence]
     assert b.labels.shape == (len(b), len(model.tasks)) and 0 < len(b) <= 16
     assert b.dense.shape == (len(b), len(model.features.dense))
     for f in model.features.sparse:
         v = b.sparse[f.name].values()
         assert v.numel() == 0 or (0 <= int(v.min()) and int(v.max()) < f.vocab_size)
+    for h in model.features.sequence:
+        v, n = b.sparse[h.name].values(), b.sparse[h.name].lengths()
+        assert n.numel() == 0 or int(n.max()) <= h.max_length
+        assert v.numel() == 0 or (0 <= int(v.min()) and int(v.max()) < model.candidate_of(h).vocab_size)
     assert set(b.labels.unique().tolist()) <= {0.0, 1.0}
     assert src.base_rates().shape == (len(model.tasks),)
 
 
 def test_example_set_is_complete() -> None:
-    assert {p.stem for p in EXAMPLES.glob("*.toml")} == {"frappe", "taobao_tiny", "ali_ccp"}
+    assert {p.stem for p in EXAMPLES.glob("*.toml")} == {"frappe", "taobao_tiny", "taobao_sequence", "ali_ccp"}
     eco = load_ecosystem(EXAMPLES)
     assert eco.model("frappe").training.batch_size == 4096 and eco.model("frappe").embedding_dim == 10
     assert eco.model("ali_ccp").task_names == ("click", "purchase")
     assert [f.name for f in eco.model("taobao_tiny").features.sparse if f.sequence] == ["click_sequence"]
+    assert [(f.name, f.candidate) for f in eco.model("taobao_sequence").features.sequence] == [
+        ("click_sequence", "adgroup_id")
+    ]
 
 
 def test_csv_line_numbers_across_record_batches(tmp_path: Path) -> None:

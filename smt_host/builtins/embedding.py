@@ -10,7 +10,11 @@ from smt_host.technique import technique
 @technique(name="embedding_bag", slot="embedding")
 class EmbeddingBag:
     """One pooled torchrec table per sparse feature (vocab_size x D),
-    initialised as ``features.embedding_init_std`` says."""
+    initialised as ``features.embedding_init_std`` says.
+
+    ``ctx.spec`` is the embedding slot's view of the model: without the
+    sparse features a history shares, whose tables the host builds itself
+    (see ``smt_host.model.template.build_tables``)."""
 
     @hookimpl
     def smt_embedding_tables(self, ctx: SlotContext, tables: list[TableSpec]) -> list[TableSpec]:

@@ -1,7 +1,8 @@
 """Batches and in-memory splits.
 
 A batch is (dense (B, Nd) float32, sparse ``KeyedJaggedTensor`` with one key
-per sparse feature in spec order, labels (B, T) float32 in {0, 1}).
+per sparse feature in spec order then one per sequence feature (a history,
+most recent id first), labels (B, T) float32 in {0, 1}).
 """
 
 from __future__ import annotations
@@ -156,6 +157,8 @@ class InMemorySource:
 
     splits: Mapping[str, TensorSplit]
     task_names: Sequence[str]
+    #: rows whose history was cut to its max_length, by origin then feature
+    truncated: dict[str, dict[str, int]] = attrs.Factory(dict)
 
     def batches(
         self,

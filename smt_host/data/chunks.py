@@ -35,6 +35,8 @@ class RowFaults:
         self.name = self.path.name
         self.skip = skip
         self.count = 0
+        #: rows whose history was longer than its max_length (truncated), by feature
+        self.truncated: dict[str, int] = {}
 
     def report(self, lines: Sequence[int], messages: Sequence[str]) -> None:
         """Reports faults at 1-based ``lines`` (same length as ``messages``)."""

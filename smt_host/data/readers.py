@@ -90,7 +90,7 @@ from smt_host.data.chunks import Chunk, RowFaults, concat_splits, log, make_spli
 from smt_host.data.files import READ_ERRORS, read_error
 from smt_host.data.filesets import FileSetError, RankShard, balance, expand, parquet_fragment
 from smt_host.data.libfm import Field, LibfmFormat
-from smt_host.data.tabular import ENCODINGS, TRANSFORMS, DenseColumn, SparseColumn, TabularFormat
+from smt_host.data.tabular import ENCODINGS, ORDERS, TRANSFORMS, DenseColumn, SparseColumn, TabularFormat
 from smt_host.errors import ConfigError, DataFormatError, FieldValueError
 from smt_host.spec.converter import make_converter, structure
 from smt_host.spec.validators import at_least, one_of
@@ -136,6 +136,9 @@ class FileSource:
 
     Attributes:
         skipped: malformed rows skipped, by file name (latest full pass).
+        truncated: rows whose history (a sequence feature) was longer than
+            its ``max_length`` and cut to its most recent ids, by file name
+            then feature (latest pass); logged once per file as a warning.
         partitions: the partition columns of each file of a partitioned
             folder, ``{path: {key: value}}`` (see :mod:`smt_host.data.filesets`).
     """
@@ -164,7 +167,9 @@ class FileSource:
         self.skip_malformed = skip_malformed
         self.shuffle_buffer = shuffle_buffer
         self.skipped: dict[str, int] = {}
-        self._warned: set[str] = set()
+        #: rows whose history was cut to its max_length, by file name then feature (latest pass)
+        self.truncated: dict[str, dict[str, int]] = {}
+        self._warned: set = set()
         self._loaded: dict[str, TensorSplit] = {}
         self._base_rates: torch.Tensor | None = None
         self._counts: dict[str, int] = {}
@@ -206,6 +211,12 @@ class FileSource:
         if faults.count and path.name not in self._warned:
             self._warned.add(path.name)
             log.warning("%s: skipped %d malformed rows", path, faults.count)
+        self.truncated[path.name] = dict(faults.truncated)
+        if faults.truncated and ("truncated", path.name) not in self._warned:
+            self._warned.add(("truncated", path.name))
+            lengths = {s.feature: s.max_length for s in getattr(self.fmt, "sparse", ())}
+            cut = ", ".join(f"{n} of {f!r} to {lengths.get(f)}" for f, n in faults.truncated.items())
+            log.warning("%s: truncated histories (kept the most recent ids): %s", path, cut)
 
     def _check_split(self, split: str) -> None:
         if split not in self.splits:
@@ -561,15 +572,17 @@ class ColumnOptions:
 
     Attributes:
         column: the column to read (default: the feature's name).
-        encode: sparse ids: "hash", "mod" or "int".
+        encode: sparse ids: "hash", "mod" or "int" (a history: default its candidate's).
         separator: between the items of a sequence cell.
         transform: dense values: "none" or "log1p".
+        order: a history's item order in the file: "oldest_first" or "newest_first".
     """
 
     column: str | None = None
     encode: str | None = attrs.field(default=None, validator=attrs.validators.optional(one_of(*ENCODINGS)))
     separator: str | None = None
     transform: str | None = attrs.field(default=None, validator=attrs.validators.optional(one_of(*TRANSFORMS)))
+    order: str | None = attrs.field(default=None, validator=attrs.validators.optional(one_of(*ORDERS)))
 
 
 @attrs.frozen(kw_only=True)
@@ -583,6 +596,10 @@ class TabularOptions(FileOptions):
             "int" (integer in ``[0, vocab_size)``).
         transform: dense values: "none" or "log1p".
         separator: between the items of a sequence cell.
+        order: how a history (a sequence feature) lists its ids in the
+            file: "oldest_first" (the default: the last id is the most
+            recent, as logs append) or "newest_first"; the host keeps them
+            most recent first and cuts them to ``max_length``.
         features: per-feature overrides, feature name -> :class:`ColumnOptions`
             (each name must be a feature of the model).
         labels: task name -> label column (default: the task's label name;
@@ -592,6 +609,7 @@ class TabularOptions(FileOptions):
     encode: str = attrs.field(default="hash", validator=one_of(*ENCODINGS))
     transform: str = attrs.field(default="none", validator=one_of(*TRANSFORMS))
     separator: str = "^"
+    order: str = attrs.field(default="oldest_first", validator=one_of(*ORDERS))
     features: dict[str, ColumnOptions] = attrs.Factory(dict)
     labels: dict[str, str] = attrs.Factory(dict)
 
@@ -831,6 +849,8 @@ def _libfm_format(model: ModelSpec, eco: EcosystemSpec, o: LibfmOptions) -> Libf
         _fail(model, eco, f"libfm files hold one label, but the model has {len(model.tasks)} tasks")
     if model.features.dense:
         _fail(model, eco, "libfm files hold no dense features; remove [features].dense")
+    if model.features.sequence:
+        _fail(model, eco, "libfm files hold no histories; remove [features].sequence (or use csv or parquet)")
     fields = tuple(Field(f.name, f.start, f.last) for f in o.fields)
     by_name = {f.name: f for f in fields}
     for feat in model.features.sparse:
@@ -853,7 +873,11 @@ def _libfm_format(model: ModelSpec, eco: EcosystemSpec, o: LibfmOptions) -> Libf
 
 
 def _tabular_format(model: ModelSpec, eco: EcosystemSpec, o: TabularOptions) -> TabularFormat:
-    known = {f.name for f in model.features.sparse} | {f.name for f in model.features.dense}
+    known = (
+        {f.name for f in model.features.sparse}
+        | {f.name for f in model.features.dense}
+        | {f.name for f in model.features.sequence}
+    )
     for name in o.features:
         if name not in known:
             _fail(model, eco, f"no feature named {name!r} in the model", f"features.{name}")
@@ -875,6 +899,18 @@ def _tabular_format(model: ModelSpec, eco: EcosystemSpec, o: TabularOptions) -> 
             separator=per(f.name, "separator", o.separator),
         )
         for f in model.features.sparse
+    ) + tuple(
+        SparseColumn(
+            feature=h.name,
+            column=per(h.name, "column", h.name),
+            vocab_size=model.candidate_of(h).vocab_size,
+            encode=per(h.name, "encode", per(h.candidate, "encode", o.encode)),
+            sequence=True,
+            separator=per(h.name, "separator", o.separator),
+            max_length=h.max_length,
+            order=per(h.name, "order", o.order),
+        )
+        for h in model.features.sequence
     )
     dense = tuple(
         DenseColumn(f.name, per(f.name, "column", f.name), per(f.name, "transform", o.transform))

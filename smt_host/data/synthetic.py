@@ -8,7 +8,20 @@ shop, video). Each impression's labels come from a known generator:
   age x ad category, device x creative type) + a 3rd-order term
   (segment x ad category x hour bucket) + dense effects + noise;
 * conversion and install happen only after a click, with a logit that shares
-  the click's interaction terms (correlated tasks) plus terms of their own.
+  the click's interaction terms (correlated tasks) plus terms of their own;
+* on the surfaces with histories (feed, video) each impression carries the
+  user's recent clicks, ``hist_ad_id`` (0 to :data:`HISTORY_MAX` ad ids,
+  most recent first, a history of the ``ad_id`` table) and the same
+  items' categories, ``hist_ad_category`` (of the ``ad_category`` table): each item's
+  category is drawn from the user's latent taste (a softmax of the user's
+  vector against category vectors) or, one time in three, from everywhere,
+  and the ad uniformly within it. The planted signal: the click logit gains
+  :data:`HISTORY_WEIGHT` (centred) when the candidate's category is the
+  category of any of the history's :data:`HISTORY_RECENT` most recent
+  items: it depends on the item most similar to the candidate, not on
+  the history's average (a mean blurs a one-item match among up to 20,
+  while attention to the items like the candidate finds it). The history
+  is drawn per impression, so user_id and ad_id alone cannot explain it.
 
 The bias of each event is solved so that positive rates are realistic
 (clicks 2-6%, conversions and installs well under 1-2%). Everything is
@@ -25,6 +38,7 @@ Shapes: N examples, S sparse features, Nd dense features, T tasks.
 from __future__ import annotations
 
 import functools
+import logging
 import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -32,10 +46,12 @@ from typing import TYPE_CHECKING
 import attrs
 import torch
 
-from smt_host.data.batch import InMemorySource, TensorSplit
+from smt_host.data.batch import InMemorySource, Jagged, TensorSplit
 
 if TYPE_CHECKING:  # pragma: no cover
     from smt_host.spec.schema import EcosystemSpec, ModelSpec
+
+log = logging.getLogger("smt_host.data")
 
 #: vocabulary of every sparse feature of the world
 VOCAB: dict[str, int] = {
@@ -56,6 +72,17 @@ VOCAB: dict[str, int] = {
 DENSE: tuple[str, ...] = ("user_activity", "ad_hist_ctr", "price", "video_length", "recency")
 
 EVENTS: tuple[str, ...] = ("click", "conversion", "install")
+
+#: the world's histories: name -> the sparse feature whose ids (and table) it holds
+HISTORIES: dict[str, str] = {"hist_ad_id": "ad_id", "hist_ad_category": "ad_category"}
+#: the surfaces whose impressions carry histories
+HISTORY_SURFACES: frozenset[str] = frozenset({"feed", "video"})
+#: the longest history drawn (a spec's max_length below it truncates)
+HISTORY_MAX = 30
+#: the click logit's gain when the candidate's category is in the recent history
+HISTORY_WEIGHT = 3.0
+#: how many of the most recent items the planted match looks at
+HISTORY_RECENT = 20
 
 
 @attrs.frozen
@@ -100,6 +127,7 @@ class World:
     seg_cat_hour: torch.Tensor  # (16, 32, 4)
     country_adv: torch.Tensor  # (24, 400) conversion-only 2nd order
     cat_conv: torch.Tensor  # (32,)
+    cat_vec: torch.Tensor  # (32, k) category vectors of the users' taste (histories)
 
 
 @functools.lru_cache(maxsize=4)
@@ -147,6 +175,7 @@ def make_world(seed: int) -> World:
         seg_cat_hour=randn(VOCAB["user_segment"], VOCAB["ad_category"], 4) * 0.9,
         country_adv=randn(VOCAB["country"], VOCAB["advertiser_id"]) * 0.6,
         cat_conv=randn(VOCAB["ad_category"]) * 0.5,
+        cat_vec=randn(VOCAB["ad_category"], k),
     )
 
 
@@ -175,6 +204,39 @@ class Impressions:
     sparse: Mapping[str, torch.Tensor]  # name -> (N,) int64
     dense: Mapping[str, torch.Tensor]  # name -> (N,) float32
     labels: Mapping[str, torch.Tensor]  # event -> (N,) float32
+    #: history name -> (values (total,) int64, offsets (N + 1,) int64), most recent first
+    histories: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = attrs.Factory(dict)
+
+
+def draw_histories(
+    w: World, users: torch.Tensor, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Click histories of N impressions: (values (total,), lengths (N,), categories (N, HISTORY_MAX)).
+
+    Row i holds ``lengths[i]`` ad ids (uniform in 0..HISTORY_MAX), most
+    recent first; ``categories[i, j]`` is the category of its j-th item (-1
+    past its length). Each item's category comes from the user's taste,
+    softmax(user_vec @ cat_vec^T * 2), or one time in three uniformly; its
+    ad is uniform among the ads of that category.
+    """
+    n, m = len(users), HISTORY_MAX
+    n_cat = VOCAB["ad_category"]
+    taste = torch.softmax(2.0 * w.user_vec[users] @ w.cat_vec.t(), dim=1)  # (N, C)
+    cdf = torch.cumsum(taste, dim=1)  # (N, C)
+    u = torch.rand(n, m, generator=g) * cdf[:, -1:]  # (N, M)
+    cats = torch.searchsorted(cdf, u).clamp(max=n_cat - 1)  # (N, M): inverse-CDF draws from the taste
+    wander = torch.rand(n, m, generator=g) < 1 / 3
+    cats = torch.where(wander, torch.randint(0, n_cat, (n, m), generator=g), cats)
+    ad_cat = w.ad_attr[:, 1]  # (n_ads,)
+    by_cat = torch.argsort(ad_cat, stable=True)  # ads grouped by category
+    counts = torch.bincount(ad_cat, minlength=n_cat)  # (C,)
+    starts = torch.cumsum(counts, 0) - counts
+    pick = (torch.rand(n, m, generator=g) * counts[cats].clamp(min=1)).long()  # (N, M)
+    ads = by_cat[(starts[cats] + pick).clamp(max=len(ad_cat) - 1)]  # (N, M)
+    lengths = torch.randint(0, m + 1, (n,), generator=g)  # (N,)
+    mask = torch.arange(m).unsqueeze(0) < lengths.unsqueeze(1)  # (N, M)
+    cats_of = torch.where(mask, ad_cat[ads], torch.full_like(ads, -1))
+    return ads[mask], lengths, cats_of
 
 
 @functools.lru_cache(maxsize=16)
@@ -211,6 +273,15 @@ def make_impressions(seed: int, surface: str, n: int) -> Impressions:
     )
     first = w.seg_w[seg] + w.adv_w[adv] + w.pos_w[position] + w.ad_quality[ads] + 0.8 * (activity - 0.5)
     click_logit = first + interaction + noise
+    histories = {}
+    if surface in HISTORY_SURFACES:
+        values, lengths, hist_cats = draw_histories(w, users, g)
+        recent = hist_cats[:, :HISTORY_RECENT]  # (N, K) categories of the most recent items
+        match = (recent == cat.unsqueeze(1)).any(dim=1).float()  # (N,) the candidate's category is among them
+        click_logit = click_logit + HISTORY_WEIGHT * (match - match.mean())
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
+        histories["hist_ad_id"] = (values.long(), offsets)
+        histories["hist_ad_category"] = (w.ad_attr[values, 1].long(), offsets)  # the same items' categories
     click_logit = click_logit + _solve_bias(click_logit, sf.click_rate)
     click = torch.bernoulli(torch.sigmoid(click_logit), generator=g)
 
@@ -256,6 +327,7 @@ def make_impressions(seed: int, surface: str, n: int) -> Impressions:
         sparse={k: v.long() for k, v in sparse.items()},
         dense={k: v.float() for k, v in dense.items()},
         labels={k: v.float() for k, v in labels.items()},
+        histories=histories,
     )
 
 
@@ -285,6 +357,20 @@ def synthetic_source(model: ModelSpec, eco: EcosystemSpec) -> InMemorySource:
             raise ValueError(
                 f"synthetic data has no dense feature {f.name!r}; it has: {', '.join(DENSE)} @ {path}.features"
             )
+    for i, h in enumerate(model.features.sequence):
+        where = f"{path}.features.sequence[{i}]"
+        if h.name not in HISTORIES:
+            raise ValueError(f"synthetic data has no history {h.name!r}; it has: {', '.join(HISTORIES)} @ {where}.name")
+        if h.name not in imp.histories:
+            raise ValueError(
+                f"synthetic surface {surface!r} has no histories; surfaces with {h.name!r}: "
+                f"{', '.join(sorted(HISTORY_SURFACES))} @ {where}.name"
+            )
+        if h.candidate != HISTORIES[h.name]:
+            raise ValueError(
+                f"history {h.name!r} holds {HISTORIES[h.name]} ids: its candidate must be "
+                f"{HISTORIES[h.name]!r}, got {h.candidate!r} @ {where}.candidate"
+            )
     for t in model.tasks:
         if t.label_name not in imp.labels:
             raise ValueError(
@@ -298,10 +384,34 @@ def synthetic_source(model: ModelSpec, eco: EcosystemSpec) -> InMemorySource:
         dense = torch.zeros(total, 0)
     labels = torch.stack([imp.labels[t.label_name] for t in model.tasks], dim=1)
     events = torch.stack([imp.labels[e] for e in EVENTS], dim=1)  # every model of the surface: the same cut
+    histories = {h.name: _cut(*imp.histories[h.name], h.max_length) for h in model.features.sequence}
+    keys = keys + tuple(histories)
     splits = {}
     for split, rows in zip(sizes, stratified_split(events, list(sizes.values()))):
-        splits[split] = TensorSplit(dense=dense[rows], ids=ids[rows], keys=keys, labels=labels[rows])
-    return InMemorySource(splits=splits, task_names=model.task_names)
+        jagged = {name: _rows(j, rows) for name, j in histories.items()}
+        splits[split] = TensorSplit(dense=dense[rows], ids=ids[rows], keys=keys, labels=labels[rows], jagged=jagged)
+    source = InMemorySource(splits=splits, task_names=model.task_names)
+    truncated = {name: n for name, (_, n) in histories.items() if n}
+    if truncated:  # rows whose history was cut to max_length: by design (histories reach HISTORY_MAX)
+        source.truncated = {"synthetic": truncated}
+        cut = ", ".join(f"{n} of {name!r}" for name, n in truncated.items())
+        log.info("synthetic %s: truncated histories to max_length (kept the most recent ids): %s", model.name, cut)
+    return source
+
+
+def _cut(values: torch.Tensor, offsets: torch.Tensor, max_length: int) -> tuple[Jagged, int]:
+    """A most-recent-first jagged column cut to ``max_length`` per row, and
+    how many rows were cut."""
+    lengths = offsets[1:] - offsets[:-1]
+    pos = torch.arange(len(values)) - torch.repeat_interleave(offsets[:-1], lengths)  # (total,)
+    kept = torch.minimum(lengths, torch.tensor(max_length))
+    new_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(kept, 0)])
+    return Jagged(values[pos < max_length], new_offsets), int((lengths > max_length).sum())
+
+
+def _rows(column: tuple[Jagged, int], rows: torch.Tensor) -> Jagged:
+    values, lengths = column[0].take(rows)
+    return Jagged(values, torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)]))
 
 
 def stratified_split(labels: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:

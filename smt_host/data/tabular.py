@@ -9,6 +9,13 @@ Each feature of the model reads one column:
 * sequence (``SparseFeature.sequence``): a text column of items joined by
   ``separator`` (default ``^``) or a Parquet list column; each item is encoded
   as above and the row becomes a jagged feature (possibly empty).
+* history (``SequenceFeature``): read as a sequence column with its
+  candidate's vocabulary (and, unless overridden, its candidate's
+  ``encode``), then put most recent first: a file lists each history in
+  the column's ``order``, ``"oldest_first"`` (the default: the last item is
+  the most recent) or ``"newest_first"``. A history longer than its
+  ``max_length`` keeps its most recent ``max_length`` items; such rows are
+  counted (``RowFaults.truncated``, reported once per file).
 * dense: a float; ``transform = "log1p"`` gives log(1 + x) for x >= 0 and 0
   for x < 0; an empty cell gives 0.
 * labels: one column per task, values -1/0/1 (as text or numbers) -> 0/1;
@@ -53,6 +60,13 @@ class SparseColumn:
     encode: str = "hash"
     sequence: bool = False
     separator: str = "^"
+    #: a history (SequenceFeature): keep the most recent max_length items; None: not a history
+    max_length: int | None = None
+    #: a history's item order in the file: "oldest_first" or "newest_first"
+    order: str = "oldest_first"
+
+
+ORDERS = ("oldest_first", "newest_first")
 
 
 @attrs.frozen
@@ -326,7 +340,14 @@ class TabularFormat:
             return None
         ids = np.stack(singles, axis=1)[good] if singles else np.zeros((int(good.sum()), 0), np.int64)
         jag = {}
+        histories = {s.feature: s for s in self.sparse if s.max_length is not None}
         for name, (values, lengths, parents) in jagged.items():
+            if name in histories:
+                h = histories[name]
+                values, lengths, parents, cut = recent_first(values, lengths, parents, h.max_length, h.order)
+                n_cut = int((cut & good).sum())
+                if n_cut:
+                    faults.truncated[name] = faults.truncated.get(name, 0) + n_cut
             jag[name] = (values[good[parents]], lengths[good])
         extra = None
         if self.passthrough:
@@ -494,6 +515,40 @@ def _ids(a: pa.Array, s: SparseColumn, fs: FaultSet, rows: np.ndarray | None = N
     if s.encode == "hash":
         return _hash_ids(a, s.vocab_size)
     return _int_ids(a, s, fs, rows)
+
+
+def recent_first(
+    values: np.ndarray, lengths: np.ndarray, parents: np.ndarray, max_length: int, order: str = "oldest_first"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A jagged history column put most recent first and cut to ``max_length``.
+
+    Args:
+        values: (total,) ids, row after row, each row in the file's ``order``.
+        lengths: (n,) items per row.
+        parents: (total,) the row of each value (ascending).
+        max_length: items kept per row (its most recent).
+        order: ``"oldest_first"`` (a row's last item is its most recent) or
+            ``"newest_first"``.
+
+    Returns:
+        (values, lengths, parents, truncated): the kept ids most recent first,
+        the new lengths, their rows, and (n,) bool, the rows that lost items.
+
+    Example:
+        >>> v, n, p, cut = recent_first(np.array([1, 2, 3, 7]), np.array([3, 0, 1]), np.array([0, 0, 0, 2]), 2)
+        >>> v.tolist(), n.tolist(), p.tolist(), cut.tolist()
+        ([3, 2, 7], [2, 0, 1], [0, 0, 2], [True, False, False])
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    starts = np.cumsum(lengths) - lengths  # (n,)
+    pos = np.arange(len(values)) - starts[parents]  # (total,) place of each item in its row, as in the file
+    if order == "oldest_first":
+        pos = lengths[parents] - 1 - pos  # 0 = the most recent
+    keep = pos < max_length
+    kept_rows, kept_pos = parents[keep], pos[keep]
+    perm = np.lexsort((kept_pos, kept_rows))  # by row, then most recent first
+    return values[keep][perm], np.minimum(lengths, max_length), kept_rows[perm], lengths > max_length
 
 
 def _sequence(a: pa.Array, s: SparseColumn, fs: FaultSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -94,6 +94,17 @@ def meta_ebc(host: Any, spec: Any) -> nn.Module:
     return make_ebc(tables, "meta")
 
 
+def history_tables(spec: Any) -> dict[str, list[tuple[str, int]]]:
+    """``{table: [(history, max_length), ...]}``: the tables histories share
+    (each candidate's ``t_<candidate>``), for the planner's lookup counts."""
+    from smt_host.model.template import shared_table
+
+    out: dict[str, list[tuple[str, int]]] = {}
+    for h in spec.features.sequence:
+        out.setdefault(shared_table(h.candidate), []).append((h.name, h.max_length))
+    return out
+
+
 def shard_plan(host: Any, spec: Any, shard: dict) -> dict:
     """torchrec's sharding plan of ``spec``'s tables for a topology, with
     bytes per rank. Nothing is allocated (meta device)."""
@@ -120,7 +131,19 @@ def shard_plan(host: Any, spec: Any, shard: dict) -> dict:
 
     logging.getLogger("torchrec.distributed.planner.types").setLevel(logging.ERROR)
     topology = Topology(world_size=shard["world_size"], compute_device=shard["device"], **kw)
-    planner = EmbeddingShardingPlanner(topology=topology, batch_size=shard.get("batch_size"), debug=False)
+    histories = history_tables(spec)
+    constraints = None
+    if histories:
+        from torchrec.distributed.planner.types import ParameterConstraints
+
+        # a table a history shares is read 1 + max_length times per example (the candidate, then the history)
+        constraints = {
+            table: ParameterConstraints(pooling_factors=[1.0 + sum(length for _, length in hs)])
+            for table, hs in histories.items()
+        }
+    planner = EmbeddingShardingPlanner(
+        topology=topology, batch_size=shard.get("batch_size"), constraints=constraints, debug=False
+    )
     import logging
 
     quiet = [logging.getLogger(n) for n in ("torchrec.distributed.planner", "torchrec")]
@@ -159,6 +182,7 @@ def shard_plan(host: Any, spec: Any, shard: dict) -> dict:
                 "shards": len(opt.shards),
                 "ranks": _ranges(ranks),
                 "weight_bytes": (c.num_embeddings * c.embedding_dim * 4) if c else None,
+                "histories": [name for name, _ in histories.get(opt.name, [])],
             }
         )
     return {
@@ -211,8 +235,9 @@ def print_shard_plan(report: dict, console: Any = None) -> None:
     for col in ("table", "rows", "dim", "weights", "sharding", "kernel", "shards", "ranks"):
         table.add_column(col)
     for t in report["tables"]:
+        shared = t.get("histories") or []
         table.add_row(
-            t["table"],
+            t["table"] + (f" (+ {', '.join(shared)})" if shared else ""),
             f"{t['rows']:,}",
             str(t["dim"]),
             _gib(t["weight_bytes"]),

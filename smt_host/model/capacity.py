@@ -1,7 +1,9 @@
 """Serving cost per example and capacity-neutral scaling.
 
 FLOPs are measured on the built module with ``torch.utils.flop_counter``
-(embedding lookups count 0 FLOPs there; their cost shows as embedding bytes).
+(embedding lookups count 0 FLOPs there; their cost shows as embedding bytes),
+on :func:`~smt_host.model.template.example_batch`, whose histories hold
+``max_length`` ids each: a sequence technique is counted at full length.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def measure(model: nn.Module, spec: ModelSpec, combiner: str = "") -> Cost:
         name = names[id(module)]
         if name in counts:
             return counts[name]
-        return sum(flops_of(child) for child in module.children())  # a container that is not called itself
+        return float(sum(flops_of(child) for child in module.children()))  # a container that is not called itself
 
     flops = counter.get_total_flops() / FLOP_BATCH
     first = model.members[0]

@@ -6,6 +6,7 @@ the model spec in, a :class:`Resolution` out. No module is built here.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import attrs
@@ -61,6 +62,22 @@ class Resolution:
         return [a.name for a in self.active]
 
 
+def embedding_view(spec: ModelSpec) -> ModelSpec:
+    """``spec`` as the embedding slot sees it: without the sparse features a
+    history shares (the host builds their tables itself, outside the
+    embedding chain) and without sequence features. ``spec`` itself when it
+    has no sequence features. The view may have no sparse feature left."""
+    if not spec.features.sequence:
+        return spec
+    shared = {s.candidate for s in spec.features.sequence}
+    features = attrs.evolve(
+        spec.features, sparse=tuple(f for f in spec.features.sparse if f.name not in shared), sequence=()
+    )
+    view = copy.copy(spec)
+    object.__setattr__(view, "features", features)  # the view skips ModelSpec's "at least one sparse" check
+    return view
+
+
 def _override(spec: ModelSpec, name: str) -> Any:
     return spec.techniques.get(name)
 
@@ -105,8 +122,9 @@ def _absent(name: str, spm: SmtPluginManager) -> tuple[str, str]:
         if ep == name or _canonical(dist) == hint:
             return dist, why
     close = difflib.get_close_matches(name, list(spm.techniques), n=1)
-    typo = f"; did you mean {close[0]!r}?" if close else ""
-    return hint, f"not installed (pip install {hint}){typo}"
+    if close:
+        return hint, f"not installed (did you mean {close[0]!r}? if not: pip install {hint})"
+    return hint, f"not installed (pip install {hint})"
 
 
 def _check_configured(spec: ModelSpec, spm: SmtPluginManager) -> list[SkippedTechnique]:
@@ -191,9 +209,11 @@ def resolve(
         if not info.default and not explicit:
             skipped.append(SkippedTechnique(name, info.slot, reg.dist, "off by default"))
             continue
-        ok, why = info.check_applies(spec)
+        ok, why = info.check_applies(embedding_view(spec) if info.slot == "embedding" else spec)
         if info.slot == "dense_arch" and not spec.features.dense:
             ok, why = False, "the model has no dense features"
+        if info.slot == "sequence" and not spec.features.sequence:
+            ok, why = False, "no sequence features"
         if not ok:
             if explicit:
                 raise ConfigError([f"technique {name!r} is enabled but does not apply to this model: {why} @ {path}"])
@@ -249,6 +269,10 @@ def resolve(
     if not any(a.slot == "interaction" for a in chosen):
         raise ConfigError(
             [f"slot 'interaction' has no branch for model {spec.name!r} @ $.models.{spec.name}.techniques"]
+        )
+    if spec.features.sequence and not any(a.slot == "sequence" for a in chosen):
+        raise ConfigError(
+            [f"slot 'sequence' has no technique but the model has sequence features @ $.models.{spec.name}.techniques"]
         )
     if spec.features.dense and not any(a.slot == "dense_arch" for a in chosen):
         raise ConfigError(

@@ -5,6 +5,8 @@
     dense (B, Nd) -> dense_arch -> (B, D) --------+
                                                   +-> (B, F, D) -> interaction branches
     sparse KJT -> embedding (torchrec EBC) -> (B, F_s, D)          (concat: B, sum out_i)
+    history ids (jagged, keys of the same KJT) -> rows of the candidate's table
+        -> sequence (one module per history: (B, L, D) + mask or jagged, candidate (B, D)) -> (B, D) each
         -> over_arch (B, H) -> task_arch [T x (B, H_t)] -> heads [T x (B,)] -> logits (B, T)
                    (+ concat the (B, out_j) of each branch that declares to_task_arch: B, H + sum out_j)
                                   (+ the (B, T) of each branch that declares to_logits)
@@ -34,7 +36,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from smt_host.contexts import LossFn, SlotContext, TableSpec
 from smt_host.errors import ConfigError, PluginError
-from smt_host.model.resolve import ActiveTechnique, Resolution
+from smt_host.model.resolve import ActiveTechnique, Resolution, embedding_view
 from smt_host.plugins import SmtPluginManager
 from smt_host.spec.schema import ModelSpec
 
@@ -59,6 +61,17 @@ class TemplateModel(nn.Module):
         feature_transforms: KJT -> KJT modules run before the lookup.
         pooled_transforms: dict[str, (B, D)] -> dict modules run after it.
         output_transforms: (B, T) -> (B, T) modules on the logits, by technique.
+        sequence: the sequence slot's module of each history, by feature name
+            (see ``smt_sequence``); empty for a model without histories.
+        histories: ``(history, candidate, table, max_length)`` of each
+            sequence feature, in spec order: the history's ids are rows of
+            ``table`` (the candidate's table in ``embedding``).
+        chain_keys: the sparse features the embedding chain serves (those
+            no history shares), in spec order; None: all of ``sparse_keys``.
+
+    With histories the interaction reads (B, F_s + n_sequence [+ 1], D): the
+    pooled sparse embeddings in spec order, then each history's (B, D), then
+    the dense arch's output.
 
     Shapes:
         forward(dense (B, Nd), sparse KJT) -> logits (B, T)
@@ -81,8 +94,16 @@ class TemplateModel(nn.Module):
         output_transforms: dict[str, nn.Module] | None = None,
         part_names: dict[str, str] | None = None,
         transform_names: Sequence[tuple[str, str]] = (),
+        sequence: dict[str, nn.Module] | None = None,
+        histories: Sequence[tuple[str, str, str, int]] = (),
+        chain_keys: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
+        self.sequence = nn.ModuleDict(sequence or {})
+        if len(self.sequence):  # each module's width (D, checked when built): the plan's out column
+            self.sequence.out_dim = next(iter(self.sequence.values())).out_dim
+        self.histories = [tuple(h) for h in histories]
+        self.chain_keys = list(sparse_keys if chain_keys is None else chain_keys)
         #: technique of each exclusive part ("dense_arch", "over_arch", "task_arch", "heads"),
         #: and the slot of each output transform's technique ("output:<name>")
         self.part_names = dict(part_names or {})
@@ -108,7 +129,9 @@ class TemplateModel(nn.Module):
 
     def parts(self) -> dict[tuple[str, str], nn.Module]:
         """The module each technique built, by ``(slot, technique)``: the
-        embedding transforms, the dense arch, each interaction branch, the
+        embedding transforms, the dense arch, the sequence modules (a
+        ``ModuleDict``, one per history by feature name, under
+        ``("sequence", technique)``), each interaction branch, the
         over-arch, the task arch, the heads (a ``ModuleDict``, one per task)
         and each output transform. Capacity counts FLOPs by part and the
         plan reads widths from here, never by attribute name.
@@ -127,6 +150,8 @@ class TemplateModel(nn.Module):
             out[(slot, name)] = module
         if self.dense_arch is not None:
             out[("dense_arch", self.part_names["dense_arch"])] = self.dense_arch
+        if len(self.sequence):
+            out[("sequence", self.part_names["sequence"])] = self.sequence
         for name, branch in self.branches.items():
             out[("interaction", name)] = branch
         for slot, module in (("over_arch", self.over_arch), ("task_arch", self.task_arch), ("heads", self.heads)):
@@ -136,16 +161,51 @@ class TemplateModel(nn.Module):
         return out
 
     def features(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        """(B, F, D): pooled sparse embeddings, then the dense arch's output."""
-        for transform in self.feature_transforms:
-            sparse = transform(sparse)
-        pooled = self.embedding(sparse).to_dict()
-        for transform in self.pooled_transforms:
-            pooled = transform(pooled)
-        parts = [pooled[k] for k in self.sparse_keys]
+        """(B, F, D): pooled sparse embeddings, then each history's sequence
+        output, then the dense arch's output."""
+        if not self.histories:
+            for transform in self.feature_transforms:
+                sparse = transform(sparse)
+            pooled = self.embedding(sparse).to_dict()
+            for transform in self.pooled_transforms:
+                pooled = transform(pooled)
+            parts = [pooled[k] for k in self.sparse_keys]
+        else:
+            parts = self._with_histories(sparse)
         if self.dense_arch is not None:
             parts.append(self.dense_arch(dense))
         return torch.stack(parts, dim=1)
+
+    def _with_histories(self, sparse: KeyedJaggedTensor) -> list[torch.Tensor]:
+        """The (B, D) of each sparse feature then of each history. The
+        embedding chain (feature and pooled transforms) sees only the
+        ``chain_keys``; the candidates of histories are looked up in their
+        own tables beside them, and each history in its candidate's table."""
+        by_key = sparse.to_dict()
+        candidates = list(dict.fromkeys(c for _, c, _, _ in self.histories))
+        chain = _select(by_key, self.chain_keys)
+        for transform in self.feature_transforms:
+            chain = transform(chain)
+        chain_dict = chain.to_dict() if len(self.chain_keys) else {}
+        lookup = _select({**chain_dict, **{c: by_key[c] for c in candidates}}, [*chain_dict, *candidates])
+        looked = self.embedding(lookup).to_dict()
+        pooled = {k: v for k, v in looked.items() if k not in candidates}
+        for transform in self.pooled_transforms:
+            pooled = transform(pooled)
+        pooled.update({c: looked[c] for c in candidates})
+        parts = [pooled[k] for k in self.sparse_keys]
+        for name, candidate, table, max_length in self.histories:
+            jt = by_key[name]
+            weight = self.embedding.embedding_bags[table].weight  # the candidate's rows
+            module = self.sequence[name]
+            ids, lengths = jt.values().long(), jt.lengths().long()
+            if getattr(module, "input_format", "padded") == "jagged":
+                parts.append(module(nn.functional.embedding(ids, weight), lengths, pooled[candidate]))
+            else:
+                padded, mask = pad_history(ids, lengths, max_length)  # (B, L), (B, L)
+                history = nn.functional.embedding(padded, weight) * mask.unsqueeze(-1).to(weight.dtype)
+                parts.append(module(history, mask, pooled[candidate]))
+        return parts
 
     def over_arch_input(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, F, D) -> (B, sum out_i): the branches that feed the over-arch, concatenated."""
@@ -168,6 +228,45 @@ class TemplateModel(nn.Module):
         for transform in self.output_transforms.values():
             logits = transform(logits)
         return logits
+
+
+def _select(by_key: dict, keys: Sequence[str]) -> KeyedJaggedTensor:
+    """A KJT of ``keys`` (in that order) from ``{key: JaggedTensor}``."""
+    if not keys:
+        return KeyedJaggedTensor.from_lengths_sync(
+            keys=[], values=torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(0, dtype=torch.int32)
+        )
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=list(keys),
+        values=torch.cat([by_key[k].values() for k in keys]),
+        lengths=torch.cat([by_key[k].lengths() for k in keys]),
+    )
+
+
+def pad_history(ids: torch.Tensor, lengths: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged history ids -> (B, L) ids and a (B, L) mask, L = ``max_length``.
+
+    Row b's first ``min(lengths[b], L)`` ids (its most recent) fill its
+    first columns; the rest is padding (id 0, mask False). Static shapes, no
+    Python control flow on values, so it exports.
+
+    Args:
+        ids: (N,) int64, the rows' ids one after another.
+        lengths: (B,) int64.
+        max_length: L.
+
+    Example:
+        >>> padded, mask = pad_history(torch.tensor([7, 8, 9]), torch.tensor([2, 0, 1]), 3)
+        >>> padded.tolist(), mask.tolist()
+        ([[7, 8, 0], [0, 0, 0], [9, 0, 0]], [[True, True, False], [False, False, False], [True, False, False]])
+    """
+    starts = torch.cumsum(lengths, 0) - lengths  # (B,)
+    cols = torch.arange(max_length, device=ids.device)  # (L,)
+    mask = cols.unsqueeze(0) < lengths.unsqueeze(1)  # (B, L)
+    index = starts.unsqueeze(1) + cols.unsqueeze(0)  # (B, L)
+    padded_ids = torch.cat([ids, torch.zeros(1, dtype=ids.dtype, device=ids.device)])  # (N + 1,): N is the pad
+    index = torch.where(mask, index, torch.full_like(index, ids.shape[0]))
+    return padded_ids[index] * mask.to(ids.dtype), mask
 
 
 def adds_to_logits(branch: nn.Module) -> bool:
@@ -208,7 +307,7 @@ def base_context(spec: ModelSpec, device: Any = "cpu", width_scale: float = 1.0)
         spec=spec,
         embedding_dim=spec.embedding_dim,
         num_dense=num_dense,
-        num_features=len(spec.features.sparse) + (1 if num_dense else 0),
+        num_features=len(spec.features.sparse) + len(spec.features.sequence) + (1 if num_dense else 0),
         tasks=spec.task_names,
         width_scale=width_scale,
         device=device,
@@ -216,17 +315,24 @@ def base_context(spec: ModelSpec, device: Any = "cpu", width_scale: float = 1.0)
 
 
 def build_tables(spm: SmtPluginManager, res: Resolution, ctx: SlotContext) -> list[TableSpec]:
-    """Runs the embedding chain; checks every sparse feature has one table of width D."""
+    """Runs the embedding chain; checks every sparse feature has one table of width D.
+
+    The chain sees the model as :func:`embedding_view` gives it: without
+    the sparse features a history shares. The host then adds one table per
+    such candidate (``t_<candidate>``, vocab_size x D, serving the
+    candidate), whose rows the candidate and its histories look up."""
+    view = embedding_view(ctx.spec)
+    chain_ctx = ctx.evolve(spec=view)
     tables: list[TableSpec] = []
     for t in res.slot("embedding"):
-        out = spm.call(t.name, "smt_embedding_tables", ctx=ctx, params=t.params, tables=list(tables))
+        out = spm.call(t.name, "smt_embedding_tables", ctx=chain_ctx, params=t.params, tables=list(tables))
         if not isinstance(out, list) or not all(isinstance(x, TableSpec) for x in out):
             raise PluginError(
                 f"technique {t.name!r} ({t.dist} {t.version}): smt_embedding_tables() must return a list of TableSpec"
             )
         tables = out
     served = [f for tb in tables for f in tb.feature_names]
-    want = [f.name for f in ctx.spec.features.sparse]
+    want = [f.name for f in view.features.sparse]
     if len(served) != len(set(served)) or (
         sorted(served) != sorted(want)
         and not any(spm.implements(t.name, "smt_pooled_transform") for t in res.slot("embedding"))
@@ -241,7 +347,36 @@ def build_tables(spm: SmtPluginManager, res: Resolution, ctx: SlotContext) -> li
         raise PluginError(
             f"embedding slot of model {ctx.spec.name!r}: tables {bad} are not {ctx.embedding_dim} wide (D)"
         )
+    for f in shared_features(ctx.spec):
+        name = shared_table(f.name)
+        clash = [tb for tb in tables if tb.name == name or f.name in tb.feature_names]
+        if clash:
+            raise PluginError(
+                f"embedding slot of model {ctx.spec.name!r}: table {clash[0].name!r} takes the name or feature of "
+                f"{name!r}, the table the host builds for {f.name!r} (a history shares it)"
+            )
+        tables.append(
+            TableSpec(
+                name=name,
+                feature_names=(f.name,),
+                num_embeddings=f.vocab_size,
+                embedding_dim=f.embedding_dim,
+                pooling=f.pooling,
+                init_std=ctx.spec.features.embedding_init_std,
+            )
+        )
     return tables
+
+
+def shared_features(spec: ModelSpec) -> list:
+    """The sparse features a history shares (its candidates), in spec order."""
+    shared = {s.candidate for s in spec.features.sequence}
+    return [f for f in spec.features.sparse if f.name in shared]
+
+
+def shared_table(candidate: str) -> str:
+    """The name of the table the host builds for a history's candidate."""
+    return f"t_{candidate}"
 
 
 def make_ebc(tables: Sequence[TableSpec], device: Any = "cpu") -> EmbeddingBagCollection:
@@ -314,13 +449,14 @@ def _build_member(
     tables = build_tables(spm, res, ctx)
     ebc = make_ebc(tables, device)
     emb = res.slot("embedding")
+    chain_ctx = ctx.evolve(spec=embedding_view(spec))
     feature_transforms = [
-        _module(spm.call(t.name, "smt_feature_transform", ctx=ctx, params=t.params), t, "smt_feature_transform")
+        _module(spm.call(t.name, "smt_feature_transform", ctx=chain_ctx, params=t.params), t, "smt_feature_transform")
         for t in emb
         if spm.implements(t.name, "smt_feature_transform")
     ]
     pooled_transforms = [
-        _module(spm.call(t.name, "smt_pooled_transform", ctx=ctx, params=t.params), t, "smt_pooled_transform")
+        _module(spm.call(t.name, "smt_pooled_transform", ctx=chain_ctx, params=t.params), t, "smt_pooled_transform")
         for t in emb
         if spm.implements(t.name, "smt_pooled_transform")
     ]
@@ -348,6 +484,28 @@ def _build_member(
             raise PluginError(
                 f"technique {t.name!r} ({t.dist} {t.version}): dense arch out_dim must equal D={ctx.embedding_dim}"
             )
+
+    sequence: dict[str, nn.Module] = {}
+    for feature in spec.features.sequence:
+        (t,) = res.slot("sequence")
+        d = ctx.embedding_dim
+        module = _module(
+            spm.call(t.name, "smt_sequence", ctx=ctx.evolve(in_dim=d), params=t.params, feature=feature),
+            t,
+            "smt_sequence",
+        )
+        if _out_dim(module, t, "smt_sequence") != d:
+            raise PluginError(
+                f"technique {t.name!r} ({t.dist} {t.version}): the sequence module of {feature.name!r} must "
+                f"declare out_dim == D={d}, got {module.out_dim}"
+            )
+        fmt = getattr(module, "input_format", "padded")
+        if fmt not in ("padded", "jagged"):
+            raise PluginError(
+                f"technique {t.name!r} ({t.dist} {t.version}): the sequence module of {feature.name!r} declares "
+                f"input_format {fmt!r}; want 'padded' or 'jagged'"
+            )
+        sequence[feature.name] = module
 
     branches, names, width, beside = [], [], 0, 0
     for t in res.slot("interaction"):
@@ -417,12 +575,15 @@ def _build_member(
         part_names={
             **{
                 slot: res.slot(slot)[0].name
-                for slot in ("dense_arch", "over_arch", "task_arch", "heads")
+                for slot in ("dense_arch", "sequence", "over_arch", "task_arch", "heads")
                 if res.slot(slot)
             },
             **{f"output:{t.name}": t.slot for t in res.active if t.name in output_transforms},
         },
         transform_names=transform_names,
+        sequence=sequence,
+        histories=[(f.name, f.candidate, shared_table(f.candidate), f.max_length) for f in spec.features.sequence],
+        chain_keys=[f.name for f in embedding_view(spec).features.sparse],
     )
     _verify_widths(model, spec, res, device)
     return model
@@ -435,7 +596,11 @@ def _verify_widths(model: TemplateModel, spec: ModelSpec, res: Resolution, devic
     batch = example_batch(spec, 2, device)
     with torch.no_grad():
         feats = model.features(batch.dense, batch.sparse)
-        want = (2, len(spec.features.sparse) + (1 if spec.features.dense else 0), spec.embedding_dim)
+        want = (
+            2,
+            len(spec.features.sparse) + len(spec.features.sequence) + (1 if spec.features.dense else 0),
+            spec.embedding_dim,
+        )
         if tuple(feats.shape) != want:
             t = by_slot.get("dense_arch") if spec.features.dense else by_slot["embedding"]
             raise PluginError(
@@ -515,15 +680,37 @@ def _member_optimizers(
     return opts
 
 
-def example_batch(spec: ModelSpec, batch_size: int = 4, device: Any = "cpu"):
-    """A small deterministic batch shaped like the spec (for FLOPs, export, tests)."""
+def example_batch(spec: ModelSpec, batch_size: int = 4, device: Any = "cpu", history_length: int | None = None):
+    """A small deterministic batch shaped like the spec (for FLOPs, export, tests).
+
+    Each history (a sequence feature) holds ``history_length`` ids per row
+    (default: its ``max_length``, so FLOPs count full histories), drawn from
+    its candidate's vocabulary; its key follows the sparse keys in the KJT.
+    """
     from smt_host.data.batch import Batch
 
     g = torch.Generator().manual_seed(0)
     keys = [f.name for f in spec.features.sparse]
-    values = torch.cat([torch.randint(0, f.vocab_size, (batch_size,), generator=g) for f in spec.features.sparse])
-    lengths = torch.ones(len(keys) * batch_size, dtype=torch.int32)
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
+    values = [torch.randint(0, f.vocab_size, (batch_size,), generator=g) for f in spec.features.sparse]
+    lengths = [torch.ones(len(keys) * batch_size, dtype=torch.int32)]
+    for s in spec.features.sequence:
+        n = s.max_length if history_length is None else history_length
+        keys.append(s.name)
+        values.append(torch.randint(0, spec.candidate_of(s).vocab_size, (batch_size * n,), generator=g))
+        lengths.append(torch.full((batch_size,), n, dtype=torch.int32))
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
     dense = torch.rand(batch_size, len(spec.features.dense), generator=g)
     labels = torch.zeros(batch_size, len(spec.tasks))
     return Batch(dense, kjt, labels).to(device)
+
+
+def export_dynamic_shapes(spec: ModelSpec, *, weighted: bool = False, max_batch: int = 1 << 20) -> tuple:
+    """``dynamic_shapes`` for ``torch.export`` of ``forward(dense, sparse KJT)``:
+    a dynamic batch B (2 .. ``max_batch``) and number of KJT values; the KJT's
+    lengths are (F_s + n_sequence) * B (one length per key and row)."""
+    from torch.export import Dim
+
+    batch = Dim("batch", min=2, max=max_batch)
+    nv = Dim("values", min=1, max=max_batch * 64)
+    nkeys = len(spec.features.sparse) + len(spec.features.sequence)
+    return ({0: batch}, [{0: nv}, {0: nv} if weighted else None, {0: nkeys * batch}, None, None, None])

@@ -91,20 +91,14 @@ def export_model(
     """``torch.export`` (strict=False) of ``model``: with ``batch_size`` None a
     dynamic batch (2 .. 2**20) and number of sparse values; else static shapes
     for that batch size (example batch of :func:`smt_host.model.template.example_batch`)."""
-    from torch.export import Dim
-
-    from smt_host.model.template import example_batch
+    from smt_host.model.template import example_batch, export_dynamic_shapes
 
     model = model.eval()
     b = example_batch(spec, batch_size or 8)
     args = (b.dense, plain_kjt(b.sparse))
     if batch_size is not None:
         return torch.export.export(model, args, strict=False)
-    batch = Dim("batch", min=2, max=MAX_BATCH)
-    nv = Dim("values", min=1, max=MAX_BATCH * 64)
-    nkeys = len(spec.features.sparse)
-    weights = None if b.sparse.weights_or_none() is None else {0: nv}
-    dynamic = ({0: batch}, [{0: nv}, weights, {0: nkeys * batch}, None, None, None])
+    dynamic = export_dynamic_shapes(spec, weighted=b.sparse.weights_or_none() is not None, max_batch=MAX_BATCH)
     return torch.export.export(model, args, strict=False, dynamic_shapes=dynamic)
 
 
@@ -122,6 +116,7 @@ def export_run(host: Any, run_dir: Path, out: Path | None = None, ecosystem: str
         "tasks": list(spec.task_names),
         "dense": [f.name for f in spec.features.dense],
         "sparse": [f.name for f in spec.features.sparse],
+        "sequence": [f.name for f in spec.features.sequence],
         "flops_per_example": plan.cost.flops,
     }
     extra = {

@@ -44,6 +44,38 @@ class SparseFeature:
 
 
 @attrs.frozen
+class SequenceFeature:
+    """An ordered history of ids (the ads a user recently clicked), looked up
+    in its candidate feature's table (the same rows, no table of its own).
+
+    The data source gives each row's ids most recent first, keeping the
+    ``max_length`` most recent (longer histories are truncated and
+    counted); the ``sequence`` slot turns the embedded history and the
+    candidate's embedding into one more (B, D) feature of the interaction.
+    """
+
+    name: str = attrs.field(
+        validator=identifier,
+        metadata={
+            "doc": "The history's name (letters, digits, `_`, `-`); a data source reads the column or field of this name."
+        },
+    )
+    candidate: str = attrs.field(
+        validator=identifier,
+        metadata={
+            "doc": "A sparse feature of the same model whose table the history shares: its ids lie in that feature's [0, vocab_size)."
+        },
+    )
+    max_length: int = attrs.field(
+        default=50,
+        validator=at_least(1),
+        metadata={
+            "doc": "Keep the most recent max_length ids (>= 1); longer histories are truncated and the truncations counted."
+        },
+    )
+
+
+@attrs.frozen
 class DenseFeature:
     """A numeric feature, one float per example."""
 
@@ -65,6 +97,12 @@ class Features:
         metadata={"doc": "The categorical features, at least one; feature names are unique across sparse and dense."},
     )
     dense: tuple[DenseFeature, ...] = attrs.field(default=(), metadata={"doc": "The numeric features."})
+    sequence: tuple[SequenceFeature, ...] = attrs.field(
+        default=(),
+        metadata={
+            "doc": "The histories (ordered id lists), each sharing a sparse feature's table; names are unique across all features."
+        },
+    )
     embedding_init_std: float | None = attrs.field(
         default=None,
         validator=at_least(0.0),
@@ -332,10 +370,17 @@ class ModelSpec:
     def _check_features(self, attribute: attrs.Attribute, value: Features) -> None:
         if not value.sparse:
             raise FieldValueError("features", "needs at least one sparse feature")
-        names = [f.name for f in value.sparse] + [f.name for f in value.dense]
+        names = [f.name for f in value.sparse] + [f.name for f in value.dense] + [f.name for f in value.sequence]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise FieldValueError("features", f"feature names must be unique, repeated: {', '.join(dupes)}")
+        sparse = [f.name for f in value.sparse]
+        for i, seq in enumerate(value.sequence):
+            if seq.candidate not in sparse:
+                raise FieldValueError(
+                    f"features.sequence[{i}].candidate",
+                    f"{seq.candidate!r} is not a sparse feature of the model; sparse features are: {', '.join(sparse)}",
+                )
         dims = sorted({f.embedding_dim for f in value.sparse})
         if len(dims) > 1:
             raise FieldValueError(
@@ -350,6 +395,10 @@ class ModelSpec:
     @property
     def embedding_dim(self) -> int:
         return self.features.sparse[0].embedding_dim
+
+    def candidate_of(self, history: SequenceFeature) -> SparseFeature:
+        """The sparse feature whose table ``history`` shares."""
+        return next(f for f in self.features.sparse if f.name == history.candidate)
 
 
 @attrs.frozen
