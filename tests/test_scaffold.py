@@ -28,6 +28,7 @@ from smt_host.cli.main import cli
 from smt_host.host import Host
 from smt_host.technique import EXCLUSIVE_SLOTS, SLOTS
 from smt_host.testing import check_technique
+from smt_host.train.trainer import train_model
 
 
 def _import(folder: Path, module: str, monkeypatch):
@@ -76,11 +77,9 @@ def test_cli_generates_the_distribution(tmp_path):
         (["a--b", "--slot", "loss"], "error: invalid plugin name 'a--b'"),
         (["smt-foo", "--slot", "loss"], "error: invalid plugin name 'smt-foo': give it without the 'smt-' prefix"),
         (["bce", "--slot", "loss"], "error: invalid plugin name 'bce': technique 'bce' is a built-in of smt-host"),
-        (
-            ["foo", "--slot", "pooling"],
-            "error: unknown slot 'pooling'; slots are: embedding, dense_arch, interaction, over_arch, task_arch, "
-            "heads, ensemble, loss, optimizer, training",
-        ),
+        (["foo", "--slot", "pooling"], f"error: unknown slot 'pooling'; slots are: {', '.join(SLOTS)}"),
+        (["foo"], "new-plugin: give exactly one of --slot SLOT (a technique) or --reporter (a logger/tracker)"),
+        (["foo", "--slot", "loss", "--reporter"], "new-plugin: give exactly one of --slot SLOT"),
     ],
 )
 def test_cli_refuses_bad_input(tmp_path, args, message):
@@ -122,10 +121,56 @@ def test_skeleton_passes_the_kit(slot, tmp_path, monkeypatch):  # one torch thre
     # it is active (not shadowed by the built-in) in every model of the default ecosystem
     eco = host.default_ecosystem()
     for spec in eco.models.values():
+        if slot == "sequence" and not spec.features.sequence:  # the slot is empty without histories
+            assert name not in host.plan(spec).techniques(), f"{name} is in the plan of {spec.name}, which has none"
+            continue
         if not info.default:  # off by default (the ensemble skeleton): only where a spec enables it
             assert name not in host.plan(spec).techniques(), f"{name} is in the plan of {spec.name} unasked"
             spec = attrs.evolve(spec, techniques={**spec.techniques, name: True})
         assert name in host.plan(spec).techniques(), f"{name} not in the plan of {spec.name}"
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 1 and result.failed == 0
+
+
+def test_the_sequence_skeleton_is_active_in_the_models_with_histories(tmp_path, monkeypatch):
+    folder = scaffold.new_plugin("my-seq", "sequence", tmp_path)
+    mod = _import(folder, "smt_my_seq", monkeypatch)
+    host = Host.create(load="", extra=[(mod, "my-seq")])
+    eco = host.default_ecosystem()
+    with_history = sorted(m for m, spec in eco.models.items() if spec.features.sequence)
+    assert with_history, "no default model has a history feature"
+    assert sorted(m for m, spec in eco.models.items() if "my_seq" in host.plan(spec).techniques()) == with_history
+
+
+# ------------------------------------------------------ a reporter, in-process
+
+
+def test_cli_generates_a_reporter(tmp_path):
+    result = CliRunner().invoke(cli, ["new-plugin", "tb-logger", "--reporter", "--dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "(smt-tb-logger: reporter 'tb_logger')" in result.output
+    folder = tmp_path / "smt-tb-logger"
+    project = tomllib.loads((folder / "pyproject.toml").read_text())
+    assert project["project"]["description"] == "tb_logger: an smt reporter (no technique: it enters no plan)"
+    assert project["project"]["entry-points"]["smt"] == {"tb-logger": "smt_tb_logger"}
+    module = (folder / "smt_tb_logger.py").read_text()
+    assert '@reporter(name="tb_logger")' in module and "def smt_reporters()" in module
+    assert "@technique" not in module and "smt_techniques" not in module
+
+
+def test_the_reporter_skeleton_records_a_run_and_enters_no_plan(tmp_path, monkeypatch, small_eco):
+    folder = scaffold.new_plugin("tb-logger", "reporter", tmp_path)
+    mod = _import(folder, "smt_tb_logger", monkeypatch)
+    host = Host.create(load="", extra=[(mod, "tb-logger")])
+    assert "tb_logger" in [r.name for r in host.spm.reporters.values()]
+    assert "tb_logger" not in host.spm.techniques
+    spec = small_eco.model("tiny_ctr")
+    assert "tb_logger" not in host.plan(spec).techniques()
+    spec = attrs.evolve(spec, training=attrs.evolve(spec.training, epochs=1, max_steps_per_epoch=3))
+    train_model(host, spec, small_eco, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "tb_logger.jsonl").read_text().splitlines()]
+    assert [(r["event"], r.get("split")) for r in records] == [("eval", "valid"), ("eval", "test"), ("end", None)]
+    assert "click" in records[-1]["metrics"]
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 1 and result.failed == 0
 

@@ -71,16 +71,34 @@ def _template(filename: str) -> string.Template:
     return string.Template(text)
 
 
+#: what ``slot`` is for a reporter (a logger or tracker: no technique, no slot)
+REPORTER = "reporter"
+
+
 def render(name: str, slot: str) -> dict[str, str]:
-    """The generated files, ``{relative path: text}`` (raises ScaffoldError)."""
+    """The generated files, ``{relative path: text}`` (raises ScaffoldError).
+
+    ``slot`` is one of :data:`~smt_host.technique.SLOTS` for a technique, or
+    :data:`REPORTER` for a reporter (its own module, README and tests: it
+    enters no plan, so the conformance kit does not apply).
+    """
     n = names_for(name)
-    if slot not in SLOTS:
+    if slot not in SLOTS and slot != REPORTER:
         raise ScaffoldError(f"unknown slot {slot!r}; slots are: {', '.join(SLOTS)}")
     if n["technique"] in _builtin_technique_names():
         raise ScaffoldError(
             f"invalid plugin name {name!r}: technique {n['technique']!r} is a built-in of smt-host; choose another name"
         )
-    values = {**n, "slot": slot}
+    what = "an smt reporter (no technique: it enters no plan)" if slot == REPORTER else f"an smt {slot} technique"
+    values = {**n, "slot": slot, "what": what}
+    if slot == REPORTER:
+        return {
+            "pyproject.toml": _template("pyproject.toml.tmpl").substitute(values),
+            "README.md": _template("README_reporter.md.tmpl").substitute(values),
+            f"{n['module']}.py": _template("reporter.py.tmpl").substitute(values),
+            "tests/conftest.py": _template("conftest.py.tmpl").substitute(values),
+            f"tests/test_{n['technique']}.py": _template("test_reporter.py.tmpl").substitute(values),
+        }
     return {
         "pyproject.toml": _template("pyproject.toml.tmpl").substitute(values),
         "README.md": _template("README.md.tmpl").substitute(values),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from smt_host.authoring.scaffold import names_for, new_plugin
+from smt_host.authoring.scaffold import REPORTER, names_for, new_plugin
 from smt_host.technique import EXCLUSIVE_SLOTS, SLOTS
 
 _SLOT_HELP = ", ".join(f"{s}{'*' if s in EXCLUSIVE_SLOTS else ''}" for s in SLOTS) + (
@@ -17,7 +17,13 @@ _SLOT_HELP = ", ".join(f"{s}{'*' if s in EXCLUSIVE_SLOTS else ''}" for s in SLOT
 
 @click.command("new-plugin")
 @click.argument("name")
-@click.option("--slot", "-s", required=True, metavar="SLOT", help=f"The slot the technique fills: {_SLOT_HELP}.")
+@click.option("--slot", "-s", metavar="SLOT", help=f"The slot the technique fills: {_SLOT_HELP}.")
+@click.option(
+    "--reporter",
+    is_flag=True,
+    help="Generate a reporter instead (a logger, tracker or progress sink): it sees every run's "
+    "lifecycle events but is no technique, so it enters no plan, manifest or adoption matrix.",
+)
 @click.option(
     "--dir",
     "directory",
@@ -25,8 +31,9 @@ _SLOT_HELP = ", ".join(f"{s}{'*' if s in EXCLUSIVE_SLOTS else ''}" for s in SLOT
     default=None,
     help="Folder to create smt-NAME/ in (default: the current folder).",
 )
-def new_plugin_cmd(name: str, slot: str, directory: Path | None) -> None:
-    """Generate a plugin distribution smt-NAME/ for one technique.
+def new_plugin_cmd(name: str, slot: str | None, reporter: bool, directory: Path | None) -> None:
+    """Generate a plugin distribution smt-NAME/ for one technique (--slot)
+    or one reporter (--reporter).
 
     NAME is the plugin's short name (e.g. masknet or focal-loss): the
     distribution is smt-NAME, the module smt_NAME and the technique NAME
@@ -38,8 +45,18 @@ def new_plugin_cmd(name: str, slot: str, directory: Path | None) -> None:
     \b
         smt new-plugin masknet --slot interaction
         pip install ./smt-masknet && pytest smt-masknet
+
+    A logger or tracker is a reporter, not a technique of the training
+    slot (a technique becomes part of every plan and an arm of the
+    adoption matrix):
+
+    \b
+        smt new-plugin tb-logger --reporter
     """
-    folder = new_plugin(name, slot, directory)  # ScaffoldError: the handler prints it, exit 2
+    if (slot is None) == (not reporter):
+        raise click.UsageError("give exactly one of --slot SLOT (a technique) or --reporter (a logger/tracker)")
+    folder = new_plugin(name, REPORTER if reporter else slot, directory)  # ScaffoldError: exit 2
     n = names_for(name)
-    click.echo(f"created {folder}/ ({n['dist']}: technique {n['technique']!r}, slot {slot!r})")
+    what = f"reporter {n['technique']!r}" if reporter else f"technique {n['technique']!r}, slot {slot!r}"
+    click.echo(f"created {folder}/ ({n['dist']}: {what})")
     click.echo(f"next: edit {folder / (n['module'] + '.py')}, then: pip install {folder} && pytest {folder}")
