@@ -1,9 +1,12 @@
-"""Worker processes that die with their parent.
+"""Child processes that die with their parent.
 
-``smt ecosystem run --jobs N`` trains cells in spawned processes. When the
-main process is killed outright (SIGKILL, the OOM killer), nothing in it runs
-to stop them, and a worker in the middle of a cell would train on, unseen.
-:func:`die_with_parent` runs first in each worker (the pool's initializer):
+``smt ecosystem run --jobs N`` trains cells in spawned processes, and
+``smt train --nproc-per-node N`` trains on N ranks that torchrun starts in
+sessions of their own. When the main process is killed outright (SIGKILL,
+the OOM killer), nothing in it runs to stop them: a worker in the middle of
+a cell, or a rank holding the run folder's lock, would train on, unseen.
+:func:`die_with_parent` runs first in each worker (the pool's initializer)
+and in each rank:
 
 * on Linux, ``prctl(PR_SET_PDEATHSIG, SIGTERM)``: the kernel sends the worker
   SIGTERM the moment its parent ends;

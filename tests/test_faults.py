@@ -710,7 +710,7 @@ def test_watchdog_alone_ends_an_orphan(tmp_path: Path) -> None:
 
 
 def test_die_with_parent_exits_when_the_parent_is_already_gone() -> None:
-    code = "import os; from smt_host.ecosystem.workers import die_with_parent; die_with_parent(1); print('survived')"
+    code = "import os; from smt_host.lifeline import die_with_parent; die_with_parent(1); print('survived')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 128 + signal.SIGTERM and "survived" not in out.stdout
 

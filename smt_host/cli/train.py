@@ -171,6 +171,10 @@ def train_cmd(
     if nproc_per_node > 1 and not launch.launched():
         argv = launch.strip_option(sys.argv[1:], "--nproc-per-node")
         sys.exit(launch.relaunch(nproc_per_node, argv))
+    if launch.launched():  # a rank: torchrun starts it in a session of its own, so it would outlive a killed launcher
+        from smt_host.lifeline import die_with_parent
+
+        die_with_parent()
 
     import attrs
 

@@ -13,7 +13,7 @@ Under ``torchrun`` (``TORCHELASTIC_RUN_ID`` / ``RANK`` + ``WORLD_SIZE`` set)
   on ``cuda:LOCAL_RANK``);
 * the shards come from torchrec's ``EmbeddingShardingPlanner`` over a
   ``Topology(world_size, compute_device)``. When the tables' optimizer is
-  one FBGEMM fuses into the backward pass (SGD, Adagrad, Adam) the tables
+  one FBGEMM fuses into the backward pass (SGD, Adagrad; Adam on GPUs) the tables
   use the ``fused`` kernel with that optimizer's settings and may be sharded
   table-, row- or column-wise; otherwise the ``dense`` kernel, and the
   plan's own optimizer updates them as in one process (see
@@ -23,14 +23,19 @@ Under ``torchrun`` (``TORCHELASTIC_RUN_ID`` / ``RANK`` + ``WORLD_SIZE`` set)
   gradients, torchrec divides table gradients by the world size);
 * validation / test predictions are gathered on every rank before the
   metrics are computed;
-* the checkpoint's weights are written with ``torch.distributed.checkpoint``
+* the checkpoint's tensors are written with ``torch.distributed.checkpoint``
   (DCP) from every rank's own shards into ``checkpoint.dcp/`` (no gather to
   rank 0); rank 0 writes ``checkpoint.pt`` with the plan, manifest and spec
   and ``"model_dcp": "checkpoint.dcp"`` instead of ``"model"``.
   :func:`smt_host.train.checkpoint.load_model_state` loads either kind into one process.
 
-Not supported (yet): ``--resume`` of a distributed run (optimizer state is not
-written to DCP), and models of more than one network (an ensemble).
+``--resume`` continues a distributed run on the same world size (a different
+one is refused): the DCP folder also holds the fused table optimizer's state,
+the other optimizers' state, the best weights so far and every rank's RNG
+state; ``checkpoint.pt`` the progress, param groups and technique states
+of every rank (:meth:`Parallel.save`, :meth:`Parallel.load`).
+
+Not supported (yet): models of more than one network (an ensemble).
 
 Planning for a large topology without allocating any table::
 
@@ -141,9 +146,14 @@ _FUSED_KWARGS = {
 }
 
 
-def _fuse_table_optimizer(ebc: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+#: what FBGEMM's CPU kernels fuse (its CPU table-batched kernel has no Adam)
+_FUSED_ON_CPU = (torch.optim.SGD, torch.optim.Adagrad)
+
+
+def _fuse_table_optimizer(ebc: nn.Module, optimizers: Sequence[torch.optim.Optimizer], device: str = "cpu") -> bool:
     """Marks the tables with their optimizer (class + hyperparameters) for
-    torchrec's fused kernels; False when that is not possible."""
+    torchrec's fused kernels on ``device`` (a device type); False when that
+    is not possible."""
     table_ids = {id(p) for p in ebc.parameters()}
     found = []
     for opt in optimizers:
@@ -152,6 +162,8 @@ def _fuse_table_optimizer(ebc: nn.Module, optimizers: Sequence[torch.optim.Optim
             if params:
                 found.append((type(opt), group, params))
     if not found or any(cls not in _FUSED_KWARGS for cls, _, _ in found):
+        return False
+    if device == "cpu" and any(cls not in _FUSED_ON_CPU for cls, _, _ in found):
         return False
     if any(
         cls is torch.optim.Adagrad
@@ -212,7 +224,7 @@ class Parallel:
 
         ``optimizers``: the plan's optimizers built on the unsharded model.
         When the tables' optimizer is one FBGEMM runs fused in the backward
-        pass (SGD, Adagrad, Adam) the tables are model-parallel (``fused``
+        pass (SGD, Adagrad; Adam on GPUs) the tables are model-parallel (``fused``
         kernel: table-, row-, column-wise...) with that optimizer and its
         hyperparameters; otherwise they stay data-parallel (``dense`` kernel)
         and the plan's optimizer updates them."""
@@ -221,7 +233,8 @@ class Parallel:
         from torchrec.distributed.types import ShardingEnv
 
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        kernel = "fused" if _fuse_table_optimizer(model.members[0].embedding, optimizers) else "dense"
+        fused = _fuse_table_optimizer(model.members[0].embedding, optimizers, self.device.type)
+        kernel = "fused" if fused else "dense"
         self.kernel = kernel
         planner = EmbeddingShardingPlanner(
             topology=Topology(world_size=self.world_size, compute_device=self.device.type),
@@ -314,13 +327,79 @@ class Parallel:
         dist.barrier(group=self.pg)
 
     # -- checkpoints
-    def save(self, model: nn.Module, meta: dict, path: Path) -> None:
-        """Weights with DCP (each rank its own shards) to ``path.parent /
-        checkpoint.dcp``, the folder it replaces kept as ``checkpoint.prev.dcp``;
-        then rank 0 writes ``meta`` to ``path`` (atomic, sealed, the previous
-        one kept), with the sha256 of every file of the DCP folder
-        (``model_dcp_sha256``) that :func:`smt_host.train.checkpoint.dcp_folder`
-        checks before loading."""
+    def _replicated(self, model: nn.Module) -> set[str]:
+        """Names of the parameters every rank holds whole (DDP), by the
+        state dict of ``model`` (the DMP wrapper): not a ShardedTensor."""
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+        return {k for k, v in model.state_dict().items() if not isinstance(v, ShardedTensor)}
+
+    def _optimizer_keys(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> list[list[str]]:
+        """Per optimizer, per parameter (in ``state_dict`` index order) the
+        DCP key prefix of its state: ``optim/I/NAME`` for a parameter every
+        rank holds whole (written once), ``optim/I/rankR/NAME`` for a rank's
+        own (a table shard of the ``dense`` kernel)."""
+        names = {id(p): n for n, p in self.inner(model).named_parameters()}
+        replicated = self._replicated(model)
+        out = []
+        for i, opt in enumerate(optimizers):
+            keys = []
+            for j, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+                name = names.get(id(p), f"param{j}")
+                keys.append(f"optim/{i}/{name}" if name in replicated else f"optim/{i}/rank{self.rank}/{name}")
+            out.append(keys)
+        return out
+
+    def _counters(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The step counter of each FBGEMM table-batched kernel of this rank
+        (``iter``, which fused Adam's bias correction reads and no optimizer
+        state dict holds), as ``tbe_iter/rankR/J``."""
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
+
+        kernels = [m for m in model.modules() if isinstance(m, SplitTableBatchedEmbeddingBagsCodegen)]
+        return {f"tbe_iter/rank{self.rank}/{j}": m.iter for j, m in enumerate(kernels)}
+
+    def _best_items(self, model: nn.Module, best: dict) -> dict[str, torch.Tensor]:
+        """The best weights so far (:meth:`state_copy`) as flat DCP items:
+        ``best/KEY`` for a replicated tensor, ``best/rankR/KEY/J`` for local shard J."""
+        out = {}
+        for key, value in best.items():
+            if isinstance(value, list):
+                out.update({f"best/rank{self.rank}/{key}/{j}": t for j, t in enumerate(value)})
+            else:
+                out[f"best/{key}"] = value
+        return out
+
+    def save(
+        self,
+        model: nn.Module,
+        meta: dict,
+        path: Path,
+        optimizers: Sequence[torch.optim.Optimizer] = (),
+        best: dict | None = None,
+    ) -> None:
+        """Writes everything a resume needs with DCP (each rank its own
+        shards) to ``path.parent / checkpoint.dcp``, the folder it replaces
+        kept as ``checkpoint.prev.dcp``; then rank 0 writes ``meta`` to
+        ``path`` (atomic, sealed, the previous one kept), with the sha256 of
+        every file of the DCP folder (``model_dcp_sha256``) that
+        :func:`smt_host.train.checkpoint.dcp_folder` checks before loading.
+
+        The DCP folder holds tensors only (its ``.metadata`` is read by an
+        allow-list unpickler and pickled entries are refused on load):
+
+        * ``model.*``: the weights (tables as ShardedTensors, resharded on load);
+        * ``fused.*``: the fused table optimizer's state (``model.fused_optimizer``);
+        * ``optim/I/...``: the tensors of optimizer ``I``'s state, per parameter
+          (:meth:`_optimizer_keys`);
+        * ``best/...``: ``best``, the best weights so far (:meth:`state_copy`);
+        * ``tbe_iter/rankR/J``: the fused kernels' step counters (:meth:`_counters`);
+        * ``rng/rankR``: each rank's torch RNG state (``rng_cuda/rankR`` on a GPU).
+
+        What is not a tensor (param groups, e.g. decayed learning rates; a
+        non-tensor optimizer state value; ``meta["techniques"]``, each
+        technique's state) is gathered from every rank into ``meta["ranks"]``
+        (``torch.load(weights_only=True)`` reads it)."""
         import shutil
 
         import torch.distributed.checkpoint as dcp
@@ -328,13 +407,42 @@ class Parallel:
         from smt_host.integrity import folder_digests
         from smt_host.train.checkpoint import DCP_DIGESTS, previous_path, save_atomic
 
+        items: dict[str, Any] = {"model": model.state_dict()}
+        extras: dict[str, Any] = {}
+        for opt, keys in zip(optimizers, self._optimizer_keys(model, optimizers), strict=True):
+            sd = opt.state_dict()
+            for j, values in sd["state"].items():
+                for name, v in values.items():
+                    if isinstance(v, torch.Tensor):
+                        items[f"{keys[j]}/{name}"] = v
+                    else:
+                        extras[f"{keys[j]}/{name}"] = v
+        fused = getattr(model, "fused_optimizer", None)
+        if fused is not None:
+            items["fused"], fused_extras = _split_tensors(fused.state_dict()["state"])
+            extras["fused"] = fused_extras
+        if best is not None:
+            items.update(self._best_items(model, best))
+        items.update(self._counters(model))
+        items[f"rng/rank{self.rank}"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            items[f"rng_cuda/rank{self.rank}"] = torch.cuda.get_rng_state(self.device)
+        mine = {
+            "groups": [[_group(g) for g in opt.param_groups] for opt in optimizers],
+            "fused_groups": [_group(g) for g in fused.param_groups] if fused is not None else [],
+            "extras": extras,
+            "techniques": meta.get("techniques") or {},
+        }
+        ranks: list[Any] = [None] * self.world_size
+        dist.all_gather_object(ranks, mine, group=self.pg)
+
         path = Path(path)
         final = path.parent / DCP_DIR
         tmp = path.parent / (DCP_DIR + ".tmp")
         if self.is_main and tmp.exists():
             shutil.rmtree(tmp)
         self.barrier()
-        dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp), process_group=self.pg)
+        dcp.save(items, checkpoint_id=str(tmp), process_group=self.pg)
         self.barrier()
         if self.is_main:
             digests = folder_digests(tmp)
@@ -344,5 +452,114 @@ class Parallel:
                     shutil.rmtree(prev)
                 os.replace(final, prev)
             os.replace(tmp, final)
-            save_atomic({**meta, "model_dcp": DCP_DIR, DCP_DIGESTS: digests, "world_size": self.world_size}, path)
+            full = {**meta, "model_dcp": DCP_DIR, DCP_DIGESTS: digests, "world_size": self.world_size, "ranks": ranks}
+            save_atomic(full, path)
         self.barrier()
+
+    def load(
+        self,
+        model: nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer],
+        saved: dict,
+        path: Path,
+        notice: Any = None,
+    ) -> dict:
+        """Restores what :meth:`save` wrote (``saved``: the checkpoint at
+        ``path``, written by as many ranks as this run has): weights, the
+        fused table optimizer, ``optimizers``, this rank's RNG state; returns
+        the best weights so far (as :meth:`state_copy`). The DCP folder is
+        the one whose files match the checksums ``saved`` records
+        (:func:`smt_host.train.checkpoint.dcp_folder`), read through the
+        allow-list reader (:func:`smt_host.train.checkpoint.load_dcp`)."""
+        from smt_host.errors import DamagedFileError
+        from smt_host.train import checkpoint as ckpt
+
+        ranks = saved.get("ranks")
+        if not isinstance(ranks, list) or len(ranks) != self.world_size:
+            raise DamagedFileError(
+                f"{path}: this distributed checkpoint holds no optimizer state (written by an older smt); "
+                "it cannot be resumed, train again with --overwrite"
+            )
+        mine = ranks[self.rank]
+        folder = ckpt.dcp_folder(saved, path, notice)
+        reader = ckpt.safe_dcp_reader(folder)
+        stored = reader.metadata.state_dict_metadata
+
+        items: dict[str, Any] = {"model": model.state_dict()}
+        keys = self._optimizer_keys(model, optimizers)
+        by_param: dict[str, list[str]] = {}  # DCP key prefix of a parameter -> its stored state keys
+        for key in stored:
+            if key.startswith("optim/"):
+                by_param.setdefault(key.rpartition("/")[0], []).append(key)
+        for key in (k for prefixes in keys for p in prefixes for k in by_param.get(p, ())):
+            md = stored[key]
+            items[key] = torch.empty(md.size, dtype=md.properties.dtype, device=self.device)
+        fused = getattr(model, "fused_optimizer", None)
+        fused_sd = None
+        if fused is not None:
+            fused_sd = fused.state_dict()
+            items["fused"], _ = _split_tensors(fused_sd["state"])
+        best = self.state_copy(model)  # DCP loads in place: the saved best weights land in these tensors
+        items.update(self._best_items(model, best))
+        items.update(self._counters(model))  # the fused kernels' own step counters, loaded in place
+        items[f"rng/rank{self.rank}"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            items[f"rng_cuda/rank{self.rank}"] = torch.cuda.get_rng_state(self.device)
+        ckpt.load_dcp(items, reader, process_group=self.pg)
+
+        model.load_state_dict(items["model"])
+        for opt, prefixes, groups in zip(optimizers, keys, mine["groups"], strict=True):
+            sd = opt.state_dict()
+            state: dict[int, dict] = {}
+            for j, prefix in enumerate(prefixes):
+                for key in by_param.get(prefix, ()):
+                    state.setdefault(j, {})[key.rpartition("/")[2]] = items[key]
+                for key, v in mine["extras"].items():  # non-tensor state values
+                    if key.rpartition("/")[0] == prefix:
+                        state.setdefault(j, {})[key.rpartition("/")[2]] = v
+            sd["state"] = state
+            sd["param_groups"] = [{**g, **s} for g, s in zip(sd["param_groups"], groups, strict=True)]
+            opt.load_state_dict(sd)
+        if fused is not None and fused_sd is not None:
+            _merge(fused_sd["state"], items["fused"])
+            _merge(fused_sd["state"], mine["extras"].get("fused") or {})
+            fused.load_state_dict(fused_sd)
+            for g, s in zip(fused.param_groups, mine["fused_groups"], strict=True):
+                g.update(s)
+            fused.step()  # torchrec applies the param groups' learning rate on step()
+        torch.set_rng_state(items[f"rng/rank{self.rank}"])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(items[f"rng_cuda/rank{self.rank}"], self.device)
+        return best
+
+
+def _group(group: dict) -> dict:
+    """A param group without its parameters: hyperparameters (plain data)."""
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def _split_tensors(tree: dict) -> tuple[dict, dict]:
+    """(the tensors of a nested dict, everything else), two nested dicts of the same keys."""
+    tensors: dict = {}
+    rest: dict = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            t, r = _split_tensors(v)
+            if t:
+                tensors[k] = t
+            if r:
+                rest[k] = r
+        elif isinstance(v, torch.Tensor):
+            tensors[k] = v
+        else:
+            rest[k] = v
+    return tensors, rest
+
+
+def _merge(tree: dict, part: dict) -> None:
+    """Puts ``part`` (one half of :func:`_split_tensors`) back into ``tree``."""
+    for k, v in part.items():
+        if isinstance(v, dict) and isinstance(tree.get(k), dict):
+            _merge(tree[k], v)
+        else:
+            tree[k] = v

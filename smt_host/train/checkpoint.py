@@ -18,6 +18,12 @@ Damage (``docs/trust-model.md``):
   no good previous one it raises :class:`~smt_host.errors.DamagedFileError`.
   A checkpoint written before checksums loads with a notice.
 
+A distributed run's checkpoint (``saved["model_dcp"]``) keeps its tensors in
+a DCP folder instead (weights, optimizer state, best weights, RNG states;
+:meth:`smt_host.distributed.parallel.Parallel.save`) and its plain data
+here, with ``world_size`` and, per rank, the param groups and technique
+states under ``ranks``.
+
 Code (``docs/trust-model.md``): checkpoints load with ``weights_only=True``;
 the DCP folder of a distributed run (``saved["model_dcp"]``) has its files
 checked against the sha256 recorded in the checkpoint and its ``.metadata``
@@ -374,24 +380,24 @@ def dcp_folder(saved: dict, path: Path, notice: Notice | None = None) -> Path:
     raise DamagedFileError(f"{folder}: damaged DCP checkpoint: {why} (the checksums are recorded in {path})")
 
 
-def load_model_state(model: torch.nn.Module, saved: dict, path: Path, *, notice: Notice | None = None) -> None:
-    """Loads a checkpoint's weights into a one-process model: ``saved["model"]``,
-    or the DCP folder ``saved["model_dcp"]`` next to ``path`` (resharded by
-    DCP), after its files matched the checksums ``saved`` records and
-    through :class:`SafeDCPReader` (no code in ``.metadata`` runs)."""
-    if "model" in saved:
-        model.load_state_dict(saved["model"])
-        return
-    import torch.distributed.checkpoint as dcp
+def safe_dcp_reader(folder: Path) -> Any:
+    """A DCP storage reader of ``folder`` whose ``.metadata`` was read and
+    checked by :func:`read_dcp_metadata` (no code in it runs); its
+    ``metadata.state_dict_metadata`` lists the stored entries."""
+    reader, _ = _safe_dcp_classes()
+    return reader(str(folder))
 
-    folder = dcp_folder(saved, path, notice)
+
+def load_dcp(state: dict, storage: Any, *, process_group: Any = None, no_dist: bool = False) -> None:
+    """``dcp.load`` of ``state`` (tensors, loaded in place) from ``storage``
+    (:func:`safe_dcp_reader`), refusing pickled entries; a shard that cannot
+    be read is a :class:`DamagedFileError` naming the folder."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    reader, planner = _safe_dcp_classes()
-    storage = reader(str(folder))  # reads and checks .metadata
-    state = {"model": model.state_dict()}
+    _, planner = _safe_dcp_classes()
     try:
-        dcp.load(state, storage_reader=storage, planner=planner(), no_dist=True)
+        dcp.load(state, storage_reader=storage, planner=planner(), process_group=process_group, no_dist=no_dist)
     except (UnsafeFileError, DamagedFileError):
         raise
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - a damaged shard
@@ -400,5 +406,19 @@ def load_model_state(model: torch.nn.Module, saved: dict, path: Path, *, notice:
             if isinstance(cause, (UnsafeFileError, DamagedFileError)):
                 raise cause from None
         why = _first_line(causes[0])
-        raise DamagedFileError(f"{folder}: damaged DCP checkpoint: it cannot be loaded ({why})") from None
+        raise DamagedFileError(f"{Path(storage.path)}: damaged DCP checkpoint: it cannot be loaded ({why})") from None
+
+
+def load_model_state(model: torch.nn.Module, saved: dict, path: Path, *, notice: Notice | None = None) -> None:
+    """Loads a checkpoint's weights into a one-process model: ``saved["model"]``,
+    or the DCP folder ``saved["model_dcp"]`` next to ``path`` (resharded by
+    DCP), after its files matched the checksums ``saved`` records and
+    through :class:`SafeDCPReader` (no code in ``.metadata`` runs)."""
+    if "model" in saved:
+        model.load_state_dict(saved["model"])
+        return
+    folder = dcp_folder(saved, path, notice)
+    storage = safe_dcp_reader(folder)  # reads and checks .metadata
+    state = {"model": model.state_dict()}
+    load_dcp(state, storage, no_dist=True)
     model.load_state_dict(state["model"])

@@ -219,6 +219,20 @@ def describe_position(saved: dict) -> str:
     return f"epoch {saved['epoch']}"
 
 
+def check_world_size(saved: dict, path: Path, world_size: int) -> None:
+    """Refuses to resume the checkpoint ``saved`` (at ``path``) on another
+    number of ranks than wrote it (``saved["world_size"]``, 1 for a
+    one-process run): one :class:`~smt_host.train.runlock.RunFolderError` line naming both."""
+    written = int(saved.get("world_size", 1))
+    if written != world_size:
+        ranks = {n: "one process" if n == 1 else f"{n} ranks" for n in (written, world_size)}
+        hint = "without --nproc-per-node" if written == 1 else f"with --nproc-per-node {written}"
+        raise runlock.RunFolderError(
+            f"{path}: cannot resume: written by a run on {ranks[written]}, this run has {ranks[world_size]}; "
+            f"resume {hint}, or train again with --overwrite"
+        )
+
+
 def _not_finite(value: Any) -> bool:
     """True when a float tensor in ``value`` (a tensor, or a list, tuple or
     dict of them) holds a NaN or an infinity."""
@@ -377,8 +391,13 @@ def _train(
                 f"{t.dist}) is not supported yet; train it in one process, or opt out "
                 f"@ $.models.{spec.name}.techniques.{t.technique}"
             )
-        if resume and (out_dir / ckpt.CHECKPOINT).exists():
-            raise TrainingError(f"{spec.name}: --resume of a distributed run is not supported")
+        if spec.features.sequence:
+            names = ", ".join(f.name for f in spec.features.sequence)
+            raise TrainingError(
+                f"{spec.name}: distributed training of a model with history features ({names}) is not "
+                "supported yet (a history reads its candidate's table rows, which DMP shards); train it in "
+                f"one process @ $.models.{spec.name}.features.sequence"
+            )
         model = parallel.wrap(model, opts)  # DistributedModelParallel
         inner, gather, data = parallel.inner(model), parallel.gather, parallel.shard_data(data)
         members = list(inner.members)
@@ -411,12 +430,17 @@ def _train(
     if resume and path.exists():
         saved = ckpt.load(path, notice=host.notice)
         host.conv.structure(saved["manifest"], Manifest).check(plan.manifest, str(path), "cannot resume")
-        model.load_state_dict(saved["model"])
-        for opt, s in zip(opts, saved["optimizers"]):
-            opt.load_state_dict(s)
-        best_state = saved["best_model"]
+        check_world_size(saved, path, 1 if parallel is None else parallel.world_size)
         state = {"batch": 0, **saved["state"]}  # checkpoints before step checkpoints have no "batch"
-        torch.set_rng_state(saved["rng"])
+        if parallel is None:
+            model.load_state_dict(saved["model"])
+            for opt, s in zip(opts, saved["optimizers"]):
+                opt.load_state_dict(s)
+            best_state = saved["best_model"]
+            torch.set_rng_state(saved["rng"])
+        else:  # tensors from the DCP folder, this rank's plain state from saved["ranks"]
+            best_state = parallel.load(model, opts, saved, path, notice=host.notice)
+            saved = {**saved, "techniques": saved["ranks"][parallel.rank]["techniques"]}
         ctx.resumed = True  # technique states are loaded after smt_train_start, below
         last_saved = where.saved = {k: state[k] for k in ("epoch", "batch", "step")}
         log(f"{spec.name}: resumed from {path} at {describe_position(state)}, step {state['step']}")
@@ -434,8 +458,8 @@ def _train(
             "spec": host.conv.unstructure(spec),
             "techniques": host.technique_states(built, ctx),
         }
-        if parallel is not None:  # weights as DCP shards, see smt_host.distributed
-            parallel.save(model, meta, path)
+        if parallel is not None:  # tensors as DCP shards, see smt_host.distributed
+            parallel.save(model, meta, path, opts, best_state)
         else:
             ckpt.save_atomic(
                 {
