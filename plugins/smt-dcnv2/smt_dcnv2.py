@@ -84,10 +84,12 @@ class DCNv2Params:
         DCNv2Params(num_layers=2, low_rank=32, num_experts=4, structure='stacked')
     """
 
-    num_layers: int = attrs.field(default=3, validator=at_least(1))
+    num_layers: int = attrs.field(default=3, validator=at_least(1), metadata={"search": [2, 3, 4]})
     low_rank: int | None = attrs.field(default=None, validator=at_least(1))
     num_experts: int = attrs.field(default=1, validator=[at_least(1), _experts_need_low_rank])
-    structure: str = attrs.field(default="stacked", validator=one_of(*STRUCTURES))
+    structure: str = attrs.field(
+        default="stacked", validator=one_of(*STRUCTURES), metadata={"search": ["stacked", "parallel"]}
+    )
 
 
 class DCNv2Branch(nn.Module):

@@ -37,7 +37,7 @@ class EmbeddingRegParams:
             lookup.
     """
 
-    weight: float = attrs.field(default=1e-6, validator=at_least(0.0))
+    weight: float = attrs.field(default=1e-6, validator=at_least(0.0), metadata={"search": [1e-7, 1e-6, 1e-5]})
     unique: bool = False
 
 

@@ -15,7 +15,7 @@ from smt_host.errors import ConfigError, SmtError, TrainingError
 
 @click.group("ecosystem")
 def ecosystem_group() -> None:
-    """The technique x model adoption loop at neutral capacity, and the lock."""
+    """The technique x model adoption loop at neutral capacity, multi-model tuning, and the lock."""
 
 
 def _cells_run(fn, *args, **kwargs):
@@ -71,11 +71,36 @@ def _alpha(ctx: click.Context, param: click.Parameter, value: float) -> float:
     help="What each cell keeps of its checkpoint: nothing, the best weights (what `smt export` reads), or all "
     "(with optimizer state).",
 )
+@click.option(
+    "--capacity-saved",
+    is_flag=True,
+    help="Also bisect, for each adopted set, the smallest fraction of the neutral FLOPs at which it still "
+    "matches the baseline's NE, and report the FLOPs saved (trains --capacity-steps more cells per model and seed).",
+)
+@click.option(
+    "--capacity-steps",
+    type=click.IntRange(min=1, max=10),
+    default=3,
+    show_default=True,
+    help="Bisection steps of --capacity-saved.",
+)
 @click.option("--dry-run", is_flag=True, help="List the cells that would train and why; train nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the matrix (or, with --dry-run, the cells) as JSON.")
 @overrides_option
 def ecosystem_run_cmd(
-    ecosystem, out, seeds, jobs, models, train_examples, alpha, keep_checkpoints, dry_run, as_json, overrides
+    ecosystem,
+    out,
+    seeds,
+    jobs,
+    models,
+    train_examples,
+    alpha,
+    keep_checkpoints,
+    capacity_saved,
+    capacity_steps,
+    dry_run,
+    as_json,
+    overrides,
 ) -> None:
     """Train every model as baseline, with each applicable technique alone and
     with all of them, at neutral capacity over SEEDS seeds; write
@@ -86,34 +111,18 @@ def ecosystem_run_cmd(
     cell in OUT/cells whose key is the current one is not trained again
     (resume), one whose key changed is trained again and its old result is
     never reported. --dry-run says which would train and why.
-    """
-    import attrs
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
+    --capacity-saved adds the other kind of win: for each model whose
+    adopted set was adopted, the FLOPs it saves at equal NE (bisected, its
+    cells keyed and resumed like the others), beside its NE gain at equal
+    FLOPs.
+    """
     from smt_host.ecosystem import cells as cells_mod
     from smt_host.ecosystem.analysis import adopted_cells, analyse
-    from smt_host.ecosystem.reports import summary_lines, table, write_reports
+    from smt_host.ecosystem.reports import capacity_table, summary_lines, table, write_reports
 
     host = make_host()
-    eco = load_ecosystem(host, ecosystem, overrides)
-    if train_examples:
-        s = eco.synthetic
-        eco = attrs.evolve(
-            eco,
-            synthetic=attrs.evolve(
-                s,
-                train_examples=train_examples,
-                valid_examples=max(100, train_examples // 5),
-                test_examples=max(100, train_examples * 2 // 5),
-            ),
-        )
+    eco = _sized(load_ecosystem(host, ecosystem, overrides), train_examples)
     chosen = models.split(",") if models else None
     if chosen:
         for name in chosen:
@@ -121,17 +130,12 @@ def ecosystem_run_cmd(
     cells = cells_mod.matrix_cells(host, eco, seeds, chosen)
     if dry_run:
         _dry_run(host, eco, Path(out), cells, seeds, alpha, as_json)
+        if capacity_saved and not as_json:
+            click.echo("capacity saved: its cells are chosen as the bisection goes, once the adopted sets are done")
         return
     started = time.perf_counter()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console(stderr=True),
-        disable=as_json,
-    ) as progress:
+    saving_cells: list = []
+    with _progress(as_json) as progress:
         task = progress.add_task("adoption matrix", total=len(cells))
         skipped = []
 
@@ -139,6 +143,22 @@ def ecosystem_run_cmd(
             if was_skipped:
                 skipped.append(cell)
             progress.update(task, advance=1, description=f"adoption matrix: {cell.key}")
+
+        def train(batch):
+            progress.update(task, total=progress.tasks[task].total + len(batch))
+            batch_keys = cells_mod.fingerprints(host, eco, batch)
+            _cells_run(
+                cells_mod.run_cells,
+                host,
+                eco,
+                Path(out),
+                batch,
+                jobs=jobs,
+                keep_checkpoints=keep_checkpoints,
+                keys=batch_keys,
+                on_done=done,
+            )
+            return batch_keys
 
         _cells_run(
             cells_mod.run_matrix,
@@ -155,26 +175,29 @@ def ecosystem_run_cmd(
         # the adopted set of each model, trained together at neutral capacity
         extra = adopted_cells(analyse(Path(out), cells, keys=keys, alpha=alpha, aa_pairs=0), seeds)
         if extra:
-            progress.update(task, total=len(cells) + len(extra))
-            extra_keys = cells_mod.fingerprints(host, eco, extra)
-            _cells_run(
-                cells_mod.run_cells,
-                host,
-                eco,
-                Path(out),
-                extra,
-                jobs=jobs,
-                keep_checkpoints=keep_checkpoints,
-                keys=extra_keys,
-                on_done=done,
-            )
-            cells, keys = cells + extra, {**keys, **extra_keys}
+            keys.update(train(extra))
+            cells = cells + extra
+        saved = None
+        if capacity_saved:
+            from smt_host.ecosystem import saving
+
+            def train_saving(batch):
+                saving_cells.extend(batch)
+                return train(batch)
+
+            pre = analyse(Path(out), cells, keys=keys, alpha=alpha, aa_pairs=0)
+            records = saving.bisect(Path(out), pre, seeds, train_saving, keys, steps=capacity_steps, alpha=alpha)
+            saved = {"rule": saving.rule_text(alpha), "alpha": alpha, "steps": capacity_steps, "models": records}
     wall = time.perf_counter() - started
     matrix = analyse(Path(out), cells, keys=keys, alpha=alpha)
     matrix["wall_s"] = wall
     matrix["ecosystem"] = eco.name
-    matrix["cells"] = len(cells)
+    matrix["cells"] = len(cells) + len(saving_cells)
     matrix["cells_resumed"] = len(skipped)
+    if saved is not None:
+        saved["cells"] = len(saving_cells)
+        saved["compute_s"] = _compute_s(Path(out), saving_cells)
+        matrix["capacity_saved"] = saved
     paths = write_reports(Path(out), matrix)
     if as_json:
         from smt_host.files import strict_json
@@ -185,13 +208,65 @@ def ecosystem_run_cmd(
     if not out_console.is_terminal:  # a log or a pipe: one line per row rather than 80 columns
         out_console.width = 200
     out_console.print(table(matrix))
+    saved_table = capacity_table(matrix)
+    if saved_table is not None:
+        out_console.print(saved_table)
+    elif saved is not None:
+        click.echo("capacity saved: no adopted set was adopted at neutral capacity, no capacity to save")
     for line in summary_lines(matrix):
         click.echo(line)
-    trained = len(cells) - len(skipped)
+    total = matrix["cells"]
+    trained = total - len(skipped)
     click.echo(
-        f"{len(matrix['pairs'])} technique x model pairs, {len(cells)} cells ({trained} trained, "
+        f"{len(matrix['pairs'])} technique x model pairs, {total} cells ({trained} trained, "
         f"{len(skipped)} already done) in {wall:.0f} s; reports: {', '.join(str(p) for p in paths)}"
     )
+
+
+def _progress(disable: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console(stderr=True),
+        disable=disable,
+    )
+
+
+def _compute_s(out: Path, cells) -> float:
+    """The training time recorded by the cells' results."""
+    from smt_host.ecosystem.cells import read_cell
+
+    return sum((read_cell(out, c) or {}).get("wall_s", 0.0) for c in cells)
+
+
+def _sized(eco, train_examples):
+    """``eco`` with ``--train-examples`` (valid and test scale with it)."""
+    import attrs
+
+    if train_examples:
+        s = eco.synthetic
+        eco = attrs.evolve(
+            eco,
+            synthetic=attrs.evolve(
+                s,
+                train_examples=train_examples,
+                valid_examples=max(100, train_examples // 5),
+                test_examples=max(100, train_examples * 2 // 5),
+            ),
+        )
+    return eco
 
 
 def _dry_run(host, eco, out: Path, cells, seeds: int, alpha: float, as_json: bool) -> None:
@@ -231,6 +306,155 @@ def _dry_run(host, eco, out: Path, cells, seeds: int, alpha: float, as_json: boo
     click.echo(f"would train {len(todo)} of {len(rows)} cells" + (f" ({why})" if why else "") + "; nothing trained")
     if pending:
         click.echo(pending)
+
+
+@ecosystem_group.command("tune")
+@click.argument("technique")
+@click.argument("ecosystem", required=False, type=click.Path(exists=True))
+@click.option(
+    "--out", "-o", type=click.Path(), default="runs/ecosystem", show_default=True, help="Folder for cells and reports."
+)
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds per cell.")
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Cells trained in parallel processes.",
+)
+@click.option(
+    "--models",
+    help="Comma-separated models to tune on (default: the fewest that cover the ecosystem's surfaces and tasks).",
+)
+@click.option(
+    "--train-examples",
+    type=click.IntRange(min=100),
+    help="Override the synthetic train size (valid and test scale with it).",
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=0.05,
+    show_default=True,
+    callback=_alpha,
+    help="Level of the one-sided paired t tests (adoption, regression), in (0, 0.5).",
+)
+@click.option(
+    "--per-model/--no-per-model",
+    default=True,
+    show_default=True,
+    help="Also tune each model separately, to compare (every setting on every model).",
+)
+@click.option(
+    "--keep-checkpoints",
+    type=click.Choice(["none", "best", "all"]),
+    default="best",
+    show_default=True,
+    help="What each cell keeps of its checkpoint.",
+)
+@click.option(
+    "--lock",
+    "lock_path",
+    type=click.Path(dir_okay=False),
+    help="Write a lock of the rollout (replacing the file): each model with the tuned technique where it gains "
+    "beyond noise at neutral capacity, else its baseline; `smt train --locked` trains exactly that.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@overrides_option
+def ecosystem_tune_cmd(
+    technique,
+    ecosystem,
+    out,
+    seeds,
+    jobs,
+    models,
+    train_examples,
+    alpha,
+    per_model,
+    keep_checkpoints,
+    lock_path,
+    as_json,
+    overrides,
+) -> None:
+    """Tune TECHNIQUE once over a representative subset of models and roll the
+    best setting out to every model it applies to (multi-model optimisation).
+
+    The search space is the technique's own: the fields of its parameters
+    class whose attrs metadata has "search" (a list of values); every
+    combination is tried at neutral capacity over SEEDS seeds, and the one
+    with the best mean NE change over the subset is rolled out. Reports the
+    regression rate (the share of models whose NE got worse beyond noise)
+    against tuning each model separately, with the compute each needed, to
+    OUT/tune/TECHNIQUE.json and .md. Cells are keyed and resumed as in
+    `smt ecosystem run`, and share its baselines.
+    """
+    from smt_host.ecosystem import cells as cells_mod
+    from smt_host.ecosystem.reports import tune_lines, tune_tables, write_tune_reports
+    from smt_host.ecosystem.tuning import tune
+
+    host = make_host()
+    eco = _sized(load_ecosystem(host, ecosystem, overrides), train_examples)
+    chosen = models.split(",") if models else None
+    for name in chosen or ():
+        eco.model(name)
+    with _progress(as_json) as progress:
+        task = progress.add_task(f"tuning {technique}", total=0)
+
+        def done(cell, was_skipped):
+            progress.update(task, advance=1, description=f"tuning {technique}: {cell.key}")
+
+        def train(batch):
+            progress.update(task, total=progress.tasks[task].total + len(batch))
+            keys = cells_mod.fingerprints(host, eco, batch)
+            _cells_run(
+                cells_mod.run_cells,
+                host,
+                eco,
+                Path(out),
+                batch,
+                jobs=jobs,
+                keep_checkpoints=keep_checkpoints,
+                keys=keys,
+                on_done=done,
+            )
+            return keys
+
+        result = tune(
+            host, eco, Path(out), technique, train, seeds=seeds, models=chosen, per_model=per_model, alpha=alpha
+        )
+    lock_matrix = result.pop("lock_matrix")
+    result["ecosystem"] = eco.name
+    if lock_path:
+        from smt_host.ecosystem.lock import make_lock, write_lock
+
+        lock = make_lock(lock_matrix)
+        lock["tuned"] = {
+            technique: {
+                "params": result["chosen"],
+                "subset": result["subset"],
+                "regression_rate": result["regression_rate"],
+                "seeds": seeds,
+            }
+        }
+        write_lock(lock, Path(lock_path))
+        result["lock"] = str(lock_path)
+    paths = write_tune_reports(Path(out), result)
+    if as_json:
+        from smt_host.files import strict_json
+
+        click.echo(strict_json(result))
+        return
+    out_console = console()
+    if not out_console.is_terminal:
+        out_console.width = 200
+    for t in tune_tables(result):
+        out_console.print(t)
+    for line in tune_lines(result):
+        click.echo(line)
+    if lock_path:
+        click.echo(f"wrote {lock_path}")
+    click.echo(f"reports: {', '.join(str(p) for p in paths)}")
 
 
 @ecosystem_group.command("lock")

@@ -27,7 +27,7 @@ from typing import Any
 import click
 
 from smt_host._version import __version__
-from smt_host.cli import authoring, doctor, ecosystem, plan, plugins, serve, spec, train
+from smt_host.cli import authoring, diff, doctor, ecosystem, plan, plugins, serve, spec, train
 from smt_host.cli.common import INTERRUPT_NOTE, block_plugins
 from smt_host.errors import ExitCode, SmtError
 
@@ -160,6 +160,7 @@ for _command in (
     plan.plan_cmd,
     train.train_cmd,
     ecosystem.ecosystem_group,
+    diff.diff_cmd,
     authoring.new_plugin_cmd,
     serve.export_cmd,
     serve.predict_cmd,
@@ -169,7 +170,14 @@ for _command in (
 
 
 def main() -> None:
-    """The console script ``smt`` (also ``python -m smt_host``, named ``smt`` in messages)."""
+    """The console script ``smt`` (also ``python -m smt_host``, named ``smt`` in messages).
+
+    OpenMP reads its wait policy once, when torch loads (no command imports
+    torch before this): idle threads sleep instead of spinning
+    (``OMP_WAIT_POLICY=PASSIVE``) unless the environment says otherwise,
+    because spinning threads collapse throughput on a shared machine (see
+    README, "Threads"). Processes a command starts inherit it."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cli(prog_name="smt")
 
 

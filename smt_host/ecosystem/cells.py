@@ -7,7 +7,7 @@ seeds. A *cell* is one (model, arm, seed) training run; each finished cell
 writes ``cells/<model>/<arm>/seed<k>.json`` atomically (strict JSON,
 :mod:`smt_host.files`). With ``jobs > 1`` cells train in spawned worker
 processes that end when the main process does, even when it is killed
-outright (:mod:`smt_host.ecosystem.workers`).
+outright (:mod:`smt_host.lifeline`).
 
 A cell is keyed by what determines its result (:class:`Fingerprint`): a
 hash of the model's resolved spec at neutral capacity, of the arm's
@@ -35,9 +35,9 @@ from typing import Any
 
 import attrs
 
-from smt_host.ecosystem.workers import die_with_parent
 from smt_host.errors import ExitCode, SmtError
 from smt_host.files import write_json_atomic
+from smt_host.lifeline import die_with_parent
 from smt_host.model.resolve import resolve
 from smt_host.plugins import HOST_DIST
 from smt_host.spec.schema import EcosystemSpec, ModelSpec
@@ -61,7 +61,10 @@ class Cell:
     """One training run of the matrix."""
 
     model: str
-    arm: str  # "baseline", a technique name, "all", or "adopted=a+b"
+    #: "baseline", a technique name, "all" or "adopted=a+b"; a technique with
+    #: parameters set, "x~k=v;k2=v2" (tuning); any of them at a fraction of
+    #: the neutral FLOPs, "adopted=a+b@0.25" (capacity saved)
+    arm: str
     seed: int
 
     @property
@@ -93,8 +96,79 @@ def template_version() -> str:
     return str(getattr(template, "TEMPLATE_VERSION", None) or __version__)
 
 
+#: separates an arm from the technique parameters it sets: "dcnv2~num_layers=2;rank=8"
+SETTING = "~"
+#: separates an arm from the fraction of the neutral FLOPs it is trained at: "adopted=a+b@0.25"
+FRACTION = "@"
+
+
+def _toml(value: Any) -> str:
+    """``value`` as the TOML text ``--set`` reads back (:func:`smt_host.spec.layers.parse_override`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return value if value and all(c.isalnum() or c in "_-." for c in value) else json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise ValueError(f"a search value must be a number, a boolean, a string or a list of them, got {value!r}")
+
+
+def setting_label(setting: Mapping[str, Any]) -> str:
+    """A technique setting as the text of an arm (``key=value;...``, keys
+    sorted, values as TOML). Raises ValueError for a value it cannot write
+    and read back unchanged.
+
+    Example:
+        >>> setting_label({"rank": 8, "num_layers": 2, "kind": "adam"})
+        'kind=adam;num_layers=2;rank=8'
+        >>> parse_setting(setting_label({"widths": [64, 32], "on": True}))
+        {'on': True, 'widths': [64, 32]}
+    """
+    label = ";".join(f"{k}={_toml(setting[k])}" for k in sorted(setting))
+    if parse_setting(label) != {k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()}:
+        raise ValueError(f"the setting {dict(setting)} cannot be written as an arm name")
+    return label
+
+
+def parse_setting(label: str) -> dict[str, Any]:
+    """The setting an arm's ``key=value;...`` text names (:func:`setting_label`)."""
+    from smt_host.spec.layers import parse_override
+
+    out = {}
+    for part in filter(None, label.split(";")):
+        (key, *_), value = parse_override(part)
+        out[key] = value
+    return out
+
+
+def tuned_arm(technique: str, setting: Mapping[str, Any]) -> str:
+    """The arm that trains ``technique`` alone with the parameters ``setting``."""
+    return f"{technique}{SETTING}{setting_label(setting)}"
+
+
+def scaled_arm(arm: str, fraction: float) -> str:
+    """``arm`` trained at ``fraction`` of the neutral FLOPs (rounded to 4 digits).
+
+    Example:
+        >>> scaled_arm("adopted=a+b", 1 / 3), arm_parts(scaled_arm("adopted=a+b", 1 / 3))
+        ('adopted=a+b@0.3333', ('adopted=a+b', {}, 0.3333))
+    """
+    return f"{arm_parts(arm)[0]}{FRACTION}{fraction:.4g}"
+
+
+def arm_parts(arm: str) -> tuple[str, dict[str, Any], float | None]:
+    """``(base arm, technique setting, fraction of the neutral FLOPs or None)``
+    of an arm: ``"dcnv2~num_layers=2@0.5"`` is ``("dcnv2", {"num_layers": 2}, 0.5)``."""
+    base, _, fraction = arm.partition(FRACTION)
+    base, _, label = base.partition(SETTING)
+    return base, parse_setting(label), (float(fraction) if fraction else None)
+
+
 def arm_kwargs(arm: str) -> dict:
     """Plan arguments of an arm."""
+    arm = arm_parts(arm)[0]
     if arm == BASELINE:
         return {"builtins_only": True}
     if arm == ALL:
@@ -139,6 +213,39 @@ def neutral_spec(spec: ModelSpec, seed: int) -> ModelSpec:
     return attrs.evolve(spec, capacity=capacity, training=attrs.evolve(spec.training, seed=seed))
 
 
+def with_setting(spec: ModelSpec, arm: str) -> ModelSpec:
+    """``spec`` with the technique parameters an arm sets (``"x~k=v"``)
+    merged over the spec's own table for that technique."""
+    base, setting, _ = arm_parts(arm)
+    if not setting:
+        return spec
+    own = spec.techniques.get(base)
+    table = {**(own if isinstance(own, Mapping) else {}), **setting}
+    return attrs.evolve(spec, techniques={**spec.techniques, base: table})
+
+
+def neutral_flops(host: Any, spec: ModelSpec) -> float:
+    """The neutral budget of ``spec`` in FLOPs per example: its own budget
+    when it is a number, else the FLOPs of its built-ins-only baseline."""
+    budget = spec.capacity.budget
+    if budget is not None and budget != "baseline":
+        return float(budget)
+    unbudgeted = attrs.evolve(spec, capacity=attrs.evolve(spec.capacity, budget=None))
+    return host.plan(unbudgeted, builtins_only=True).cost.flops
+
+
+def cell_spec(host: Any, spec: ModelSpec, cell: Cell) -> ModelSpec:
+    """The spec a cell trains: at neutral capacity and the cell's seed, with
+    its arm's technique setting, and for an arm at a fraction of the
+    neutral FLOPs (``"...@0.25"``) that budget in FLOPs."""
+    out = with_setting(neutral_spec(spec, cell.seed), cell.arm)
+    fraction = arm_parts(cell.arm)[2]
+    if fraction is not None:
+        budget = fraction * neutral_flops(host, out)
+        out = attrs.evolve(out, capacity=attrs.evolve(out.capacity, budget=budget))
+    return out
+
+
 # ------------------------------------------------------------ fingerprints
 
 
@@ -174,7 +281,7 @@ def arm_manifest(host: Any, spec: ModelSpec, arm: str) -> dict:
     """The techniques an arm trains (every active one, built-ins too, with
     distribution, version and parameters) and the host and template
     versions, as plain data. Resolved, not planned: nothing is built."""
-    res = resolve(neutral_spec(spec, 0), host.spm, host.conv, **arm_kwargs(arm))
+    res = resolve(with_setting(neutral_spec(spec, 0), arm), host.spm, host.conv, **arm_kwargs(arm))
     return {
         "host": host.spm.distributions[HOST_DIST],
         "template": template_version(),
@@ -228,8 +335,12 @@ def fingerprint(host: Any, eco: EcosystemSpec, cell: Cell) -> Fingerprint:
     """The fingerprint of ``cell`` with the installed plugins and ``eco`` as it is now."""
     spec = eco.model(cell.model)
     manifest = arm_manifest(host, spec, cell.arm)
+    identity = spec_identity(host, spec)
+    fraction = arm_parts(cell.arm)[2]
+    if fraction is not None:  # trained at a fraction of the neutral FLOPs: another capacity
+        identity["capacity"]["fraction"] = fraction
     return Fingerprint(
-        spec=digest(spec_identity(host, spec)),
+        spec=digest(identity),
         manifest=digest(manifest),
         data=digest(data_settings(host, spec, eco)),
         seed=cell.seed,
@@ -329,8 +440,8 @@ def run_cell(host: Any, eco: EcosystemSpec, cell: Cell, out: Path, *, keep_check
     from smt_host.errors import CapacityError
     from smt_host.train.trainer import train_model
 
-    spec = neutral_spec(eco.model(cell.model), cell.seed)
     started, cpu = time.perf_counter(), time.process_time()
+    spec = cell_spec(host, eco.model(cell.model), cell)
     try:
         plan = host.plan(spec, **arm_kwargs(cell.arm))
     except CapacityError as exc:

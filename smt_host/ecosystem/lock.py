@@ -68,6 +68,7 @@ def make_lock(matrix: dict) -> dict:
             problems.append(f"model {model!r}: no baseline cell with a fingerprint (an older run?)")
             continue
         arm = adopted_arm(entries)
+        pair = None
         if arm is None:
             capacity = _capacity(mi.get("baseline_capacity"))
         else:
@@ -92,6 +93,10 @@ def make_lock(matrix: dict) -> dict:
             "data_hash": mi["data_hash"],
             "spec": mi.get("spec"),
             "data_settings": mi.get("data_settings"),
+            # what was measured, for a report beside a locked run: the baseline's mean test NE
+            # and the adopted set's mean relative change of it (None: no set adopted)
+            "baseline_ne": mi.get("baseline_ne"),
+            "ne_delta": None if pair is None else pair.get("ne_delta"),
         }
     if problems:
         raise LockError("cannot write the lock: " + "; ".join(problems) + "; run `smt ecosystem run` again")

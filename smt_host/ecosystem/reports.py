@@ -82,6 +82,7 @@ def write_reports(out: Path, matrix: dict) -> list[Path]:
     extra = [line for line in (_aa_line(matrix), _throughput_line(matrix)) if line]
     if extra:
         lines += ["", *extra]
+    lines += _capacity_saved_lines(matrix)
     write_text_atomic("\n".join(lines) + "\n", paths[1])
     _heatmap(matrix, paths[2])
     return paths
@@ -120,6 +121,61 @@ def table(matrix: dict) -> Any:
             fd,
             decision,
         )
+    return t
+
+
+def _saved_row(r: dict) -> list[str]:
+    """model, set, NE change at equal FLOPs, FLOPs saved at equal NE, NE change there, fraction, steps."""
+    saved = "n/a" if _nan(r.get("flops_saved")) else f"{r['flops_saved']:.1%}"
+    flops = "n/a" if _nan(r.get("flops")) else f"{r['flops']:,.0f}"
+    steps = ", ".join(f"{t['fraction']:g}: {'match' if t['matched'] else 'worse'}" for t in r.get("steps", []))
+    return [
+        r["model"],
+        r["technique"][len(ADOPTED) :] if r["technique"].startswith(ADOPTED) else r["technique"],
+        _num(r.get("ne_delta_equal_flops"), "+.2%"),
+        saved,
+        f"{flops} ({r['fraction']:g} x)",
+        _num(r.get("ne_delta_equal_ne"), "+.2%"),
+        steps or "none",
+    ]
+
+
+_SAVED_COLUMNS = (
+    "model",
+    "adopted set",
+    "NE chg at equal FLOPs",
+    "FLOPs saved at equal NE",
+    "FLOPs/example there",
+    "NE chg there",
+    "bisection (fraction: result)",
+)
+
+
+def _capacity_saved_lines(matrix: dict) -> list[str]:
+    saved = matrix.get("capacity_saved")
+    if not saved:
+        return []
+    lines = ["", "## Capacity saved at equal NE", "", f"Rule: {saved['rule']}.", ""]
+    if not saved["models"]:
+        return [*lines, "No adopted set was adopted at neutral capacity: no capacity to save."]
+    lines += ["| " + " | ".join(_SAVED_COLUMNS) + " |", "|" + "---|" * len(_SAVED_COLUMNS)]
+    lines += ["| " + " | ".join(_saved_row(r)) + " |" for r in saved["models"]]
+    return lines
+
+
+def capacity_table(matrix: dict) -> Any:
+    """The capacity saved at equal NE beside the NE change at equal FLOPs, as
+    a ``rich`` table; None when the run did not measure it."""
+    saved = matrix.get("capacity_saved")
+    if not saved or not saved["models"]:
+        return None
+    from rich.table import Table
+
+    t = Table(title="capacity saved at equal NE", caption=f"rule: {saved['rule']}")
+    for col in _SAVED_COLUMNS:
+        t.add_column(col, justify="left" if col in ("model", "adopted set") else "right", overflow="fold")
+    for r in saved["models"]:
+        t.add_row(*_saved_row(r))
     return t
 
 
@@ -224,3 +280,95 @@ def _heatmap(matrix: dict, path: Path) -> None:
             fig.savefig(tmp, format="svg")
     finally:
         plt.close(fig)
+
+
+# ------------------------------------------------------------ smt ecosystem tune
+
+
+def _setting(setting: dict | None) -> str:
+    return "none" if setting is None else ", ".join(f"{k}={v}" for k, v in setting.items())
+
+
+def _outcome_cells(o: dict) -> list[str]:
+    if not o.get("seeds"):
+        return [_setting(o.get("setting")), "n/a", o["status"]]
+    se = o["ne_delta_std"] / math.sqrt(o["seeds"]) if not _nan(o.get("ne_delta_std")) else None
+    return [_setting(o.get("setting")), f"{_num(o['ne_delta'], '+.2%')} ± {_num(se, '.2%')}", o["status"]]
+
+
+def _rate_text(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{rate:.0%}"
+
+
+def tune_lines(result: dict) -> list[str]:
+    """The lines under the tune tables: the chosen setting, the regression
+    rates and the compute of each approach."""
+    mmo = result["compute"]["mmo"]
+    n = len(result["rollout"])
+    lines = [
+        f"tuned {result['technique']} ({result['dist']} {result['version']}) on {', '.join(result['subset'])} "
+        f"({result['subset_rule']}) over {result['seeds']} seeds: chose {_setting(result['chosen'])}",
+        f"regression rule: {result['regression_rule']}",
+        f"tune once, roll out: regression rate {_rate_text(result['regression_rate'])} of {n} models, "
+        f"{mmo['cells']} cells, {mmo['compute_s']:.0f} s of training",
+    ]
+    if "per_model" in result:
+        pm = result["compute"]["per_model"]
+        lines.append(
+            f"tune each model: regression rate {_rate_text(result['per_model']['regression_rate'])} of {n} models, "
+            f"{pm['cells']} cells, {pm['compute_s']:.0f} s of training"
+        )
+    return lines
+
+
+def tune_tables(result: dict) -> list[Any]:
+    """The settings tried on the subset, and the rollout per model (beside
+    per-model tuning), as ``rich`` tables."""
+    from rich.table import Table
+
+    settings = Table(title=f"{result['technique']}: settings on {', '.join(result['subset'])} (neutral capacity)")
+    settings.add_column("setting")
+    settings.add_column("mean NE chg", justify="right")
+    for m in result["subset"]:
+        settings.add_column(m, justify="right")
+    for s in result["settings"]:
+        chosen = " [bold](chosen)[/]" if s["setting"] == result["chosen"] else ""
+        settings.add_row(
+            _setting(s["setting"]) + chosen,
+            _num(s["mean_ne_delta"], "+.2%"),
+            *(_num(s["models"][m], "+.2%") if s["models"][m] is not None else "over budget" for m in result["subset"]),
+        )
+    rollout = Table(title=f"{result['technique']}: rolled out to every model it applies to")
+    cols = ["model", "setting", "NE chg ± SE", "result"]
+    if "per_model" in result:
+        cols += ["per-model setting", "NE chg ± SE ", "result "]
+    for c in cols:
+        rollout.add_column(c, justify="right" if c.startswith("NE") else "left")
+    for model, o in result["rollout"].items():
+        row = [model, *_outcome_cells(o)]
+        if "per_model" in result:
+            row += _outcome_cells(result["per_model"]["rollout"][model])
+        rollout.add_row(*row)
+    return [settings, rollout]
+
+
+def write_tune_reports(out: Path, result: dict) -> list[Path]:
+    """``OUT/tune/<technique>.json`` and ``.md``, atomically."""
+    folder = Path(out) / "tune"
+    paths = [folder / f"{result['technique']}.json", folder / f"{result['technique']}.md"]
+    write_json_atomic(result, paths[0])
+    lines = [f"# Tuning {result['technique']}", "", *(f"- {line}" for line in tune_lines(result)), ""]
+    lines += ["| setting | mean NE change | " + " | ".join(result["subset"]) + " |"]
+    lines += ["|" + "---|" * (2 + len(result["subset"]))]
+    for s in result["settings"]:
+        per = " | ".join(_num(s["models"][m], "+.2%") for m in result["subset"])
+        mark = " (chosen)" if s["setting"] == result["chosen"] else ""
+        lines.append(f"| {_setting(s['setting'])}{mark} | {_num(s['mean_ne_delta'], '+.2%')} | {per} |")
+    lines += ["", "| model | setting | NE change ± SE | result | per-model setting | NE change ± SE | result |"]
+    lines += ["|---|---|---|---|---|---|---|"]
+    for model, o in result["rollout"].items():
+        pm = result.get("per_model", {}).get("rollout", {}).get(model)
+        cells = _outcome_cells(o) + (_outcome_cells(pm) if pm else ["", "", ""])
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    write_text_atomic("\n".join(lines) + "\n", paths[1])
+    return paths
