@@ -29,9 +29,14 @@ Ensemble ``concat`` stacks the k outputs along the feature axis
 (F' = k * m), ``sum`` adds them (F' = m). The shortcut is the identity when
 n == F', else a linear recombination of the feature axis.
 
+With ``input_norm`` (the default) the first layer reads ``X_0 = LN(E)``
+over D, the unit scale every later layer reads from the previous layer's
+LayerNorm, so the modules (dot products, biases, attention) work the same
+whatever scale the embedding tables have (see the README's design notes).
+
 Shapes: B batch, F features, D embedding dim::
 
-    (B, F, D) -> layer 1 -> (B, F', D) -> ... -> layer L -> (B, F' * D)
+    (B, F, D) -> [LN over D] -> layer 1 -> (B, F', D) -> ... -> layer L -> (B, F' * D)
 
 Example:
     >>> import torch
@@ -102,6 +107,8 @@ class DHENParams:
         cross_layers: cross layers of ``dcn`` (>= 1).
         cross_rank: rank of each ``dcn`` cross layer's weight (>= 1).
         mlp_widths: hidden widths of ``mlp`` (its last layer outputs m * D).
+        input_norm: LayerNorm (over D) on the embeddings before the first
+            layer. False: the raw embeddings (0.1.0's behaviour).
     """
 
     num_layers: int = attrs.field(default=2, validator=at_least(1))
@@ -114,6 +121,13 @@ class DHENParams:
     cross_layers: int = attrs.field(default=2, validator=at_least(1))
     cross_rank: int = attrs.field(default=16, validator=at_least(1))
     mlp_widths: tuple[int, ...] = attrs.field(default=(128,), converter=tuple, validator=positive_widths)
+    input_norm: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+
+
+#: epsilon of the input LayerNorm: far below the variance of the smallest embedding rows the
+#: BARS recipe makes (row RMS 1e-4: variance 1e-8), so it normalizes them rather than
+#: dividing them by sqrt(eps) as the default 1e-5 would
+INPUT_NORM_EPS = 1e-12
 
 
 def _check_positive(**values: int) -> None:
@@ -379,7 +393,8 @@ class DHENInteraction(nn.Module):
         device: where to make the parameters.
 
     Shapes:
-        forward: (B, F, D) -> (B, out_dim), ``out_dim = F' * D``
+        forward: (B, F, D) -> (B, out_dim), ``out_dim = F' * D``;
+        ``X_0 = input_norm(features)`` (a LayerNorm over D, or the identity).
 
     Example:
         >>> branch = DHENInteraction(6, 8, DHENParams(ensemble="sum", num_embeddings=5))
@@ -389,6 +404,10 @@ class DHENInteraction(nn.Module):
 
     def __init__(self, num_features: int, embedding_dim: int, params: DHENParams, *, device: Any = None) -> None:
         super().__init__()
+        _check_positive(num_features=num_features, embedding_dim=embedding_dim)
+        self.input_norm: nn.Module = (
+            nn.LayerNorm(embedding_dim, eps=INPUT_NORM_EPS, device=device) if params.input_norm else nn.Identity()
+        )
         layers = []
         n = num_features
         for _ in range(params.num_layers):
@@ -400,7 +419,8 @@ class DHENInteraction(nn.Module):
         self.out_dim = int(n * embedding_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features).flatten(1)
+        x0 = self.input_norm(features)  # (B, F, D), each embedding at zero mean, unit variance over D
+        return self.layers(x0).flatten(1)  # (B, F' * D)
 
 
 @technique(name="dhen", slot="interaction", params=DHENParams)

@@ -17,13 +17,20 @@ embeddings. Layer ``i`` maps ``n_i`` embeddings to ``n_F + n_L``:
   differ) input, and layer-normalized:
   ``X_{i+1} = LN(concat(FMB(X_i), LCB(X_i)) + residual(X_i))``.
 
+Every layer after the first reads unit-scale embeddings (the previous
+layer's LayerNorm). With ``input_norm`` (the default) the first one does
+too: ``X_0 = LN(E)`` over D, so the stack behaves the same whatever scale
+the embedding tables have (see the README's design notes: at the BARS
+recipe's scale, tables from N(0, 1e-4^2) under L2 0.1, the FMB's
+LayerNorm is all epsilon and the branch outputs a constant).
+
 The branch outputs the final embeddings, flattened; the template's over-arch
 plays the role of the paper's final MLP.
 
 Shapes: B batch, F features, D embedding dim; n_F = ``num_fm_embeddings``,
 n_L = ``num_lcb_embeddings``, k = ``fm_rank``::
 
-    (B, F, D) -> layer 1 -> (B, n_F + n_L, D) -> ... -> layer L -> (B, (n_F + n_L) * D)
+    (B, F, D) -> [LN over D] -> layer 1 -> (B, n_F + n_L, D) -> ... -> layer L -> (B, (n_F + n_L) * D)
 
 Example:
     >>> import torch
@@ -69,6 +76,9 @@ class WukongParams:
             (``X (X^T Y)``, Y of shape (n, k)); unset: the full ``X X^T``.
         mlp_widths: hidden widths of the FMB's MLP; its last layer always
             outputs n_F * D. Empty: one linear layer.
+        input_norm: LayerNorm (over D) on the embeddings before the first
+            layer, so the first layer sees the unit scale every later layer
+            sees. False: the raw embeddings (0.1.0's behaviour).
     """
 
     num_layers: int = attrs.field(default=2, validator=at_least(1))
@@ -76,6 +86,13 @@ class WukongParams:
     num_lcb_embeddings: int = attrs.field(default=8, validator=at_least(1))
     fm_rank: int | None = attrs.field(default=None, validator=at_least(1))
     mlp_widths: tuple[int, ...] = attrs.field(default=(128,), converter=tuple, validator=positive_widths)
+    input_norm: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+
+
+#: epsilon of the input LayerNorm: far below the variance of the smallest embedding rows the
+#: BARS recipe makes (row RMS 1e-4: variance 1e-8), so it normalizes them rather than
+#: dividing them by sqrt(eps) as the default 1e-5 would
+INPUT_NORM_EPS = 1e-12
 
 
 def _check_positive(**values: int) -> None:
@@ -247,7 +264,8 @@ class WukongInteraction(nn.Module):
         device: where to make the parameters.
 
     Shapes:
-        forward: (B, F, D) -> (B, out_dim), ``out_dim = (n_F + n_L) * D``
+        forward: (B, F, D) -> (B, out_dim), ``out_dim = (n_F + n_L) * D``;
+        ``X_0 = input_norm(features)`` (a LayerNorm over D, or the identity).
 
     Example:
         >>> branch = WukongInteraction(6, 8, WukongParams(num_layers=3, num_fm_embeddings=4,
@@ -259,6 +277,9 @@ class WukongInteraction(nn.Module):
     def __init__(self, num_features: int, embedding_dim: int, params: WukongParams, *, device: Any = None) -> None:
         super().__init__()
         _check_positive(num_features=num_features, embedding_dim=embedding_dim)
+        self.input_norm: nn.Module = (
+            nn.LayerNorm(embedding_dim, eps=INPUT_NORM_EPS, device=device) if params.input_norm else nn.Identity()
+        )
         layers = []
         n = num_features
         for _ in range(params.num_layers):
@@ -278,7 +299,8 @@ class WukongInteraction(nn.Module):
         self.out_dim = int(n * embedding_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features).flatten(1)
+        x0 = self.input_norm(features)  # (B, F, D), each embedding at zero mean, unit variance over D
+        return self.layers(x0).flatten(1)  # (B, (n_F + n_L) * D)
 
 
 @technique(name="wukong", slot="interaction", params=WukongParams)

@@ -46,7 +46,7 @@ def eco(host):
 
 def test_host_lists_the_plugin():
     techniques = listed_techniques("smt-dhen")
-    assert [t["version"] for t in techniques.values()] == ["0.1.0"]
+    assert [t["version"] for t in techniques.values()] == ["0.2.0"]
     assert list(techniques) == ["dhen"]
     assert techniques["dhen"]["slot"] == "interaction"
     assert techniques["dhen"]["applies_to"], "dhen applies to no model of the default ecosystem"
@@ -133,6 +133,99 @@ def test_layer_shortcut_is_identity_when_counts_match():
     torch.testing.assert_close(layer(x), F.layer_norm(torch.cat([m(x) for m in layer.interactions], 1) + x, (4,)))
 
 
+def _ln(x, norm):
+    """LayerNorm over the last axis from its definition, with the module's gamma, beta and eps."""
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+def _lin(x, lin):
+    return x @ lin.weight.T + lin.bias
+
+
+def _mlp(x, mlp):
+    linears = [m for m in mlp.modules() if isinstance(m, torch.nn.Linear)]
+    for i, lin in enumerate(linears):
+        x = _lin(x, lin)
+        x = torch.clamp(x, min=0.0) if i < len(linears) - 1 else x
+    return x
+
+
+def _module_by_hand(name, mod, x):
+    """One DHEN interaction module, (B, n, D) -> (B, m, D), from the module's weights."""
+    b, n, d = x.shape
+    if name == "linear":
+        return torch.einsum("mi,bid->bmd", mod.weight, x)  # W X
+    if name == "dot":
+        rows, cols = torch.triu_indices(n, n)
+        gram = torch.einsum("bid,bjd->bij", x, x)
+        return _lin(gram[:, rows, cols], mod.out).view(b, -1, d)
+    if name == "dcn":
+        x0 = xi = x.reshape(b, n * d)
+        for down, up in zip(mod.down, mod.up):
+            xi = x0 * ((xi @ down.weight.T) @ up.weight.T + up.bias) + xi  # x0 * (U V x_i + b) + x_i
+        return _lin(xi, mod.out).view(b, -1, d)
+    if name == "mlp":
+        return _mlp(x.reshape(b, n * d), mod.mlp).view(b, -1, d)
+    assert name == "self_attention"
+    h, dh = mod.heads, d // mod.heads
+    q, k, v = _lin(x, mod.qkv).split(d, dim=-1)  # each (B, n, D)
+    heads = []
+    for j in range(h):
+        sl = slice(j * dh, (j + 1) * dh)
+        w = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / dh**0.5, dim=-1)  # (B, n, n)
+        heads.append(w @ v[..., sl])
+    z = _ln(x + _lin(torch.cat(heads, -1), mod.attn_out), mod.norm1)
+    z = _ln(z + _mlp(z, mod.ffn), mod.norm2)
+    proj = mod.project
+    return z if isinstance(proj, torch.nn.Identity) else torch.einsum("mi,bid->bmd", proj.weight, z)
+
+
+@pytest.mark.parametrize("ensemble", ["concat", "sum"])
+def test_branch_is_the_papers_equations_computed_by_hand(ensemble):
+    """X_0 = LN(E); per layer Y = LN(Ensemble(M_1(X), ..., M_k(X)) + ShortCut(X)) with
+    Ensemble = concat or sum and ShortCut = identity or W X (DHEN, Zhang et al. 2022,
+    section 3); every module and norm written out from the module's own weights."""
+    torch.manual_seed(0)
+    b, n, d = 3, 5, 4
+    params = DHENParams(
+        num_layers=2, modules=MODULES, ensemble=ensemble, num_embeddings=3, attention_heads=2, mlp_widths=(6,)
+    )
+    branch = DHENInteraction(n, d, params)
+    with torch.no_grad():  # random gamma/beta/biases, so each term matters
+        for prm in branch.parameters():
+            prm.copy_(torch.randn_like(prm) * 0.3 + (1.0 if prm.dim() == 1 else 0.0))
+    e = torch.randn(b, n, d) * 1e-3  # the BARS recipe's embedding scale: the input norm must undo it
+    x = _ln(e, branch.input_norm)
+    for layer in branch.layers:
+        outs = [_module_by_hand(name, mod, x) for name, mod in zip(MODULES, layer.interactions)]
+        mixed = torch.cat(outs, 1) if ensemble == "concat" else sum(outs)
+        short = (
+            x
+            if isinstance(layer.shortcut, torch.nn.Identity)
+            else torch.einsum("oi,bid->bod", layer.shortcut.weight, x)
+        )
+        x = _ln(mixed + short, layer.norm)
+    torch.testing.assert_close(branch(e), x.reshape(b, -1), rtol=1e-4, atol=1e-4)
+
+
+def test_input_norm_makes_the_branch_blind_to_the_embedding_scale():
+    """At the BARS recipe's embedding scale the raw-input layer outputs a constant
+    (biases and LayerNorm epsilon dominate); with the input norm the branch computes
+    the same function at any scale."""
+    torch.manual_seed(0)
+    e = torch.randn(256, 10, 8)
+    on = DHENInteraction(10, 8, DHENParams())
+    torch.testing.assert_close(on(e * 1e-3), on(e), rtol=1e-3, atol=2e-3)
+    off = DHENInteraction(10, 8, DHENParams(input_norm=False))
+    assert isinstance(off.input_norm, torch.nn.Identity)
+    out = off.layers[0](e * 1e-3)
+    assert out.var(0).mean() / out.mean(0).pow(2).mean() < 1e-3, "the raw-scale layer is not constant: premise wrong"
+    out_on = on.layers[0](on.input_norm(e * 1e-3))
+    assert out_on.var(0).mean() / out_on.mean(0).pow(2).mean() > 0.1
+
+
 # --------------------------------------------------------------------- shapes
 
 
@@ -212,7 +305,7 @@ def test_bad_module_arguments_name_the_values():
         ({"mlp_widths": [0]}, "every width must be >= 1, got 0 at [0] @ $.models.feed_ctr.techniques.dhen.mlp_widths"),
         (
             {"heads": 2},
-            "unknown key 'heads'; valid keys: num_layers, modules, ensemble, num_embeddings, attention_heads, cross_layers, cross_rank, mlp_widths @ $.models.feed_ctr.techniques.dhen",
+            "unknown key 'heads'; valid keys: num_layers, modules, ensemble, num_embeddings, attention_heads, cross_layers, cross_rank, mlp_widths, input_norm @ $.models.feed_ctr.techniques.dhen",
         ),
     ],
 )
@@ -275,7 +368,7 @@ def test_default_ecosystem_model_trains_through_the_branch(host, eco, model):
     spec = eco.model(model)
     plan = host.plan(spec)
     (entry,) = [e for e in plan.entries if e.technique == "dhen"]
-    assert entry.slot == "interaction" and entry.dist == "smt-dhen" and entry.version == "0.1.0"
+    assert entry.slot == "interaction" and entry.dist == "smt-dhen" and entry.version == "0.2.0"
     assert entry.out_dim == 4 * 4 * spec.embedding_dim
     assert entry.flops > 0 and plan.cost.parts["interaction:dhen"] == entry.flops
 

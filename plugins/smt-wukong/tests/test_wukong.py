@@ -40,7 +40,7 @@ def eco(host):
 
 def test_host_lists_the_plugin():
     techniques = listed_techniques("smt-wukong")
-    assert [t["version"] for t in techniques.values()] == ["0.1.0"]
+    assert [t["version"] for t in techniques.values()] == ["0.2.0"]
     assert list(techniques) == ["wukong"]
     assert techniques["wukong"]["slot"] == "interaction"
     assert techniques["wukong"]["applies_to"], "wukong applies to no model of the default ecosystem"
@@ -100,6 +100,75 @@ def test_layer_is_layernorm_of_concat_plus_residual():
     torch.testing.assert_close(grow(x), expected)
 
 
+def _layer_norm_by_hand(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    """LN over the last axis from its definition: (x - mean) / sqrt(var + eps) * gamma + beta."""
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)  # the biased variance, as LayerNorm
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+def _mlp_by_hand(x: torch.Tensor, linears: list[torch.nn.Linear]) -> torch.Tensor:
+    for i, lin in enumerate(linears):
+        x = x @ lin.weight.T + lin.bias
+        if i < len(linears) - 1:
+            x = torch.clamp(x, min=0.0)  # ReLU between the layers, none after the last
+    return x
+
+
+def _randomize(module: torch.nn.Module) -> None:
+    """Every parameter to random values, so LayerNorm's gamma/beta and each bias matter."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_branch_is_the_papers_equations_computed_by_hand(rank):
+    """X_0 = LN(E); per layer: FMB(X) = reshape(MLP(LN(flatten(X X^T [Y])))), LCB(X) = W_L X,
+    X_{i+1} = LN(concat(FMB(X), LCB(X)) + residual(X)); out = flatten(X_L). Every term is
+    written out from the module's own weights (Wukong, Zhang et al. 2024, section 3)."""
+    torch.manual_seed(0)
+    b, n, d = 4, 6, 5
+    params = WukongParams(num_layers=2, num_fm_embeddings=3, num_lcb_embeddings=2, fm_rank=rank, mlp_widths=(7,))
+    branch = WukongInteraction(n, d, params)
+    _randomize(branch)
+    e = torch.randn(b, n, d) * 1e-3  # the BARS recipe's embedding scale: the input norm must undo it
+    x = _layer_norm_by_hand(e, branch.input_norm)
+    for layer in branch.layers:
+        inter = torch.einsum("bid,bjd->bij", x, x)  # (B, n, n), <x_i, x_j>
+        if rank is not None:
+            inter = torch.einsum("bij,jk->bik", inter, layer.fmb.projection)  # (B, n, k), X X^T Y
+        flat = inter.reshape(b, -1)
+        linears = [m for m in layer.fmb.mlp.modules() if isinstance(m, torch.nn.Linear)]
+        fmb = _mlp_by_hand(_layer_norm_by_hand(flat, layer.fmb.norm), linears).reshape(b, -1, d)
+        lcb = torch.einsum("li,bid->bld", layer.lcb.weight, x)  # (B, n_L, d), W_L X
+        if isinstance(layer.residual, torch.nn.Identity):
+            res = x
+        else:
+            res = torch.einsum("oi,bid->bod", layer.residual.weight, x)
+        x = _layer_norm_by_hand(torch.cat([fmb, lcb], 1) + res, layer.norm)
+    expected = x.reshape(b, -1)
+    torch.testing.assert_close(branch(e), expected, rtol=1e-4, atol=1e-5)
+    assert expected.shape == (b, 5 * d)
+
+
+def test_input_norm_makes_the_branch_blind_to_the_embedding_scale():
+    """The tables' scale (N(0, 1e-4^2) under L2 0.1 in the BARS recipe) must not
+    change what the branch computes; without the input norm, the FMB's LayerNorm
+    is all epsilon at that scale and its output is a constant."""
+    torch.manual_seed(0)
+    e = torch.randn(256, 10, 10)
+    on = WukongInteraction(10, 10, WukongParams())
+    torch.testing.assert_close(on(e * 1e-2), on(e), rtol=1e-3, atol=2e-3)
+    off = WukongInteraction(10, 10, WukongParams(input_norm=False))
+    assert isinstance(off.input_norm, torch.nn.Identity)
+    fmb_out = off.layers[0].fmb(e * 1e-3)  # (B, n_F, D)
+    spread = fmb_out.var(0).mean() / fmb_out.mean(0).pow(2).mean()
+    assert spread < 1e-3, f"the raw-scale FMB varies across examples ({spread:.2e}); the test's premise is wrong"
+    fmb_on = on.layers[0].fmb(on.input_norm(e * 1e-3))
+    assert fmb_on.var(0).mean() / fmb_on.mean(0).pow(2).mean() > 0.1
+
+
 # --------------------------------------------------------------------- shapes
 
 
@@ -156,7 +225,7 @@ def test_bad_module_arguments_name_the_values():
         ),
         (
             {"rank": 4},
-            "unknown key 'rank' (did you mean 'fm_rank'?); valid keys: num_layers, num_fm_embeddings, num_lcb_embeddings, fm_rank, mlp_widths @ $.models.feed_ctr.techniques.wukong",
+            "unknown key 'rank' (did you mean 'fm_rank'?); valid keys: num_layers, num_fm_embeddings, num_lcb_embeddings, fm_rank, mlp_widths, input_norm @ $.models.feed_ctr.techniques.wukong",
         ),
     ],
 )
@@ -215,7 +284,7 @@ def test_default_ecosystem_model_trains_through_the_branch(host, eco, model):
     spec = eco.model(model)
     plan = host.plan(spec)
     (entry,) = [e for e in plan.entries if e.technique == "wukong"]
-    assert entry.slot == "interaction" and entry.dist == "smt-wukong" and entry.version == "0.1.0"
+    assert entry.slot == "interaction" and entry.dist == "smt-wukong" and entry.version == "0.2.0"
     assert entry.out_dim == (8 + 8) * spec.embedding_dim
     assert entry.flops > 0 and plan.cost.parts["interaction:wukong"] == entry.flops
 
