@@ -129,7 +129,7 @@ def test_a_typo_gets_a_suggestion(no_env):
     spec = attrs.evolve(load_default_ecosystem().model("feed_ctr"), techniques={"flta": False})
     (skip,) = [s for s in host.plan(spec).skipped if s.name == "flta"]
     assert skip.reason == (
-        "not installed (pip install smt-flta); did you mean 'flat'?; its settings at "
+        "not installed (did you mean 'flat'? if not: pip install smt-flta); its settings at "
         "$.models.feed_ctr.techniques.flta are skipped"
     )
 

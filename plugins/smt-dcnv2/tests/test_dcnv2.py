@@ -332,9 +332,7 @@ def test_the_frappe_recipe_builds_the_bars_network_exactly(host):
     cross network (4 full-rank layers) || DNN 400x3 with BatchNorm -> concat ->
     one linear logit, with 404,501 dense parameters (FuxiCTR's log: 458,391
     in all, 53,890 of them its embedding rows)."""
-    from smt_host.spec.loading import load_ecosystem
-
-    spec = load_ecosystem(RECIPE).model("frappe")
+    spec = host.load_ecosystem(str(RECIPE)).model("frappe")
     plan = host.plan(spec, only=frozenset({"dcnv2"}))
     net = host.build(plan, spec).members[0].eval()
     n, h = 10 * 10, 400
