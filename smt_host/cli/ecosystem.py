@@ -1,5 +1,6 @@
-"""``smt ecosystem run`` and ``smt ecosystem lock``: the technique x model
-adoption loop at neutral capacity, and the lock file of what was adopted."""
+"""``smt ecosystem run``, ``tune`` and ``lock``: the technique x model
+adoption loop at neutral capacity, multi-model tuning of one technique, and
+the lock file of what was adopted."""
 
 from __future__ import annotations
 
@@ -35,13 +36,13 @@ def _alpha(ctx: click.Context, param: click.Parameter, value: float) -> float:
     return value
 
 
-@ecosystem_group.command("run")
-@click.argument("ecosystem", required=False, type=click.Path(exists=True))
-@click.option(
+_out_option = click.option(
     "--out", "-o", type=click.Path(), default="runs/ecosystem", show_default=True, help="Folder for cells and reports."
 )
-@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds per cell.")
-@click.option(
+_seeds_option = click.option(
+    "--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds per cell."
+)
+_jobs_option = click.option(
     "--jobs",
     "-j",
     type=click.IntRange(min=1),
@@ -49,27 +50,34 @@ def _alpha(ctx: click.Context, param: click.Parameter, value: float) -> float:
     show_default=True,
     help="Cells trained in parallel processes.",
 )
-@click.option("--models", help="Comma-separated model names (default: all).")
-@click.option(
+_train_examples_option = click.option(
     "--train-examples",
     type=click.IntRange(min=100),
     help="Override the synthetic train size (valid and test scale with it).",
 )
-@click.option(
-    "--alpha",
-    type=float,
-    default=0.05,
-    show_default=True,
-    callback=_alpha,
-    help="Level of the one-sided paired t test that adopts a technique (in (0, 0.5)).",
-)
-@click.option(
-    "--keep-checkpoints",
-    type=click.Choice(["none", "best", "all"]),
-    default="best",
-    show_default=True,
-    help="What each cell keeps of its checkpoint: nothing, the best weights (what `smt export` reads), or all "
-    "(with optimizer state).",
+
+
+def _alpha_option(help: str):
+    return click.option("--alpha", type=float, default=0.05, show_default=True, callback=_alpha, help=help)
+
+
+def _keep_checkpoints_option(help: str):
+    return click.option(
+        "--keep-checkpoints", type=click.Choice(["none", "best", "all"]), default="best", show_default=True, help=help
+    )
+
+
+@ecosystem_group.command("run")
+@click.argument("ecosystem", required=False, type=click.Path(exists=True))
+@_out_option
+@_seeds_option
+@_jobs_option
+@click.option("--models", help="Comma-separated model names (default: all).")
+@_train_examples_option
+@_alpha_option("Level of the one-sided paired t test that adopts a technique (in (0, 0.5)).")
+@_keep_checkpoints_option(
+    "What each cell keeps of its checkpoint: nothing, the best weights (what `smt export` reads), or all "
+    "(with optimizer state)."
 )
 @click.option(
     "--capacity-saved",
@@ -311,48 +319,22 @@ def _dry_run(host, eco, out: Path, cells, seeds: int, alpha: float, as_json: boo
 @ecosystem_group.command("tune")
 @click.argument("technique")
 @click.argument("ecosystem", required=False, type=click.Path(exists=True))
-@click.option(
-    "--out", "-o", type=click.Path(), default="runs/ecosystem", show_default=True, help="Folder for cells and reports."
-)
-@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds per cell.")
-@click.option(
-    "--jobs",
-    "-j",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Cells trained in parallel processes.",
-)
+@_out_option
+@_seeds_option
+@_jobs_option
 @click.option(
     "--models",
     help="Comma-separated models to tune on (default: the fewest that cover the ecosystem's surfaces and tasks).",
 )
-@click.option(
-    "--train-examples",
-    type=click.IntRange(min=100),
-    help="Override the synthetic train size (valid and test scale with it).",
-)
-@click.option(
-    "--alpha",
-    type=float,
-    default=0.05,
-    show_default=True,
-    callback=_alpha,
-    help="Level of the one-sided paired t tests (adoption, regression), in (0, 0.5).",
-)
+@_train_examples_option
+@_alpha_option("Level of the one-sided paired t tests (adoption, regression), in (0, 0.5).")
 @click.option(
     "--per-model/--no-per-model",
     default=True,
     show_default=True,
     help="Also tune each model separately, to compare (every setting on every model).",
 )
-@click.option(
-    "--keep-checkpoints",
-    type=click.Choice(["none", "best", "all"]),
-    default="best",
-    show_default=True,
-    help="What each cell keeps of its checkpoint.",
-)
+@_keep_checkpoints_option("What each cell keeps of its checkpoint.")
 @click.option(
     "--lock",
     "lock_path",
