@@ -85,10 +85,13 @@ def test_bad_spec_file_error_names_file_and_path(tmp_path):
 def test_train_a_small_ecosystem_json(tmp_path):
     path = tmp_path / "small.toml"
     path.write_text(
-        "[synthetic]\ntrain_examples = 3000\nvalid_examples = 1000\ntest_examples = 1000\n"
+        "[synthetic]\ntrain_examples = 10000\nvalid_examples = 1000\ntest_examples = 1000\n"
         '[models.m]\nsurface = "feed"\ntasks = [{ name = "click" }]\n'
         '[models.m.features]\nsparse = [{ name = "user_segment", vocab_size = 16 }, { name = "ad_category", vocab_size = 32 }]\n'
-        'dense = [{ name = "user_activity" }]\n[models.m.training]\nepochs = 2\n'
+        'dense = [{ name = "user_activity" }]\n'
+        # the synthetic world's strongest signal: the candidate's category among the recent clicks
+        'sequence = [{ name = "hist_ad_category", candidate = "ad_category", max_length = 20 }]\n'
+        "[models.m.training]\nepochs = 2\nbatch_size = 256\n"
     )
     out = smt("train", str(path), "--out", str(tmp_path / "runs"), "--json", "--no-progress")
     assert out.returncode == 0, out.stderr

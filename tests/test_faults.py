@@ -681,9 +681,9 @@ def test_watchdog_alone_ends_an_orphan(tmp_path: Path) -> None:
     child = textwrap.dedent(
         """
         import os, sys, time
-        from smt_host.ecosystem import workers
-        workers._set_pdeathsig = lambda *a: False
-        workers.die_with_parent(os.getppid(), interval=0.1)
+        from smt_host import lifeline
+        lifeline._set_pdeathsig = lambda *a: False
+        lifeline.die_with_parent(os.getppid(), interval=0.1)
         print("ready", flush=True)
         time.sleep(60)
         """

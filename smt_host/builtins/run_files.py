@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import importlib.util
 import math
+import os
 import platform
 import sys
 import time
@@ -107,7 +108,10 @@ def environment_text() -> str:
 
         cuda = torch.version.cuda or "none"
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        lines.append(f"torch build: cuda {cuda}, {gpus} GPU(s) visible, {torch.get_num_threads()} threads")
+        lines.append(
+            f"torch build: cuda {cuda}, {gpus} GPU(s) visible, {torch.get_num_threads()} threads, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+        )
     except Exception as exc:  # noqa: BLE001 - the record is best effort
         lines.append(f"torch build: unknown ({type(exc).__name__})")
     plugins = sorted({(ep.dist.name, ep.dist.version) for ep in md.entry_points(group="smt") if ep.dist is not None})
