@@ -50,6 +50,7 @@ ALL_MODELS = ["feed_ctr", "feed_ctr_cvr", "shop_cvr", "video_ctr", "video_instal
     [
         ("smt-dcnv2", "dcnv2", "interaction", ALL_MODELS),
         ("smt-mmoe", "mmoe", "task_arch", ["feed_ctr_cvr"]),  # the only multi-task model, and no other
+        ("smt-din", "din", "sequence", ["feed_ctr", "video_ctr"]),  # the models with a history, and no other
     ],
 )
 def test_install_propagates_and_uninstall_removes(dist, technique, slot, models):
