@@ -53,7 +53,7 @@ def test_applies_only_above_min_vocab(host, eco):
         "50000 ids (min_vocab) @ $.models.feed_ctr.techniques.qr_embedding"
     )
     spec = eco.model("feed_ctr")
-    tiny = attrs.evolve(spec, features=attrs.evolve(spec.features, sparse=spec.features.sparse[1:3]))
+    tiny = attrs.evolve(spec, features=attrs.evolve(spec.features, sparse=spec.features.sparse[1:3], sequence=()))
     plan = host.plan(tiny)
     assert "qr_embedding" not in plan.techniques()
     assert {s.name: s.reason for s in plan.skipped}["qr_embedding"] == (
