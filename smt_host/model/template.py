@@ -142,7 +142,7 @@ class TemplateModel(nn.Module):
             >>> spec = host.default_ecosystem().model("feed_ctr")
             >>> net = host.build(host.plan(spec), spec).model.members[0]
             >>> sorted(slot for slot, _ in net.parts())
-            ['dense_arch', 'heads', 'interaction', 'over_arch', 'task_arch']
+            ['dense_arch', 'heads', 'interaction', 'over_arch', 'sequence', 'task_arch']
         """
         out: dict[tuple[str, str], nn.Module] = {}
         transforms = [*self.feature_transforms, *self.pooled_transforms]
