@@ -11,7 +11,7 @@ host's internal modules, which may move between releases.
 * what the hooks receive: :class:`SlotContext`, :class:`TrainContext`,
   :class:`LossInputs` (and ``LossFn``), :class:`TableSpec`,
   :class:`SequenceFeature` (the history ``smt_sequence`` builds a part for);
-* building blocks: :class:`MLP`, :func:`scaled`, :func:`example_batch`,
+* building blocks: :class:`MLP`, :class:`Dropout`, :func:`scaled`, :func:`example_batch`,
   :class:`TemplateModel`, :func:`binary_metrics`, :func:`make_ebc` (the torchrec
   ``EmbeddingBagCollection`` the host builds from :class:`TableSpec` s);
 * validators for parameter classes: :func:`at_least`, :func:`in_range`,
@@ -57,6 +57,7 @@ from smt_host.technique import SLOTS, ReporterInfo, TechniqueInfo, reporter, tec
 
 #: names that import torch: resolved on first access (PEP 562)
 _LAZY = {
+    "Dropout": "smt_host.model.modules",
     "MLP": "smt_host.model.modules",
     "scaled": "smt_host.model.modules",
     "TemplateModel": "smt_host.model.template",
@@ -93,6 +94,7 @@ __all__ = [
     "CapacityError",
     "ConfigError",
     "DataFormatError",
+    "Dropout",
     "ExitCode",
     "FieldValueError",
     "Host",
