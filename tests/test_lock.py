@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import attrs
 import pytest
@@ -250,3 +251,34 @@ def test_a_damaged_lock_is_one_error_naming_the_path(tmp_path):
         path.write_text(json.dumps({"version": LOCK_VERSION, "models": {model: entry}}))
         with pytest.raises(LockError, match=f"^{path}: " + message):
             read_lock(path)
+
+
+def test_train_locked_with_baseline_prints_each_model_beside_its_builtins_only_baseline(setup, tmp_path):
+    host, eco, cells = setup
+    assert smt("ecosystem", "run", "eco.toml", "--out", "out", "--seeds", "3", cwd=tmp_path).returncode == 0
+    assert smt("ecosystem", "lock", "--out", "out", "--lock", "smt.lock.json", cwd=tmp_path).returncode == 0
+    args = ("train", "eco.toml", "--locked", "smt.lock.json", "--baseline", "--out", "runs", "--no-progress")
+    got = smt(*args, "--json", cwd=tmp_path)
+    assert got.returncode == 0, got.stderr
+    rows = {r["model"]: r for r in json.loads(got.stdout)["results"]}
+    m, n = rows["m"], rows["n"]
+    # m trains its adopted set; its baseline is the built-ins only, trained apart at the same FLOPs
+    assert not m["baseline"]["same_model"]
+    assert m["baseline"]["out_dir"] == str(Path("runs") / "lk+baseline" / "m")
+    assert m["ne_change"] == pytest.approx((m["ne"] - m["baseline"]["ne"]) / m["baseline"]["ne"])
+    base = json.loads((tmp_path / "runs" / "lk+baseline" / "m" / "metrics.json").read_text())["plan"]
+    ours = json.loads((tmp_path / "runs" / "lk" / "m" / "metrics.json").read_text())["plan"]
+    assert [e["technique"] for e in base["entries"] if e["dist"] == "smt-meanpool"] == []
+    assert base["capacity"]["achieved"] == pytest.approx(
+        ours["capacity"]["achieved"], rel=ours["capacity"]["tolerance"]
+    )
+    # n adopted nothing: it is its own baseline, trained once
+    assert n["baseline"]["same_model"] and n["ne_change"] == 0.0
+    assert not (tmp_path / "runs" / "lk+baseline" / "n").exists()
+
+    again = smt(*args, cwd=tmp_path)  # finished runs, baselines included, are refused without --resume
+    assert again.returncode == 2 and "lk/m holds a finished run" in again.stderr
+    table = smt(*args, "--resume", cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert "baseline NE" in table.stdout and "same model" in table.stdout
+    assert f"{m['ne_change']:+.2%}" in table.stdout

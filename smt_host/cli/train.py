@@ -80,6 +80,47 @@ def refuse_finished(run_dirs: list[Path]) -> None:
             )
 
 
+def _external_techniques(plan) -> list[str]:
+    """The plan's techniques that come from plugins (not the host's built-ins)."""
+    from smt_host.plugins import HOST_DIST
+
+    return [e.technique for e in plan.entries if e.dist != HOST_DIST]
+
+
+def _train_baseline(host, spec, eco, run_dir: Path, result, resume: bool, progress, device, on_interrupt, position):
+    """Trains ``spec``'s built-ins-only baseline into ``run_dir`` (same
+    training settings and seed; under a FLOPs budget, the same budget) and
+    returns ``(RunResult, same_model)``. When the trained model has no
+    plugin technique it is its own baseline: ``result`` is returned, nothing
+    trains."""
+    from smt_host.train.trainer import train_model
+
+    if not _external_techniques(result.plan):
+        return result, True
+    plan = host.plan(spec, builtins_only=True)
+    progress.start_model(*position, f"{spec.name} (built-ins only)", run_dir)
+    before = _mtime(run_dir / "checkpoint.pt")
+    on_interrupt(lambda: interrupt_note(run_dir, before, resume))
+    run = train_model(
+        host, spec, eco, run_dir, plan=plan, resume=resume, progress=progress, log=progress.console.print, device=device
+    )
+    return run, False
+
+
+def _baseline_columns(baseline, task: str, metrics: dict) -> dict:
+    """The ``baseline`` and ``ne_change`` entries of a result row (none
+    without ``--baseline``): the baseline's test metrics of ``task`` and the
+    relative NE change, negative when the model beats its baseline."""
+    if baseline is None:
+        return {}
+    run, same = baseline
+    b = run.test[task]
+    return {
+        "baseline": {**{k: b[k] for k in ("ne", "logloss", "auc")}, "same_model": same, "out_dir": run.out_dir},
+        "ne_change": (metrics["ne"] - b["ne"]) / b["ne"],
+    }
+
+
 @click.command("train")
 @click.argument("targets", nargs=-1)
 @click.option("--ecosystem", "-e", type=click.Path(), help="Ecosystem TOML or folder (default: the built-in one).")
@@ -122,6 +163,14 @@ def refuse_finished(run_dirs: list[Path]) -> None:
     "at its locked capacity; every model is checked against the lock before any trains.",
 )
 @click.option(
+    "--baseline",
+    "with_baseline",
+    is_flag=True,
+    help="Also train each model's built-ins-only baseline (same data, training settings, seed and FLOPs budget) "
+    "into OUT/<ecosystem>+baseline/<model>/, and print each model's test NE beside the baseline's, with the "
+    "change. A model no installed technique applies to is its own baseline (trained once).",
+)
+@click.option(
     "--nproc-per-node",
     type=click.IntRange(min=1),
     default=1,
@@ -143,6 +192,7 @@ def train_cmd(
     device,
     max_steps,
     lockfile,
+    with_baseline,
     nproc_per_node,
 ) -> None:
     """Train models: with no TARGETS, every model of the default ecosystem.
@@ -161,6 +211,11 @@ def train_cmd(
     On a terminal the screen shows live bars (model i/n, steps, examples/s,
     ETA); on a pipe it prints a line every tenth of an epoch. A finished
     run folder is not trained again without --resume or --overwrite.
+
+    With --baseline each model is compared with what the template gives it
+    alone: the NE change is (NE - baseline NE) / baseline NE, negative is
+    better. With --locked that is the comparison the lock's adoption made,
+    at the same FLOPs (the lock's budget is the baseline's FLOPs).
 
     With --nproc-per-node N > 1 the command re-launches itself on N local
     ranks with torch.distributed.run (gloo on CPU, NCCL on GPUs); under
@@ -196,9 +251,14 @@ def train_cmd(
         from smt_host.ecosystem.lock import prepare_locked, read_lock
 
         locked = prepare_locked(host, eco, specs, read_lock(Path(lockfile)), where=lockfile)
-    results = []
+    results, baselines = [], {}
+    if with_baseline and launch.launched():
+        raise click.UsageError("--baseline trains in one process: leave out --nproc-per-node")
+    baseline_root = Path(out) / f"{eco.name}+baseline"
     if not resume and not overwrite:
         refuse_finished([Path(out) / eco.name / spec.name for spec in specs])
+        if with_baseline:
+            refuse_finished([baseline_root / spec.name for spec in specs])
     started = time.perf_counter()
     progress = Screen(disable=no_progress or is_quiet())
     with progress:
@@ -236,6 +296,19 @@ def train_cmd(
                     on_interrupt(lambda run_dir=run_dir, p=position: f"in {run_dir} {position_note(p)}")
                 raise
             results.append(result)
+            if with_baseline:
+                baselines[spec.name] = _train_baseline(
+                    host,
+                    spec,
+                    eco,
+                    baseline_root / spec.name,
+                    result,
+                    resume,
+                    progress,
+                    device,
+                    on_interrupt,
+                    (index, len(specs)),
+                )
         on_interrupt(None)
     wall = time.perf_counter() - started
     rows = [
@@ -247,6 +320,7 @@ def train_cmd(
             "wall_s": round(r.wall_s, 2),
             "examples_per_s": round(r.examples_per_s, 1),
             "out_dir": r.out_dir,
+            **_baseline_columns(baselines.get(r.model), t, m),
         }
         for r in results
         for t, m in r.test.items()
@@ -257,13 +331,19 @@ def train_cmd(
     from rich.table import Table
 
     table = Table(title=f"test metrics, ecosystem {eco.name!r} ({len(results)} models, {duration(wall)} in all)")
-    for col in ("model", "task", "NE", "logloss", "AUC", "calibration", "epochs", "seconds", "examples/s"):
+    cols = ["model", "task", "NE", *(["baseline NE", "NE change"] if with_baseline else [])]
+    for col in (*cols, "logloss", "AUC", "calibration", "epochs", "seconds", "examples/s"):
         table.add_column(col, justify="right" if col not in ("model", "task") else "left", no_wrap=True)
     for row in rows:
+        vs = []
+        if with_baseline:
+            same = row["baseline"]["same_model"]
+            vs = [f"{row['baseline']['ne']:.4f}", "same model" if same else f"{row['ne_change']:+.2%}"]
         table.add_row(
             row["model"],
             row["task"],
             f"{row['ne']:.4f}",
+            *vs,
             f"{row['logloss']:.4f}",
             f"{row['auc']:.4f}",
             f"{row['calibration']:.3f}",
@@ -272,4 +352,4 @@ def train_cmd(
             rate(row["examples_per_s"]),
         )
     print_table(table)
-    click.echo(f"runs written to {Path(out) / eco.name}")
+    click.echo(f"runs written to {Path(out) / eco.name}" + (f", baselines to {baseline_root}" if baselines else ""))
