@@ -282,3 +282,28 @@ def test_train_locked_with_baseline_prints_each_model_beside_its_builtins_only_b
     assert table.returncode == 0, table.stderr
     assert "baseline NE" in table.stdout and "same model" in table.stdout
     assert f"{m['ne_change']:+.2%}" in table.stdout
+
+
+def test_the_lock_records_what_it_evaluated_and_a_locked_run_names_techniques_installed_since(
+    setup, fake_dist, tmp_path
+):
+    assert smt("ecosystem", "run", "eco.toml", "--out", "out", "--seeds", "3", cwd=tmp_path).returncode == 0
+    assert smt("ecosystem", "lock", "--out", "out", "--lock", "smt.lock.json", cwd=tmp_path).returncode == 0
+    lock = _strict((tmp_path / "smt.lock.json").read_text())
+    assert lock["models"]["m"]["evaluated"] == {
+        "meanpool": {"dist": "smt-meanpool", "version": "0.1", "decision": "adopt"}
+    }
+    assert lock["models"]["n"]["evaluated"]["meanpool"]["decision"] == "reject"
+
+    # a technique installed after the lock was made: the locked run trains without it and says so
+    fake_dist("smt-newer", "0.3", {"newer": "newer_plugin"}, {"newer_plugin": GOOD_PLUGIN.format(name="newer")})
+    got = smt(
+        "train", "eco.toml", "m", "--locked", "smt.lock.json", "--out", "runs", "--json", "--no-progress", cwd=tmp_path
+    )
+    assert got.returncode == 0, got.stderr
+    assert (
+        "notice: smt.lock.json: model 'm': installed but not evaluated by the lock, left out: newer (smt-newer 0.3)"
+        in got.stderr
+    )
+    plan = json.loads((tmp_path / "runs" / "lk" / "m" / "metrics.json").read_text())["plan"]
+    assert "newer" not in [e["technique"] for e in plan["entries"]]

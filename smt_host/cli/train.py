@@ -251,6 +251,11 @@ def train_cmd(
         from smt_host.ecosystem.lock import prepare_locked, read_lock
 
         locked = prepare_locked(host, eco, specs, read_lock(Path(lockfile)), where=lockfile)
+        for model, names in locked.unevaluated.items():
+            host.notice(
+                f"{lockfile}: model {model!r}: installed but not evaluated by the lock, left out: {', '.join(names)} "
+                "(run `smt ecosystem run` and `smt ecosystem lock` again to evaluate them)"
+            )
     results, baselines = [], {}
     if with_baseline and launch.launched():
         raise click.UsageError("--baseline trains in one process: leave out --nproc-per-node")

@@ -420,11 +420,21 @@ def analyse(
     }
 
 
+def is_single_arm(arm: str) -> bool:
+    """Whether ``arm`` is one technique alone (not the baseline, ``all`` or an adopted set).
+
+    Example:
+        >>> [is_single_arm(a) for a in ("dcnv2", "all", "adopted=a+b", "baseline")]
+        [True, False, False, False]
+    """
+    return arm not in (ALL, BASELINE) and not arm.startswith(ADOPTED)
+
+
 def adopted_sets(matrix: dict) -> dict[str, list[dict]]:
     """Per model, the adopted single techniques (not the "all" arm)."""
     out: dict[str, list[dict]] = {m: [] for m in matrix["models"]}
     for p in matrix["pairs"]:
-        if p["technique"] != ALL and not p["technique"].startswith(ADOPTED) and p["decision"] == "adopt":
+        if is_single_arm(p["technique"]) and p["decision"] == "adopt":
             out[p["model"]].extend(p["techniques"])
     return out
 

@@ -6,6 +6,9 @@
 * ``capacity``: how the measured cells were sized (``mode``, ``budget`` in
   FLOPs per example, ``tolerance``) and what they achieved (``achieved``
   FLOPs, over-arch ``scale``);
+* ``evaluated``: every technique the matrix tried alone on the model, with
+  its distribution, version and decision, so a lock can tell a technique
+  installed since (or upgraded) from one that was tried and rejected;
 * ``spec_hash`` and ``data_hash`` (the hashes that key the cells,
   :mod:`smt_host.ecosystem.cells`), with the ``spec`` and ``data_settings``
   they were taken of, so a mismatch names the keys that differ;
@@ -19,6 +22,9 @@ and template versions, the spec and data hashes, the installed techniques
 (:meth:`Manifest.check`), and it plans each model at the locked budget and
 tolerance and refuses a plan whose FLOPs or over-arch scale differ from the
 measured ones. Each refusal names the model; all are reported at once.
+An installed technique that applies to a model but was not evaluated there
+(or at another version) is not refused: the locked run leaves it out, and
+:attr:`Locked.unevaluated` says so, so the lock can be made again.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import Any
 
 import attrs
 
-from smt_host.ecosystem.analysis import adopted_arm, adopted_sets
+from smt_host.ecosystem.analysis import adopted_arm, adopted_sets, is_single_arm
 from smt_host.ecosystem.cells import data_settings, digest, spec_identity, template_version
 from smt_host.errors import LockError, ManifestMismatch
 from smt_host.files import write_json_atomic
@@ -60,6 +66,16 @@ def make_lock(matrix: dict) -> dict:
     """
     info = matrix.get("model_info") or {}
     pairs = {(p["model"], p["technique"]): p for p in matrix["pairs"]}
+    evaluated: dict[str, dict] = {}
+    for p in matrix["pairs"]:
+        if is_single_arm(p["technique"]):
+            own = [e for e in p["techniques"] if e.get("technique") == p["technique"]]
+            dist, version = (own[0].get("dist"), own[0].get("version")) if own else (None, None)
+            evaluated.setdefault(p["model"], {})[p["technique"]] = {
+                "dist": dist,
+                "version": version,
+                "decision": p["decision"],
+            }
     models, problems = {}, []
     hosts, templates = set(), set()
     for model, entries in adopted_sets(matrix).items():
@@ -89,6 +105,7 @@ def make_lock(matrix: dict) -> dict:
                 for e in sorted(entries, key=lambda e: e["technique"])
             ],
             "capacity": capacity,
+            "evaluated": {k: v for k, v in sorted(evaluated.get(model, {}).items())},
             "spec_hash": mi["spec_hash"],
             "data_hash": mi["data_hash"],
             "spec": mi.get("spec"),
@@ -248,6 +265,10 @@ class Locked:
     at its locked capacity: ``{model: (locked spec, plan)}``."""
 
     models: Mapping[str, tuple[ModelSpec, Any]]
+    #: per model, the installed techniques that apply to it but that the lock's
+    #: matrix did not evaluate there (or evaluated at another version), as
+    #: ``"name (dist version)"``; the locked run leaves them out
+    unevaluated: Mapping[str, list[str]] = attrs.Factory(dict)
 
     def apply(self, spec: ModelSpec) -> tuple[ModelSpec, Any]:
         """The locked spec and plan of ``spec``'s model, with this run's
@@ -326,4 +347,24 @@ def prepare_locked(
         problems += [f"{name}: {f}" for f in found]
     if problems:
         raise LockError(f"{where}: " + "; ".join(problems))
-    return Locked(planned)
+    return Locked(planned, {m: u for m, u in ((s.name, unevaluated(host, s, models[s.name])) for s in specs) if u})
+
+
+def unevaluated(host: Any, spec: ModelSpec, entry: Mapping) -> list[str]:
+    """The installed techniques that apply to ``spec`` alone but that the
+    lock ``entry`` did not evaluate: not tried, or tried at another version
+    of their distribution (``"dcnv3 (smt-dcnv3 0.1.0)"``). Empty for a lock
+    that does not record what it evaluated (written by an older host)."""
+    from smt_host.ecosystem.cells import applicable_techniques
+
+    tried = entry.get("evaluated")
+    if tried is None:
+        return []
+    out = []
+    records = {reg.name: reg for reg in host.spm.all_ordered()}
+    for name in applicable_techniques(host, spec):
+        reg = records[name]
+        seen = tried.get(name)
+        if seen is None or seen.get("version") not in (None, reg.version):
+            out.append(f"{name} ({reg.dist} {reg.version})")
+    return out

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-
 #: 16-bit draws per 64-bit random word (the CPU mask's resolution is 1/65536)
 _LANES = 4
 
