@@ -64,3 +64,11 @@ def test_mlp_uses_it_and_keeps_nn_dropout_s_state_dict():
     assert drops and all(isinstance(m, Dropout) for m in drops)
     plain = nn.Sequential(*(nn.Dropout(0.2) if isinstance(m, Dropout) else m for m in mlp.layers))
     plain.load_state_dict(mlp.layers.state_dict())  # no new state: old checkpoints load
+
+
+def test_p_set_after_construction_takes_effect_as_on_nn_dropout():
+    drop = Dropout(0.1)
+    drop.p = 0.7
+    torch.manual_seed(5)
+    kept = (drop(torch.ones(100_000)) != 0).float().mean().item()
+    assert abs(kept - 0.3) < 0.01

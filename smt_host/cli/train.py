@@ -80,31 +80,33 @@ def refuse_finished(run_dirs: list[Path]) -> None:
             )
 
 
-def _external_techniques(plan) -> list[str]:
-    """The plan's techniques that come from plugins (not the host's built-ins)."""
-    from smt_host.plugins import HOST_DIST
-
-    return [e.technique for e in plan.entries if e.dist != HOST_DIST]
-
-
-def _train_baseline(host, spec, eco, run_dir: Path, result, resume: bool, progress, device, on_interrupt, position):
-    """Trains ``spec``'s built-ins-only baseline into ``run_dir`` (same
-    training settings and seed; under a FLOPs budget, the same budget) and
-    returns ``(RunResult, same_model)``. When the trained model has no
-    plugin technique it is its own baseline: ``result`` is returned, nothing
-    trains."""
+def _train_run(host, spec, eco, run_dir: Path, plan, label: str, position, resume: bool, progress, parallel, device):
+    """Trains one run folder: its screen section and log (``label`` at
+    ``position``, ``(index, count)``), the note ``error: interrupted`` prints
+    for it, and ``train_model``; returns its ``RunResult``."""
     from smt_host.train.trainer import train_model
 
-    if not _external_techniques(result.plan):
-        return result, True
-    plan = host.plan(spec, builtins_only=True)
-    progress.start_model(*position, f"{spec.name} (built-ins only)", run_dir)
+    progress.start_model(*position, label, run_dir)
     before = _mtime(run_dir / "checkpoint.pt")
     on_interrupt(lambda: interrupt_note(run_dir, before, resume))
-    run = train_model(
-        host, spec, eco, run_dir, plan=plan, resume=resume, progress=progress, log=progress.console.print, device=device
-    )
-    return run, False
+    try:
+        return train_model(
+            host,
+            spec,
+            eco,
+            run_dir,
+            plan=plan,
+            resume=resume,
+            progress=progress,
+            parallel=parallel,
+            log=progress.console.print,
+            device=device,
+        )
+    except KeyboardInterrupt as exc:
+        where = getattr(exc, "run_position", None)
+        if where is not None:  # the trainer says where it was and what it saved
+            on_interrupt(lambda: f"in {run_dir} {position_note(where)}")
+        raise
 
 
 def _baseline_columns(baseline, task: str, metrics: dict) -> dict:
@@ -223,6 +225,8 @@ def train_cmd(
     """
     from smt_host.distributed import launch
 
+    if with_baseline and (nproc_per_node > 1 or launch.launched()):
+        raise click.UsageError("--baseline trains in one process: leave out --nproc-per-node")
     if nproc_per_node > 1 and not launch.launched():
         argv = launch.strip_option(sys.argv[1:], "--nproc-per-node")
         sys.exit(launch.relaunch(nproc_per_node, argv))
@@ -234,7 +238,7 @@ def train_cmd(
     import attrs
 
     from smt_host.cli.screen import Screen
-    from smt_host.train.trainer import check_device, train_model
+    from smt_host.train.trainer import check_device
 
     if no_tensorboard:
         block_plugins(["tensorboard"])
@@ -257,8 +261,6 @@ def train_cmd(
                 "(run `smt ecosystem run` and `smt ecosystem lock` again to evaluate them)"
             )
     results, baselines = [], {}
-    if with_baseline and launch.launched():
-        raise click.UsageError("--baseline trains in one process: leave out --nproc-per-node")
     baseline_root = Path(out) / f"{eco.name}+baseline"
     if not resume and not overwrite:
         refuse_finished([Path(out) / eco.name / spec.name for spec in specs])
@@ -275,45 +277,25 @@ def train_cmd(
             }
             if changes:
                 spec = attrs.evolve(spec, training=attrs.evolve(spec.training, **changes))
-            run_dir = Path(out) / eco.name / spec.name
-            progress.start_model(index, len(specs), spec.name, run_dir)
-            before = _mtime(run_dir / "checkpoint.pt")
-            on_interrupt(lambda run_dir=run_dir, before=before: interrupt_note(run_dir, before, resume))
             plan = None
             if locked is not None:
                 spec, plan = locked.apply(spec)
-            try:
-                result = train_model(
-                    host,
-                    spec,
-                    eco,
-                    run_dir,
-                    plan=plan,
-                    resume=resume,
-                    progress=progress,
-                    parallel=parallel,
-                    log=progress.console.print,
-                    device=device,
-                )
-            except KeyboardInterrupt as exc:
-                position = getattr(exc, "run_position", None)
-                if position is not None:  # the trainer says where it was and what it saved
-                    on_interrupt(lambda run_dir=run_dir, p=position: f"in {run_dir} {position_note(p)}")
-                raise
+            run_dir = Path(out) / eco.name / spec.name
+            args = ((index, len(specs)), resume, progress, parallel, device)
+            result = _train_run(host, spec, eco, run_dir, plan, spec.name, *args)
             results.append(result)
             if with_baseline:
-                baselines[spec.name] = _train_baseline(
-                    host,
-                    spec,
-                    eco,
-                    baseline_root / spec.name,
-                    result,
-                    resume,
-                    progress,
-                    device,
-                    on_interrupt,
-                    (index, len(specs)),
-                )
+                from smt_host.plugins import HOST_DIST
+
+                if any(e.dist != HOST_DIST for e in result.plan.entries):
+                    base = host.plan(spec, builtins_only=True)  # same training, seed and FLOPs budget
+                    label = f"{spec.name} (built-ins only)"
+                    baselines[spec.name] = (
+                        _train_run(host, spec, eco, baseline_root / spec.name, base, label, *args),
+                        False,
+                    )
+                else:  # no plugin technique applies: the model is its own baseline
+                    baselines[spec.name] = (result, True)
         on_interrupt(None)
     wall = time.perf_counter() - started
     rows = [

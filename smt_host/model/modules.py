@@ -38,19 +38,20 @@ class Dropout(nn.Dropout):
         [1.0, 1.0, 1.0]
     """
 
-    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
-        super().__init__(p, inplace)
-        #: kept where the 16-bit draw (as int16) is >= this
-        self._threshold = int(round(p * 65536)) - 32768
-        self.p_drawn = (self._threshold + 32768) / 65536
+    @property
+    def p_drawn(self) -> float:
+        """``p`` rounded to the 1/65536 steps the CPU mask can draw."""
+        return round(self.p * 65536) / 65536
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or x.device.type != "cpu" or not 0 < self.p_drawn < 1 or self.inplace:
+        p = self.p_drawn  # from ``p`` at each call: ``p`` may be set after construction, as on nn.Dropout
+        if not self.training or x.device.type != "cpu" or not 0 < p < 1 or self.inplace:
             return super().forward(x)
         words = torch.empty((x.numel() + _LANES - 1) // _LANES, dtype=torch.int64).random_(-(2**63), None)
-        with torch.no_grad():  # the mask, 0 or 1 / (1 - p_drawn): one multiply forward and one backward
-            keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= self._threshold  # P(keep) = 1 - p_drawn
-            mask = keep.to(x.dtype).mul_(1.0 / (1.0 - self.p_drawn))
+        with torch.no_grad():  # the mask, 0 or 1 / (1 - p): one multiply forward and one backward
+            # a 16-bit draw read as int16 is uniform on [-32768, 32767]: kept with probability 1 - p
+            keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= round(p * 65536) - 32768
+            mask = keep.to(x.dtype).mul_(1.0 / (1.0 - p))
         return x * mask
 
 
