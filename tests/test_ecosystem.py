@@ -33,7 +33,8 @@ def eco_one_model(small_eco):
     return attrs.evolve(small_eco, models={"tiny_ctr": spec})
 
 
-def test_an_arm_over_the_budget_is_rejected_not_fatal(fake_dist, no_env, eco_one_model, tmp_path):
+def _install_huge(fake_dist):
+    """A technique far over any neutral budget: ``huge`` (smt-huge 0.1)."""
     big = GOOD_PLUGIN.format(name="huge").replace(
         "width: int = attrs.field(default=4", "width: int = attrs.field(default=4096"
     )
@@ -41,6 +42,10 @@ def test_an_arm_over_the_budget_is_rejected_not_fatal(fake_dist, no_env, eco_one
         "self.lin = nn.Linear(dim, width)", "self.lin = nn.Sequential(nn.Linear(dim, width), nn.Linear(width, width))"
     )
     fake_dist("smt-huge", "0.1", {"huge": "huge_plugin"}, {"huge_plugin": big})
+
+
+def test_an_arm_over_the_budget_is_rejected_not_fatal(fake_dist, no_env, eco_one_model, tmp_path):
+    _install_huge(fake_dist)
     host = Host.create()
     cells = run_matrix(host, eco_one_model, tmp_path, seeds=2)
     matrix = analyse(tmp_path, cells)
@@ -215,3 +220,45 @@ def test_cell_status_names_every_part_that_changed(tmp_path):
     cell = Cell("m", "baseline", 1)
     write_json_atomic({"fingerprint": old, "test": {}}, cell_path(tmp_path, cell))
     assert read_cell(tmp_path, cell) is not None and read_cell(tmp_path, cell, now) is None
+
+
+def test_adopted_set_is_chosen_under_the_budget_by_gain():
+    """Techniques that each fit alone but not together: the set keeps them in
+    order of NE gain while it fits, the rest are left out with the reason,
+    and only the chosen set becomes the trained arm."""
+    from smt_host.ecosystem.analysis import adopted_cells, adopted_sets, choose_adopted
+    from smt_host.ecosystem.cells import Cell
+
+    e = lambda n: {"technique": n, "dist": f"smt-{n}", "version": "0.1", "params": None}  # noqa: E731
+    pair = lambda m, t, d, dec="adopt": {  # noqa: E731
+        "model": m, "technique": t, "decision": dec, "ne_delta": d, "techniques": [e(t)]
+    }  # fmt: skip
+    matrix = {
+        "models": ["a", "b"],
+        "pairs": [pair("a", "y", -0.010), pair("a", "x", -0.030), pair("a", "z", -0.001), pair("a", "w", 0.01, "reject"),
+                  pair("b", "x", -0.01)],
+    }  # fmt: skip
+    asked = []
+
+    def fits(model, names):
+        asked.append((model, names))
+        return "needs 2.0M FLOPs" if {"x", "y"} <= names else None
+
+    matrix["adopted"] = choose_adopted(matrix, fits)
+    assert matrix["adopted"] == {
+        "a": {"set": ["x", "z"], "left_out": {"y": "needs 2.0M FLOPs"}},
+        "b": {"set": ["x"], "left_out": {}},
+    }
+    # the best first, alone, is never asked (its own cells were trained at the budget); rejects never
+    assert asked == [("a", frozenset({"x", "y"})), ("a", frozenset({"x", "z"}))]
+    assert [t["technique"] for t in adopted_sets(matrix)["a"]] == ["x", "z"]
+    assert adopted_cells(matrix, 1) == [Cell("a", "adopted=x+z", 0), Cell("b", "adopted=x", 0)]
+
+
+def test_set_fits_plans_the_set_at_the_neutral_budget(fake_dist, no_env, eco_one_model):
+    from smt_host.ecosystem.cells import set_fits
+
+    _install_huge(fake_dist)
+    fits = set_fits(Host.create(), eco_one_model)
+    assert fits("tiny_ctr", frozenset()) is None
+    assert "huge (smt-huge 0.1) needs" in fits("tiny_ctr", frozenset({"huge"}))

@@ -307,3 +307,35 @@ def test_the_lock_records_what_it_evaluated_and_a_locked_run_names_techniques_in
     )
     plan = json.loads((tmp_path / "runs" / "lk" / "m" / "metrics.json").read_text())["plan"]
     assert "newer" not in [e["technique"] for e in plan["entries"]]
+
+
+def test_a_set_that_does_not_hold_together_locks_its_best_technique_alone():
+    """Each technique adopted alone, the chosen set trained together and
+    rejected: the lock takes the best single technique with its own measured
+    capacity, says why, and keeps what was left out of the set."""
+    cap = lambda scale: {"mode": "baseline", "budget": 100.0, "tolerance": 0.01, "achieved": 99.0, "scale": scale}  # noqa: E731
+    e = lambda n: {"technique": n, "dist": f"smt-{n}", "version": "0.1", "params": None}  # noqa: E731
+
+    def pair(arm, delta, decision, names, scale):
+        return {"model": "m", "technique": arm, "seeds": 3, "ne_delta": delta, "decision": decision,
+                "reason": f"NE {delta:+.2%}", "techniques": [e(n) for n in names], "capacity": cap(scale)}  # fmt: skip
+
+    info = {"spec_hash": "s", "data_hash": "d", "host": "0.4.1", "template": "1", "baseline_capacity": cap(1.0)}
+    matrix = {
+        "models": ["m"],
+        "model_info": {"m": info},
+        "pairs": [pair("x", -0.01, "adopt", ["x"], 0.5), pair("y", -0.02, "adopt", ["y"], 0.4),
+                  pair("z", -0.005, "adopt", ["z"], 0.9), pair("adopted=x+y", 0.001, "reject", ["x", "y"], 0.2)],
+        "adopted": {"m": {"set": ["x", "y"], "left_out": {"z": "needs 2M FLOPs"}}},
+    }  # fmt: skip
+    entry = make_lock(matrix)["models"]["m"]
+    assert [t["technique"] for t in entry["techniques"]] == ["y"]
+    assert entry["capacity"]["scale"] == 0.4 and entry["ne_delta"] == -0.02
+    assert entry["note"] == "the adopted set x+y together: NE +0.10%; locked its best technique alone, y"
+    assert entry["left_out"] == {"z": "needs 2M FLOPs"}
+    assert set(entry["evaluated"]) == {"x", "y", "z"}
+    # the set holds together: it is locked as measured
+    matrix["pairs"][-1].update(decision="adopt", ne_delta=-0.025)
+    entry = make_lock(matrix)["models"]["m"]
+    assert [t["technique"] for t in entry["techniques"]] == ["x", "y"] and "note" not in entry
+    assert entry["capacity"]["scale"] == 0.2

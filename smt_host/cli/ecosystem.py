@@ -136,6 +136,7 @@ def ecosystem_run_cmd(
         for name in chosen:
             eco.model(name)  # an unknown name is a ConfigError naming the models
     cells = cells_mod.matrix_cells(host, eco, seeds, chosen)
+    fits = cells_mod.set_fits(host, eco)
     if dry_run:
         _dry_run(host, eco, Path(out), cells, seeds, alpha, as_json)
         if capacity_saved and not as_json:
@@ -181,7 +182,7 @@ def ecosystem_run_cmd(
         )
         keys = cells_mod.fingerprints(host, eco, cells)
         # the adopted set of each model, trained together at neutral capacity
-        extra = adopted_cells(analyse(Path(out), cells, keys=keys, alpha=alpha, aa_pairs=0), seeds)
+        extra = adopted_cells(analyse(Path(out), cells, keys=keys, alpha=alpha, aa_pairs=0, fits=fits), seeds)
         if extra:
             keys.update(train(extra))
             cells = cells + extra
@@ -193,11 +194,11 @@ def ecosystem_run_cmd(
                 saving_cells.extend(batch)
                 return train(batch)
 
-            pre = analyse(Path(out), cells, keys=keys, alpha=alpha, aa_pairs=0)
+            pre = analyse(Path(out), cells, keys=keys, alpha=alpha, aa_pairs=0, fits=fits)
             records = saving.bisect(Path(out), pre, seeds, train_saving, keys, steps=capacity_steps, alpha=alpha)
             saved = {"rule": saving.rule_text(alpha), "alpha": alpha, "steps": capacity_steps, "models": records}
     wall = time.perf_counter() - started
-    matrix = analyse(Path(out), cells, keys=keys, alpha=alpha)
+    matrix = analyse(Path(out), cells, keys=keys, alpha=alpha, fits=fits)
     matrix["wall_s"] = wall
     matrix["ecosystem"] = eco.name
     matrix["cells"] = len(cells) + len(saving_cells)
@@ -281,13 +282,14 @@ def _dry_run(host, eco, out: Path, cells, seeds: int, alpha: float, as_json: boo
     """Prints each cell with why it would train (new, spec / manifest / data
     changed) or ``done``; the adopted sets too when the matrix is done."""
     from smt_host.ecosystem.analysis import adopted_cells, analyse
-    from smt_host.ecosystem.cells import DONE, cell_statuses, fingerprints
+    from smt_host.ecosystem.cells import DONE, cell_statuses, fingerprints, set_fits
 
+    fits = set_fits(host, eco)
     keys = fingerprints(host, eco, cells)
     status = cell_statuses(out, keys)
     pending = "adopted sets: decided once the matrix is done"
     if all(s == DONE for s in status.values()):
-        extra = adopted_cells(analyse(out, cells, keys=keys, alpha=alpha, aa_pairs=0), seeds)
+        extra = adopted_cells(analyse(out, cells, keys=keys, alpha=alpha, aa_pairs=0, fits=fits), seeds)
         status.update(cell_statuses(out, fingerprints(host, eco, extra)))
         pending = None
     rows = [{"cell": c.key, "model": c.model, "arm": c.arm, "seed": c.seed, "status": s} for c, s in status.items()]

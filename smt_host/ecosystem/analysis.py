@@ -25,7 +25,7 @@ bisection.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -328,6 +328,7 @@ def analyse(
     keys: Mapping[Cell, Fingerprint] | None = None,
     alpha: float = ALPHA,
     aa_pairs: int = 20_000,
+    fits: Fits | None = None,
 ) -> dict:
     """Reads the cell results; returns the adoption matrix as data.
 
@@ -338,6 +339,9 @@ def analyse(
             fingerprint (stale) is not read. None: every stored result is read.
         alpha: the level of the one-sided test (:func:`decide`).
         aa_pairs: simulated pairs of the A/A check (:func:`aa_check`); 0: none.
+        fits: with it, the matrix holds each model's adopted set chosen under
+            its budget (``"adopted"``, :func:`choose_adopted`); without it,
+            every technique adopted alone is in the set.
     """
     results = {c.key: r for c in cells if (r := read_cell(out, c, None if keys is None else keys.get(c))) is not None}
     models = sorted({c.model for c in cells})
@@ -406,7 +410,7 @@ def analyse(
     trained = [r for r in results.values() if "wall_s" in r]
     compute_s = sum(r["wall_s"] for r in trained)
     n_seeds = max((p["seeds"] for p in pairs), default=0)
-    return {
+    matrix = {
         "rule": rule_text(alpha),
         "alpha": alpha,
         "models": models,
@@ -418,6 +422,9 @@ def analyse(
         # pairs per hour of one process: pairs over the training time of the cells they read
         "pairs_per_hour": len(pairs) / compute_s * 3600 if compute_s > 0 else None,
     }
+    if fits is not None:
+        matrix["adopted"] = choose_adopted(matrix, fits)
+    return matrix
 
 
 def is_single_arm(arm: str) -> bool:
@@ -430,12 +437,63 @@ def is_single_arm(arm: str) -> bool:
     return arm not in (ALL, BASELINE) and not arm.startswith(ADOPTED)
 
 
+#: ``fits(model, names)``: None when the model with techniques ``names`` plans
+#: within its neutral budget, else why not (:func:`smt_host.ecosystem.cells.set_fits`)
+Fits = Callable[[str, frozenset], "str | None"]
+
+
+def choose_adopted(matrix: dict, fits: Fits) -> dict[str, dict]:
+    """Per model, the adopted set that fits the model's neutral budget.
+
+    Each technique adopted alone fits the budget alone (its cells were
+    trained there), but several together may not: every added branch takes
+    FLOPs out of one over-arch. So the techniques are taken in order of
+    their NE gain alone (the most negative mean change first, then by name),
+    and each joins the set only when the set with it still fits
+    (``fits(model, names)`` is None); one that does not is left out, with
+    the reason. The chosen set is then trained together
+    (:func:`adopted_cells`) and tested against the baseline like any arm.
+
+    Returns ``{model: {"set": [names], "left_out": {name: reason}}}``, kept
+    in the matrix as ``matrix["adopted"]`` (what :func:`adopted_sets` and the
+    lock read).
+
+    Example:
+        >>> pair = lambda t, d: {"model": "m", "technique": t, "decision": "adopt", "ne_delta": d}
+        >>> matrix = {"models": ["m"], "pairs": [pair("x", -0.02), pair("y", -0.01), pair("z", -0.005)]}
+        >>> too_big = lambda model, names: "over budget" if {"x", "y"} <= names else None
+        >>> choose_adopted(matrix, too_big)
+        {'m': {'set': ['x', 'z'], 'left_out': {'y': 'over budget'}}}
+    """
+    gains: dict[str, list[tuple[float, str]]] = {m: [] for m in matrix["models"]}
+    for p in matrix["pairs"]:
+        if is_single_arm(p["technique"]) and p["decision"] == "adopt":
+            gains.setdefault(p["model"], []).append((p["ne_delta"], p["technique"]))
+    out = {}
+    for model, ranked in gains.items():
+        chosen: list[str] = []
+        left_out: dict[str, str] = {}
+        for _, name in sorted(ranked):
+            why = None if not chosen else fits(model, frozenset([*chosen, name]))
+            if why is None:
+                chosen.append(name)
+            else:
+                left_out[name] = why
+        out[model] = {"set": sorted(chosen), "left_out": left_out}
+    return out
+
+
 def adopted_sets(matrix: dict) -> dict[str, list[dict]]:
-    """Per model, the adopted single techniques (not the "all" arm)."""
+    """Per model, the entries of its adopted set (not the "all" arm): the
+    techniques adopted alone, and of those, when the matrix holds
+    ``matrix["adopted"]`` (:func:`choose_adopted`), only the chosen set."""
+    chosen = matrix.get("adopted") or {}
     out: dict[str, list[dict]] = {m: [] for m in matrix["models"]}
     for p in matrix["pairs"]:
         if is_single_arm(p["technique"]) and p["decision"] == "adopt":
-            out[p["model"]].extend(p["techniques"])
+            keep = chosen.get(p["model"])
+            if keep is None or p["technique"] in keep["set"]:
+                out[p["model"]].extend(p["techniques"])
     return out
 
 

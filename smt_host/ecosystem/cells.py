@@ -433,6 +433,30 @@ def cell_record(host: Any, eco: EcosystemSpec, cell: Cell, plan: Any, **result: 
     }
 
 
+def plan_cell(host: Any, eco: EcosystemSpec, cell: Cell) -> tuple[ModelSpec, Any]:
+    """The spec a cell trains (:func:`cell_spec`) and its plan, with the
+    arm's techniques only. Raises CapacityError when the arm cannot meet
+    the budget."""
+    spec = cell_spec(host, eco.model(cell.model), cell)
+    return spec, host.plan(spec, **arm_kwargs(cell.arm))
+
+
+def set_fits(host: Any, eco: EcosystemSpec) -> Any:
+    """``fits(model, names)`` for :func:`smt_host.ecosystem.analysis.choose_adopted`:
+    None when ``model`` with the techniques ``names`` together plans within
+    its neutral budget, else the capacity error's message."""
+    from smt_host.errors import CapacityError
+
+    def fits(model: str, names: frozenset) -> str | None:
+        try:
+            plan_cell(host, eco, Cell(model, ADOPTED + "+".join(sorted(names)), 0))
+        except CapacityError as exc:
+            return str(exc)
+        return None
+
+    return fits
+
+
 def run_cell(host: Any, eco: EcosystemSpec, cell: Cell, out: Path, *, keep_checkpoints: str = "best") -> dict:
     """Trains one cell and writes its result JSON (:func:`cell_record`);
     returns the result. An arm that cannot meet the neutral budget is
@@ -441,9 +465,8 @@ def run_cell(host: Any, eco: EcosystemSpec, cell: Cell, out: Path, *, keep_check
     from smt_host.train.trainer import train_model
 
     started, cpu = time.perf_counter(), time.process_time()
-    spec = cell_spec(host, eco.model(cell.model), cell)
     try:
-        plan = host.plan(spec, **arm_kwargs(cell.arm))
+        spec, plan = plan_cell(host, eco, cell)
     except CapacityError as exc:
         data = {**_identity(host, eco, cell), "over_budget": str(exc)}
         write_json_atomic(data, cell_path(out, cell))

@@ -2,7 +2,11 @@
 
 ``smt ecosystem lock`` writes, from the adoption matrix, per model:
 
-* ``techniques``: the adopted set, each with distribution, version and parameters;
+* ``techniques``: the adopted set, each with distribution, version and
+  parameters: the techniques adopted alone that fit the neutral budget
+  together (:func:`~smt_host.ecosystem.analysis.choose_adopted`; the others
+  are in ``left_out`` with the reason), or, when that set measured together
+  did not beat the baseline, its best technique alone (``note`` says so);
 * ``capacity``: how the measured cells were sized (``mode``, ``budget`` in
   FLOPs per example, ``tolerance``) and what they achieved (``achieved``
   FLOPs, over-arch ``scale``);
@@ -56,6 +60,12 @@ def _capacity(report: Mapping | None) -> dict | None:
     return {k: report.get(k) for k in ("mode", "budget", "tolerance", "achieved", "scale")}
 
 
+def _best_single(pairs: list[dict], model: str) -> dict:
+    """The pair of ``model``'s technique adopted alone with the largest NE gain."""
+    singles = [p for p in pairs if p["model"] == model and is_single_arm(p["technique"]) and p["decision"] == "adopt"]
+    return min(singles, key=lambda p: (p["ne_delta"], p["technique"]))
+
+
 def make_lock(matrix: dict) -> dict:
     """The lock of an adoption matrix (:func:`smt_host.ecosystem.analysis.analyse`).
 
@@ -84,11 +94,19 @@ def make_lock(matrix: dict) -> dict:
             problems.append(f"model {model!r}: no baseline cell with a fingerprint (an older run?)")
             continue
         arm = adopted_arm(entries)
-        pair = None
+        pair, note = None, None
         if arm is None:
             capacity = _capacity(mi.get("baseline_capacity"))
         else:
             pair = pairs.get((model, arm))
+            if pair is not None and pair.get("seeds") and pair["decision"] != "adopt":
+                # the set together did not hold against the baseline: lock its best technique alone
+                best = _best_single(matrix["pairs"], model)
+                note = (
+                    f"the adopted set {arm[len('adopted=') :]} together: {pair['reason']}; "
+                    f"locked its best technique alone, {best['technique']}"
+                )
+                pair, entries = best, best["techniques"]
             capacity = _capacity(pair.get("capacity")) if pair else None
             if pair is None or capacity is None:
                 why = "was not trained together" if pair is None else pair.get("reason", "has no capacity")
@@ -114,7 +132,11 @@ def make_lock(matrix: dict) -> dict:
             # and the adopted set's mean relative change of it (None: no set adopted)
             "baseline_ne": mi.get("baseline_ne"),
             "ne_delta": None if pair is None else pair.get("ne_delta"),
+            # techniques adopted alone but left out of the set: over the budget with the others
+            "left_out": ((matrix.get("adopted") or {}).get(model) or {}).get("left_out", {}),
         }
+        if note:
+            models[model]["note"] = note
     if problems:
         raise LockError("cannot write the lock: " + "; ".join(problems) + "; run `smt ecosystem run` again")
     if len(hosts) > 1 or len(templates) > 1:

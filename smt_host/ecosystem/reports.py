@@ -79,6 +79,15 @@ def write_reports(out: Path, matrix: dict) -> list[Path]:
             f"{_num(p['calibration_error_delta'], '+.3f')} | {fd} | "
             f"**{p['decision']}** ({p['reason']}) |"
         )
+    chosen = _adopted_lines(matrix, reasons=True)
+    if chosen:
+        lines += [
+            "",
+            "Adopted sets: the techniques adopted alone, taken by NE gain while they fit the neutral budget "
+            "together, then trained together (the `adopted=` rows).",
+            "",
+            *(f"- {line}" for line in chosen),
+        ]
     extra = [line for line in (_aa_line(matrix), _throughput_line(matrix)) if line]
     if extra:
         lines += ["", *extra]
@@ -180,8 +189,30 @@ def capacity_table(matrix: dict) -> Any:
 
 
 def summary_lines(matrix: dict) -> list[str]:
-    """The lines printed under the table: the A/A check and the throughput."""
-    return [line for line in (_aa_line(matrix), _throughput_line(matrix)) if line]
+    """The lines printed under the table: the adopted sets, the A/A check and the throughput."""
+    return [*_adopted_lines(matrix, reasons=False), *(x for x in (_aa_line(matrix), _throughput_line(matrix)) if x)]
+
+
+def _adopted_lines(matrix: dict, *, reasons: bool) -> list[str]:
+    """Per model, its adopted set and what was left out of it (with why, when ``reasons``).
+
+    Example:
+        >>> m = {"adopted": {"a": {"set": ["x", "z"], "left_out": {"y": "needs 2M FLOPs"}}, "b": {"set": [], "left_out": {}}}}
+        >>> _adopted_lines(m, reasons=False)
+        ['adopted set of a: x, z; left out, over the budget together: y', 'adopted set of b: none']
+    """
+    lines = []
+    for model, chosen in sorted((matrix.get("adopted") or {}).items()):
+        line = f"adopted set of {model}: {', '.join(chosen['set']) or 'none'}"
+        if chosen["left_out"]:
+            why = (
+                "; ".join(f"{k} ({v})" for k, v in chosen["left_out"].items())
+                if reasons
+                else ", ".join(chosen["left_out"])
+            )
+            line += f"; left out, over the budget together: {why}"
+        lines.append(line)
+    return lines
 
 
 def _nan(x: float | None) -> bool:
