@@ -208,6 +208,33 @@ def threads_table(threads: list[int], steps: int, rounds: int, wait: str) -> lis
 # ------------------------------------------------------------ results
 
 
+def merge(res: dict, old: dict) -> None:
+    """Fills ``res`` with what ``old`` (an earlier result) measured and ``res``
+    did not: a skipped part, and rows of the row counts not run now; each
+    kept row keeps the date of the run that measured it (``measured``)."""
+    when = old["meta"]["date"]
+    for part in ("plan_models", "plan_techniques", "threads"):
+        if not res.get(part) and old.get(part):
+            res[part] = [{**r, "measured": r.get("measured", when)} for r in old[part]]
+    now = {r["rows"] for r in res["rows"]}
+    earlier = [{**r, "measured": r.get("measured", when)} for r in old.get("rows", []) if r["rows"] not in now]
+    res["rows"] = sorted(res["rows"] + earlier, key=lambda r: (r["rows"], r["mode"] != "train-stream"))
+
+
+def _kept(res: dict) -> list[str]:
+    """The parts (and row counts) of ``res`` measured by an earlier run, with its date."""
+    out = []
+    for part in ("rows", "plan_models", "plan_techniques", "threads"):
+        dates: dict[str, set] = {}
+        for r in res.get(part, []):
+            if "measured" in r:
+                dates.setdefault(r["measured"], set()).add(f"{r['rows']:,}" if part == "rows" else "")
+        for date, counts in sorted(dates.items()):
+            what = f"rows {', '.join(sorted(c for c in counts if c))}" if part == "rows" else part
+            out.append(f"{what} ({date})")
+    return out
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     lines = [
@@ -216,6 +243,10 @@ def markdown(res: dict) -> str:
         f"`{m['command']}` ({m['date']}, {m['mode']} mode, {m['cpus']} CPUs, load average "
         f"{m['load_average_start']} at the start, {m['load_average_end']} at the end; {m['total_s']:.0f} s in all).",
     ]
+    kept = _kept(res)
+    if kept:
+        lines += ["", f"Kept from earlier runs (`--merge`; not re-measured in this one): {'; '.join(kept)}. "
+                  "Each such row has its run's date in scaling.json (`measured`)."]  # fmt: skip
     if m["mode"] == "quick":
         lines += ["", "**Quick mode**: small sizes that prove every row kind runs, on a shared machine; "
                   "not figures to quote. `python benchmarks/scaling.py` measures the full table."]  # fmt: skip
@@ -263,6 +294,12 @@ def main(argv=None) -> int:
     ap.add_argument("--plugin-python", help="a Python with every plugin installed (default: a venv under /tmp)")
     ap.add_argument("--skip", default="", help="comma list of parts to leave out: rows,plan,threads")
     ap.add_argument("--json", type=Path, default=RESULTS / "scaling.json")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="re-measure part of the table: the parts skipped, and the row counts not given, are kept from "
+        "the existing --json file (its run is named in the results)",
+    )
     args = ap.parse_args(argv)
     d = QUICK if args.quick else FULL
     skip = set(args.skip.split(","))
@@ -281,6 +318,8 @@ def main(argv=None) -> int:
     res["threads"] = (
         [] if "threads" in skip else threads_table(args.threads or d["threads"], d["steps"], d["rounds"], args.wait)
     )
+    if args.merge and args.json.exists():
+        merge(res, json.loads(args.json.read_text()))
     res["meta"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     res["meta"]["total_s"] = time.perf_counter() - started
     args.json.parent.mkdir(parents=True, exist_ok=True)
