@@ -109,3 +109,21 @@ def test_an_ensemble_of_networks_with_every_technique(host, tmp_path):
     exported = torch.export.export(trained.eval(), (batch.dense, batch.sparse), strict=False)
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(batch.dense, batch.sparse), trained(batch.dense, batch.sparse))
+
+
+def test_the_kept_lock_is_current_for_the_host_and_every_first_party_plugin(host):
+    """``locks/default.lock.json`` is what ``tox -e main`` trains: it must
+    pass every check of ``smt train --locked`` with this host and every
+    first-party plugin installed, and have evaluated each of them on every
+    model it applies to. A new host version, a plugin version bump, a new
+    plugin or a changed default model fails here: make the lock again with
+    ``tox -e lock``."""
+    from conftest import ROOT
+
+    from smt_host.ecosystem.lock import prepare_locked, read_lock
+
+    path = ROOT / "locks" / "default.lock.json"
+    eco = host.default_ecosystem()
+    locked = prepare_locked(host, eco, list(eco.models.values()), read_lock(path), where=str(path))
+    assert set(locked.models) == set(eco.models)
+    assert not locked.unevaluated, f"{path} did not evaluate {locked.unevaluated}: run `tox -e lock`"
