@@ -132,6 +132,7 @@ def test_run_capacity_saved_trains_smaller_cells_and_resumes(setup, tmp_path):
     (record,) = matrix["capacity_saved"]["models"]
     # every real cell matches a baseline NE of 50; at 1/8 the over-arch cannot shrink enough (no match)
     assert [(t["fraction"], t["matched"]) for t in record["steps"]] == [(0.25, True), (0.125, False)]
+    assert "0.25: match, 0.125: over budget |" in (out / "adoption.md").read_text()
     base = json.loads(cell_path(out, Cell("m", "baseline", 0)).read_text())["capacity"]["achieved"]
     trained = json.loads(cell_path(out, Cell("m", "adopted=meanpool@0.25", 1)).read_text())
     cap = trained["capacity"]

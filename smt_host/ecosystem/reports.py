@@ -133,11 +133,25 @@ def table(matrix: dict) -> Any:
     return t
 
 
+def _step_result(step: dict) -> str:
+    """One bisection step: "match", "worse" (NE worse beyond noise), or
+    "over budget" (the set cannot be built that small: no cell trained).
+
+    Example:
+        >>> [_step_result(t) for t in ({"matched": True, "flops": 9.0}, {"matched": False, "flops": 9.0},
+        ...                            {"matched": False, "flops": None})]
+        ['match', 'worse', 'over budget']
+    """
+    if step["matched"]:
+        return "match"
+    return "over budget" if step.get("flops") is None else "worse"
+
+
 def _saved_row(r: dict) -> list[str]:
     """model, set, NE change at equal FLOPs, FLOPs saved at equal NE, NE change there, fraction, steps."""
     saved = "n/a" if _nan(r.get("flops_saved")) else f"{r['flops_saved']:.1%}"
     flops = "n/a" if _nan(r.get("flops")) else f"{r['flops']:,.0f}"
-    steps = ", ".join(f"{t['fraction']:g}: {'match' if t['matched'] else 'worse'}" for t in r.get("steps", []))
+    steps = ", ".join(f"{t['fraction']:g}: {_step_result(t)}" for t in r.get("steps", []))
     return [
         r["model"],
         r["technique"][len(ADOPTED) :] if r["technique"].startswith(ADOPTED) else r["technique"],
