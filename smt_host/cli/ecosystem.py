@@ -482,4 +482,8 @@ def ecosystem_lock_cmd(out, lock_path) -> None:
             f"{model}: {names or 'baseline only'}; {cap['achieved']:,.0f} FLOPs/example "
             f"(over-arch scale {cap['scale']:.3g})"
         )
+        if entry.get("left_out"):
+            click.echo(f"  left out, over the budget with the set: {', '.join(entry['left_out'])}")
+        if entry.get("note"):
+            click.echo(f"  note: {entry['note']}")
     click.echo(f"wrote {lock_path}")
