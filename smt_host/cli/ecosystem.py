@@ -30,6 +30,31 @@ def _cells_run(fn, *args, **kwargs):
         raise TrainingError(str(exc)) from exc
 
 
+def _batch_trainer(host, eco, out: Path, progress, task, *, jobs: int, keep_checkpoints: str, on_done):
+    """``train(batch) -> {cell key: fingerprint}``: runs a batch of cells found
+    while the command goes (adopted sets, bisection points, tuning settings),
+    growing the progress bar's total by the batch first."""
+    from smt_host.ecosystem import cells as cells_mod
+
+    def train(batch):
+        progress.update(task, total=progress.tasks[task].total + len(batch))
+        keys = cells_mod.fingerprints(host, eco, batch)
+        _cells_run(
+            cells_mod.run_cells,
+            host,
+            eco,
+            out,
+            batch,
+            jobs=jobs,
+            keep_checkpoints=keep_checkpoints,
+            keys=keys,
+            on_done=on_done,
+        )
+        return keys
+
+    return train
+
+
 def _alpha(ctx: click.Context, param: click.Parameter, value: float) -> float:
     if not 0.0 < value < 0.5:
         raise click.BadParameter(f"must be in (0, 0.5), got {value}", ctx=ctx, param=param)
@@ -153,21 +178,9 @@ def ecosystem_run_cmd(
                 skipped.append(cell)
             progress.update(task, advance=1, description=f"adoption matrix: {cell.key}")
 
-        def train(batch):
-            progress.update(task, total=progress.tasks[task].total + len(batch))
-            batch_keys = cells_mod.fingerprints(host, eco, batch)
-            _cells_run(
-                cells_mod.run_cells,
-                host,
-                eco,
-                Path(out),
-                batch,
-                jobs=jobs,
-                keep_checkpoints=keep_checkpoints,
-                keys=batch_keys,
-                on_done=done,
-            )
-            return batch_keys
+        train = _batch_trainer(
+            host, eco, Path(out), progress, task, jobs=jobs, keep_checkpoints=keep_checkpoints, on_done=done
+        )
 
         _cells_run(
             cells_mod.run_matrix,
@@ -373,7 +386,6 @@ def ecosystem_tune_cmd(
     OUT/tune/TECHNIQUE.json and .md. Cells are keyed and resumed as in
     `smt ecosystem run`, and share its baselines.
     """
-    from smt_host.ecosystem import cells as cells_mod
     from smt_host.ecosystem.reports import tune_lines, tune_tables, write_tune_reports
     from smt_host.ecosystem.tuning import tune
 
@@ -388,21 +400,9 @@ def ecosystem_tune_cmd(
         def done(cell, was_skipped):
             progress.update(task, advance=1, description=f"tuning {technique}: {cell.key}")
 
-        def train(batch):
-            progress.update(task, total=progress.tasks[task].total + len(batch))
-            keys = cells_mod.fingerprints(host, eco, batch)
-            _cells_run(
-                cells_mod.run_cells,
-                host,
-                eco,
-                Path(out),
-                batch,
-                jobs=jobs,
-                keep_checkpoints=keep_checkpoints,
-                keys=keys,
-                on_done=done,
-            )
-            return keys
+        train = _batch_trainer(
+            host, eco, Path(out), progress, task, jobs=jobs, keep_checkpoints=keep_checkpoints, on_done=done
+        )
 
         result = tune(
             host, eco, Path(out), technique, train, seeds=seeds, models=chosen, per_model=per_model, alpha=alpha
